@@ -1,0 +1,83 @@
+//! The one error type of the crate. Variants name the condition and carry what
+//! a user needs to fix it; HTTP status codes are the server's business.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, validating or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The manifest JSON is malformed or a field is out of range.
+    #[error("invalid manifest: {0}")]
+    Manifest(String),
+
+    /// The manifest names an architecture this build does not know.
+    #[error("unknown architecture '{name}'; known: {}", known.join(", "))]
+    UnknownArchitecture {
+        /// What the manifest asked for.
+        name: String,
+        /// Every architecture name accepted here.
+        known: Vec<String>,
+    },
+
+    /// The checkpoint does not match the architecture; every problem is listed.
+    #[error("checkpoint does not match the architecture: {}", problems.join("; "))]
+    Checkpoint {
+        /// One line per missing, extra or mis-shaped tensor.
+        problems: Vec<String>,
+    },
+
+    /// The layers do not chain: a layer receives a shape it cannot take.
+    #[error("layer '{layer}': {reason}")]
+    Shape {
+        /// The layer that cannot take its input.
+        layer: String,
+        /// What it expected and what it got.
+        reason: String,
+    },
+
+    /// The uploaded bytes are not an image we can decode.
+    #[error("cannot decode image: {0}")]
+    ImageDecode(String),
+
+    /// The image decodes but cannot be fed to this model as it is.
+    #[error("{0}")]
+    ImageInput(String),
+
+    /// A layer name that the model does not have.
+    #[error("model '{model}' has no layer '{layer}'; layers: {}", known.join(", "))]
+    UnknownLayer {
+        /// The model asked about.
+        model: String,
+        /// The layer asked for.
+        layer: String,
+        /// The layers it does have, in forward order.
+        known: Vec<String>,
+    },
+
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A tensor operation failed inside the forward pass of a named layer.
+    #[error("layer '{layer}': {source}")]
+    Forward {
+        /// The layer whose computation failed.
+        layer: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// Any other candle failure (device selection, safetensors parsing).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,384 @@
+//! A network as a tree of named modules, and the one forward pass over it.
+//!
+//! Every architecture (the manifest-driven `sequential`, the CIFAR ResNets,
+//! torchvision's families, MobileNet) is built as this same tree, so one
+//! interpreter gives all of them the tap, the per-layer summary and the error
+//! context. Node names are PyTorch module paths, which are also the
+//! checkpoint key prefixes and the API's layer names.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax};
+use crate::tap::Tap;
+
+/// What a node computes.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Convolution.
+    Conv(Conv2d),
+    /// Batch normalisation (eval).
+    BatchNorm(BatchNorm2d),
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`.
+    Relu6,
+    /// Max or average pooling.
+    Pool(Pool2d),
+    /// Adaptive average pooling.
+    AdaptiveAvgPool(AdaptiveAvgPool2d),
+    /// Dropout: the identity at inference.
+    Dropout,
+    /// Flattens everything after the batch dimension.
+    Flatten,
+    /// Fully connected layer.
+    Linear(Linear),
+    /// Softmax over classes.
+    Softmax,
+    /// Children applied in order (`nn.Sequential`, or a whole network).
+    Seq(Vec<Node>),
+    /// `relu(body(x) + shortcut(x))`, the residual block of every ResNet.
+    Residual {
+        /// The main path.
+        body: Vec<Node>,
+        /// The shortcut; `None` is the identity.
+        shortcut: Option<Box<Node>>,
+    },
+    /// ResNet-CIFAR "option A": `x[:, :, ::2, ::2]` then `pad` zero
+    /// channels on each side. No parameters.
+    ShortcutA {
+        /// Zero channels added before and after.
+        pad: usize,
+    },
+}
+
+/// A module, named when PyTorch would let a hook see it.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// Module path (`layer1.0.conv1`); `None` for functional steps nobody can hook.
+    pub name: Option<String>,
+    /// The computation.
+    pub op: Op,
+}
+
+impl Node {
+    /// A named node.
+    pub fn named(name: impl Into<String>, op: Op) -> Self {
+        Self {
+            name: Some(name.into()),
+            op,
+        }
+    }
+
+    /// An anonymous node (a functional call inside a block).
+    pub fn anon(op: Op) -> Self {
+        Self { name: None, op }
+    }
+
+    fn kind(&self) -> &'static str {
+        match &self.op {
+            Op::Conv(_) => "conv2d",
+            Op::BatchNorm(_) => "batch_norm2d",
+            Op::Relu => "relu",
+            Op::Relu6 => "relu6",
+            Op::Pool(p) if p.kind == PoolKind::Max => "max_pool2d",
+            Op::Pool(_) => "avg_pool2d",
+            Op::AdaptiveAvgPool(_) => "adaptive_avg_pool2d",
+            Op::Dropout => "dropout",
+            Op::Flatten => "flatten",
+            Op::Linear(_) => "linear",
+            Op::Softmax => "softmax",
+            Op::Seq(_) => "sequential",
+            Op::Residual { .. } => "residual_block",
+            Op::ShortcutA { .. } => "shortcut",
+        }
+    }
+
+    /// The forward pass of this subtree, reporting named outputs to `tap`.
+    /// `scope` names the nearest named ancestor, for error messages.
+    fn forward(&self, x: Tensor, tap: &mut dyn Tap, scope: &str) -> Result<Tensor> {
+        let scope = self.name.as_deref().unwrap_or(scope);
+        let ctx = |source| Error::Forward {
+            layer: scope.to_string(),
+            source,
+        };
+        let y = match &self.op {
+            Op::Conv(c) => c.forward(&x).map_err(ctx)?,
+            Op::BatchNorm(b) => b.forward(&x).map_err(ctx)?,
+            Op::Relu => x.relu().map_err(ctx)?,
+            Op::Relu6 => x.clamp(0f32, 6f32).map_err(ctx)?,
+            Op::Pool(p) => p.forward(&x).map_err(ctx)?,
+            Op::AdaptiveAvgPool(p) => p.forward(&x).map_err(ctx)?,
+            Op::Dropout => x,
+            Op::Flatten => x.flatten_from(1).map_err(ctx)?,
+            Op::Linear(l) => l.forward(&x).map_err(ctx)?,
+            Op::Softmax => softmax(&x).map_err(ctx)?,
+            Op::Seq(children) => {
+                let mut h = x;
+                for child in children {
+                    h = child.forward(h, tap, scope)?;
+                    if tap.is_done() {
+                        return Ok(h);
+                    }
+                }
+                h
+            }
+            Op::Residual { body, shortcut } => {
+                let mut h = x.clone();
+                for child in body {
+                    h = child.forward(h, tap, scope)?;
+                    if tap.is_done() {
+                        return Ok(h);
+                    }
+                }
+                let s = match shortcut {
+                    Some(s) => s.forward(x, tap, scope)?,
+                    None => x,
+                };
+                if tap.is_done() {
+                    return Ok(s);
+                }
+                (h + s).and_then(|t| t.relu()).map_err(ctx)?
+            }
+            Op::ShortcutA { pad } => {
+                let (_, _, h, w) = x.dims4().map_err(ctx)?;
+                let rows = even_indices(h, &x)?;
+                let cols = even_indices(w, &x)?;
+                x.index_select(&rows, 2)
+                    .and_then(|t| t.index_select(&cols, 3))
+                    .and_then(|t| t.pad_with_zeros(1, *pad, *pad))
+                    .map_err(ctx)?
+            }
+        };
+        match &self.name {
+            Some(name) => tap.on_output(name, y),
+            None => Ok(y),
+        }
+    }
+
+    /// Walks the subtree like `forward` but over shapes: checks that layers
+    /// chain, and appends a [`LayerInfo`] per named node (children first,
+    /// the order hooks fire in). Returns the output geometry, the subtree's
+    /// parameters and multiply-accumulates.
+    fn summarise(&self, g: &Geo, out: &mut Vec<LayerInfo>) -> Result<(Geo, u64, u64)> {
+        let layer = self.name.as_deref().unwrap_or("<anonymous>");
+        let (geo, params, macs) = match &self.op {
+            Op::Conv(c) => {
+                let geo = c.geometry(layer, g)?;
+                let macs = c.macs(&geo);
+                (geo, c.params(), macs)
+            }
+            Op::BatchNorm(b) => (b.geometry(layer, g)?, b.params(), 0),
+            Op::Relu | Op::Relu6 | Op::Dropout | Op::Softmax => (g.clone(), 0, 0),
+            Op::Pool(p) => (p.geometry(layer, g)?, 0, 0),
+            Op::AdaptiveAvgPool(p) => (p.geometry(layer, g)?, 0, 0),
+            Op::Flatten => {
+                // Each flat unit sees the whole map: a window over all positions.
+                let (rf, jump) = match g.shape[..] {
+                    [_, h, w] => (
+                        (g.rf.0 + (h - 1) * g.jump.0, g.rf.1 + (w - 1) * g.jump.1),
+                        g.jump,
+                    ),
+                    _ => (g.rf, g.jump),
+                };
+                let n = g.shape.iter().product();
+                (Geo { shape: vec![n], rf, jump }, 0, 0)
+            }
+            Op::Linear(l) => (l.geometry(layer, g)?, l.params(), l.macs()),
+            Op::Seq(children) => {
+                let (mut geo, mut params, mut macs) = (g.clone(), 0, 0);
+                for child in children {
+                    let (cg, cp, cm) = child.summarise(&geo, out)?;
+                    geo = cg;
+                    params += cp;
+                    macs += cm;
+                }
+                (geo, params, macs)
+            }
+            Op::Residual { body, shortcut } => {
+                let (mut geo, mut params, mut macs) = (g.clone(), 0, 0);
+                for child in body {
+                    let (cg, cp, cm) = child.summarise(&geo, out)?;
+                    geo = cg;
+                    params += cp;
+                    macs += cm;
+                }
+                let sg = match shortcut {
+                    Some(s) => {
+                        let (sg, sp, sm) = s.summarise(g, out)?;
+                        params += sp;
+                        macs += sm;
+                        sg
+                    }
+                    None => g.clone(),
+                };
+                if sg.shape != geo.shape {
+                    return Err(Error::Shape {
+                        layer: layer.to_string(),
+                        reason: format!(
+                            "the main path gives {:?} but the shortcut gives {:?}",
+                            geo.shape, sg.shape
+                        ),
+                    });
+                }
+                geo.rf = (geo.rf.0.max(sg.rf.0), geo.rf.1.max(sg.rf.1));
+                (geo, params, macs)
+            }
+            Op::ShortcutA { pad } => match g.shape[..] {
+                [c, h, w] => (
+                    Geo {
+                        shape: vec![c + 2 * pad, h.div_ceil(2), w.div_ceil(2)],
+                        rf: g.rf,
+                        jump: (g.jump.0 * 2, g.jump.1 * 2),
+                    },
+                    0,
+                    0,
+                ),
+                _ => {
+                    return Err(Error::Shape {
+                        layer: layer.to_string(),
+                        reason: format!("expects [C, H, W], got {:?}", g.shape),
+                    });
+                }
+            },
+        };
+        if let Some(name) = &self.name {
+            out.push(LayerInfo {
+                name: name.clone(),
+                kind: self.kind(),
+                output_shape: geo.shape.clone(),
+                params,
+                receptive_field: geo.rf,
+                jump: geo.jump,
+                macs,
+            });
+        }
+        Ok((geo, params, macs))
+    }
+}
+
+fn even_indices(n: usize, like: &Tensor) -> Result<Tensor> {
+    let idx: Vec<u32> = (0..n as u32).step_by(2).collect();
+    Ok(Tensor::new(idx.as_slice(), like.device())?)
+}
+
+/// One row of the model summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Module path.
+    pub name: String,
+    /// `conv2d`, `residual_block`, ...
+    pub kind: &'static str,
+    /// Output shape for one image of the manifest's input size, no batch dim.
+    pub output_shape: Vec<usize>,
+    /// Learned parameters in this layer and everything inside it.
+    pub params: u64,
+    /// Input pixels one output unit sees, `(h, w)`.
+    pub receptive_field: (usize, usize),
+    /// Input pixels between neighbouring output units, `(h, w)`.
+    pub jump: (usize, usize),
+    /// Multiply-accumulates of this layer and everything inside it, per image.
+    pub macs: u64,
+}
+
+/// A built, validated network.
+#[derive(Debug, Clone)]
+pub struct Network {
+    root: Node,
+    input: (usize, usize, usize),
+    layers: Vec<LayerInfo>,
+    total_params: u64,
+    total_macs: u64,
+    outputs: usize,
+}
+
+impl Network {
+    /// Validates that the tree chains for a `[C, H, W]` input and ends in a
+    /// flat vector, and computes the summary.
+    pub fn new(root: Node, input: (usize, usize, usize)) -> Result<Self> {
+        let mut layers = Vec::new();
+        let (geo, total_params, total_macs) =
+            root.summarise(&Geo::input(input.0, input.1, input.2), &mut layers)?;
+        let outputs = match geo.shape[..] {
+            [n] => n,
+            _ => {
+                return Err(Error::Shape {
+                    layer: layers.last().map_or_else(String::new, |l| l.name.clone()),
+                    reason: format!(
+                        "the network must end in a flat vector of class scores, but its output shape is {:?}",
+                        geo.shape
+                    ),
+                });
+            }
+        };
+        Ok(Self {
+            root,
+            input,
+            layers,
+            total_params,
+            total_macs,
+            outputs,
+        })
+    }
+
+    /// The forward pass on an NCHW batch, observed by `tap`.
+    pub fn forward(&self, x: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
+        self.root.forward(x.clone(), tap, "input")
+    }
+
+    /// Plain inference: `[N, classes]`.
+    pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward(x, &mut crate::tap::NoTap)
+    }
+
+    /// Every named layer in forward order.
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    /// The layer called `name`.
+    pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
+        self.layers.iter().find(|l| l.name == name)
+    }
+
+    /// `(C, H, W)` the network was validated for.
+    pub fn input(&self) -> (usize, usize, usize) {
+        self.input
+    }
+
+    /// Learned parameters in total.
+    pub fn total_params(&self) -> u64 {
+        self.total_params
+    }
+
+    /// Multiply-accumulates per image in total.
+    pub fn total_macs(&self) -> u64 {
+        self.total_macs
+    }
+
+    /// Size of the output vector.
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    /// Whether the last layer is a softmax (its output is then probabilities).
+    pub fn ends_with_softmax(&self) -> bool {
+        self.layers.last().is_some_and(|l| l.kind == "softmax")
+    }
+
+    /// The kernels of a convolution layer, `[O, I/groups, kh, kw]`.
+    pub fn conv_weight(&self, name: &str) -> Option<&Tensor> {
+        fn find<'a>(node: &'a Node, name: &str) -> Option<&'a Tensor> {
+            match &node.op {
+                Op::Conv(c) if node.name.as_deref() == Some(name) => Some(&c.weight),
+                Op::Seq(children) => children.iter().find_map(|c| find(c, name)),
+                Op::Residual { body, shortcut } => body
+                    .iter()
+                    .find_map(|c| find(c, name))
+                    .or_else(|| shortcut.as_deref().and_then(|s| find(s, name))),
+                _ => None,
+            }
+        }
+        find(&self.root, name)
+    }
+}

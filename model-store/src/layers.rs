@@ -1,0 +1,550 @@
+//! The leaf operations every architecture is built from, each with its
+//! forward computation and its geometry (output shape, receptive field,
+//! parameter count, multiply-accumulates) for the model summary.
+//!
+//! Shapes here exclude the batch dimension: `[C, H, W]` or `[N]`.
+
+use candle_core::{D, DType, Tensor};
+use candle_nn::Module;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+
+/// Per-position geometry that flows through the network with the shape: how
+/// many input pixels one output unit sees (`rf`) and how far apart, in input
+/// pixels, neighbouring units are (`jump`). Both as `(h, w)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geo {
+    /// Output shape without the batch dimension.
+    pub shape: Vec<usize>,
+    /// Receptive field `(h, w)` in input pixels.
+    pub rf: (usize, usize),
+    /// Distance between neighbouring outputs `(h, w)` in input pixels.
+    pub jump: (usize, usize),
+}
+
+impl Geo {
+    /// The network input: each pixel sees itself.
+    pub fn input(c: usize, h: usize, w: usize) -> Self {
+        Self {
+            shape: vec![c, h, w],
+            rf: (1, 1),
+            jump: (1, 1),
+        }
+    }
+
+    fn chw(&self, layer: &str) -> Result<(usize, usize, usize)> {
+        match self.shape[..] {
+            [c, h, w] => Ok((c, h, w)),
+            _ => Err(Error::Shape {
+                layer: layer.to_string(),
+                reason: format!(
+                    "expects a [C, H, W] feature map but receives shape {:?}; spatial layers must come before flatten",
+                    self.shape
+                ),
+            }),
+        }
+    }
+
+    /// The geometry after a sliding window of `k` with stride `s` and
+    /// dilation `d` producing `(oh, ow)` from this map.
+    fn window(&self, c: usize, oh: usize, ow: usize, k: (usize, usize), s: (usize, usize), d: (usize, usize)) -> Self {
+        Self {
+            shape: vec![c, oh, ow],
+            rf: (
+                self.rf.0 + (d.0 * (k.0 - 1)) * self.jump.0,
+                self.rf.1 + (d.1 * (k.1 - 1)) * self.jump.1,
+            ),
+            jump: (self.jump.0 * s.0, self.jump.1 * s.1),
+        }
+    }
+}
+
+fn shape_err(layer: &str, reason: String) -> Error {
+    Error::Shape {
+        layer: layer.to_string(),
+        reason,
+    }
+}
+
+/// Zero padding `(top, bottom, left, right)`, or TensorFlow's "SAME" rule,
+/// which depends on the input size and pads the extra pixel bottom/right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Fixed padding `(top, bottom, left, right)`.
+    Explicit(usize, usize, usize, usize),
+    /// TF "SAME": `out = ceil(in / stride)`.
+    TfSame,
+}
+
+impl Padding {
+    /// PyTorch's symmetric `(ph, pw)`.
+    pub fn symmetric(ph: usize, pw: usize) -> Self {
+        Padding::Explicit(ph, ph, pw, pw)
+    }
+
+    fn resolve(self, h: usize, w: usize, k: (usize, usize), s: (usize, usize), d: (usize, usize)) -> (usize, usize, usize, usize) {
+        match self {
+            Padding::Explicit(t, b, l, r) => (t, b, l, r),
+            Padding::TfSame => {
+                let total = |n: usize, k: usize, s: usize, d: usize| {
+                    let out = n.div_ceil(s);
+                    ((out - 1) * s + d * (k - 1) + 1).saturating_sub(n)
+                };
+                let (th, tw) = (total(h, k.0, s.0, d.0), total(w, k.1, s.1, d.1));
+                (th / 2, th - th / 2, tw / 2, tw - tw / 2)
+            }
+        }
+    }
+}
+
+/// `Conv2d`: weight `[O, I/groups, kh, kw]`, optional bias `[O]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Kernel, OIHW.
+    pub weight: Tensor,
+    /// Bias per output channel.
+    pub bias: Option<Tensor>,
+    /// Stride `(h, w)`; candle needs them equal.
+    pub stride: usize,
+    /// Dilation; candle needs them equal.
+    pub dilation: usize,
+    /// Groups (depthwise when equal to the input channels).
+    pub groups: usize,
+    /// How the input is padded.
+    pub padding: Padding,
+}
+
+impl Conv2d {
+    /// Takes `<prefix>.weight` (and `.bias`) from the checkpoint.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ck: &mut Checkpoint,
+        prefix: &str,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        padding: Padding,
+        dilation: usize,
+        groups: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+            return Err(Error::Manifest(format!(
+                "layer '{prefix}': groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )));
+        }
+        if stride == 0 || dilation == 0 || kernel.0 == 0 || kernel.1 == 0 {
+            return Err(Error::Manifest(format!(
+                "layer '{prefix}': kernel_size, stride and dilation must be >= 1"
+            )));
+        }
+        let weight = ck.take(
+            &format!("{prefix}.weight"),
+            &[out_channels, in_channels / groups, kernel.0, kernel.1],
+        )?;
+        let bias = if bias {
+            Some(ck.take(&format!("{prefix}.bias"), &[out_channels])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            dilation,
+            groups,
+            padding,
+        })
+    }
+
+    fn kernel(&self) -> (usize, usize, usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1], d[2], d[3])
+    }
+
+    /// Runs the convolution on an NCHW batch.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = self.kernel();
+        let s = (self.stride, self.stride);
+        let d = (self.dilation, self.dilation);
+        let (t, b, l, r) = self.padding.resolve(h, w, (kh, kw), s, d);
+        let y = if t == b && l == r && t == l {
+            x.conv2d(&self.weight, t, self.stride, self.dilation, self.groups)?
+        } else {
+            let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
+            x.conv2d(&self.weight, 0, self.stride, self.dilation, self.groups)?
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+
+    /// Output geometry; fails when the input channels or size do not fit.
+    pub fn geometry(&self, layer: &str, g: &Geo) -> Result<Geo> {
+        let (c, h, w) = g.chw(layer)?;
+        let (o, i, kh, kw) = self.kernel();
+        if c != i * self.groups {
+            return Err(shape_err(
+                layer,
+                format!(
+                    "expects {} input channels but receives {c} (input shape {:?})",
+                    i * self.groups,
+                    g.shape
+                ),
+            ));
+        }
+        let s = (self.stride, self.stride);
+        let d = (self.dilation, self.dilation);
+        let (t, b, l, r) = self.padding.resolve(h, w, (kh, kw), s, d);
+        let (eh, ew) = (d.0 * (kh - 1) + 1, d.1 * (kw - 1) + 1);
+        if h + t + b < eh || w + l + r < ew {
+            return Err(shape_err(
+                layer,
+                format!("kernel {kh}x{kw} (dilated {eh}x{ew}) is larger than its padded input {}x{}", h + t + b, w + l + r),
+            ));
+        }
+        let oh = (h + t + b - eh) / s.0 + 1;
+        let ow = (w + l + r - ew) / s.1 + 1;
+        Ok(g.window(o, oh, ow, (kh, kw), s, d))
+    }
+
+    /// Weights plus bias.
+    pub fn params(&self) -> u64 {
+        (self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())) as u64
+    }
+
+    /// Multiply-accumulates for one image producing `out`.
+    pub fn macs(&self, out: &Geo) -> u64 {
+        let (_, i, kh, kw) = self.kernel();
+        (out.shape.iter().product::<usize>() * i * kh * kw) as u64
+    }
+}
+
+/// `BatchNorm2d` in eval mode, folded into a per-channel scale and shift.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    /// `weight / sqrt(running_var + eps)`, shaped `[1, C, 1, 1]`.
+    scale: Tensor,
+    /// `bias - running_mean * scale`, shaped `[1, C, 1, 1]`.
+    shift: Tensor,
+    channels: usize,
+    affine: bool,
+}
+
+impl BatchNorm2d {
+    /// Takes `weight`, `bias`, `running_mean`, `running_var` under `prefix`.
+    pub fn load(ck: &mut Checkpoint, prefix: &str, channels: usize, eps: f64, affine: bool) -> Result<Self> {
+        let mean = ck.take(&format!("{prefix}.running_mean"), &[channels])?;
+        let var = ck.take(&format!("{prefix}.running_var"), &[channels])?;
+        let (weight, bias) = if affine {
+            (
+                ck.take(&format!("{prefix}.weight"), &[channels])?,
+                ck.take(&format!("{prefix}.bias"), &[channels])?,
+            )
+        } else {
+            (
+                Tensor::ones(channels, DType::F32, ck.device())?,
+                Tensor::zeros(channels, DType::F32, ck.device())?,
+            )
+        };
+        let scale = weight.div(&(var + eps)?.sqrt()?)?;
+        let shift = bias.sub(&mean.mul(&scale)?)?;
+        Ok(Self {
+            scale: scale.reshape((1, channels, 1, 1))?,
+            shift: shift.reshape((1, channels, 1, 1))?,
+            channels,
+            affine,
+        })
+    }
+
+    /// Normalises an NCHW batch with the running statistics.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+    }
+
+    /// Same shape; checks the channel count.
+    pub fn geometry(&self, layer: &str, g: &Geo) -> Result<Geo> {
+        let (c, _, _) = g.chw(layer)?;
+        if c != self.channels {
+            return Err(shape_err(
+                layer,
+                format!("expects {} channels but receives {c}", self.channels),
+            ));
+        }
+        Ok(g.clone())
+    }
+
+    /// Learned parameters (`weight`, `bias`); running statistics are buffers.
+    pub fn params(&self) -> u64 {
+        if self.affine { 2 * self.channels as u64 } else { 0 }
+    }
+}
+
+/// Max or average pooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    /// `MaxPool2d`.
+    Max,
+    /// `AvgPool2d`.
+    Avg,
+}
+
+/// `MaxPool2d` / `AvgPool2d` with PyTorch's padding and `ceil_mode` rules.
+#[derive(Debug, Clone)]
+pub struct Pool2d {
+    /// Max or average.
+    pub kind: PoolKind,
+    /// Window `(h, w)`.
+    pub kernel: (usize, usize),
+    /// Stride `(h, w)`.
+    pub stride: (usize, usize),
+    /// Padding `(h, w)`, at most half the window as PyTorch demands.
+    pub padding: (usize, usize),
+    /// Round the output size up.
+    pub ceil_mode: bool,
+    /// Average pooling: padded zeros count in the divisor.
+    pub count_include_pad: bool,
+}
+
+impl Pool2d {
+    /// Checks the constraints PyTorch itself enforces.
+    pub fn new(kind: PoolKind, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize), ceil_mode: bool, count_include_pad: bool, layer: &str) -> Result<Self> {
+        if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
+            return Err(Error::Manifest(format!(
+                "layer '{layer}': kernel_size and stride must be >= 1"
+            )));
+        }
+        if padding.0 * 2 > kernel.0 || padding.1 * 2 > kernel.1 {
+            return Err(Error::Manifest(format!(
+                "layer '{layer}': padding {padding:?} must be at most half of kernel_size {kernel:?}"
+            )));
+        }
+        Ok(Self {
+            kind,
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+        })
+    }
+
+    fn out_len(&self, n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
+        let span = (n + 2 * p).checked_sub(k)?;
+        let mut out = if self.ceil_mode { span.div_ceil(s) } else { span / s } + 1;
+        // PyTorch: the last window must start inside the input or left padding.
+        if self.ceil_mode && (out - 1) * s >= n + p {
+            out -= 1;
+        }
+        Some(out)
+    }
+
+    /// Pools an NCHW batch.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        let (oh, ow) = match (self.out_len(h, kh, sh, ph), self.out_len(w, kw, sw, pw)) {
+            (Some(oh), Some(ow)) => (oh, ow),
+            _ => candle_core::bail!("pool window {kh}x{kw} is larger than the padded input"),
+        };
+        // Extra bottom/right cells that only ceil_mode windows reach.
+        let eh = ((oh - 1) * sh + kh).saturating_sub(h + 2 * ph);
+        let ew = ((ow - 1) * sw + kw).saturating_sub(w + 2 * pw);
+        let plain = ph == 0 && pw == 0 && eh == 0 && ew == 0;
+        match self.kind {
+            PoolKind::Max if plain => x.max_pool2d_with_stride(self.kernel, self.stride),
+            PoolKind::Max => {
+                let x = pad_value(x, 2, ph, ph + eh, f32::NEG_INFINITY)?;
+                let x = pad_value(&x, 3, pw, pw + ew, f32::NEG_INFINITY)?;
+                x.max_pool2d_with_stride(self.kernel, self.stride)
+            }
+            PoolKind::Avg if plain => x.avg_pool2d_with_stride(self.kernel, self.stride),
+            PoolKind::Avg => {
+                let xp = x.pad_with_zeros(2, ph, ph + eh)?.pad_with_zeros(3, pw, pw + ew)?;
+                let sums = xp.avg_pool2d_with_stride(self.kernel, self.stride)?;
+                // The divisor: cells of the input, plus the padding when
+                // count_include_pad; never the ceil_mode overhang.
+                let ones = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?;
+                let mask = if self.count_include_pad {
+                    let m = pad_value(&ones, 2, ph, ph, 1.0)?;
+                    pad_value(&m, 3, pw, pw, 1.0)?
+                        .pad_with_zeros(2, 0, eh)?
+                        .pad_with_zeros(3, 0, ew)?
+                } else {
+                    ones.pad_with_zeros(2, ph, ph + eh)?
+                        .pad_with_zeros(3, pw, pw + ew)?
+                };
+                let counts = mask.avg_pool2d_with_stride(self.kernel, self.stride)?;
+                sums.broadcast_div(&counts)
+            }
+        }
+    }
+
+    /// Output geometry.
+    pub fn geometry(&self, layer: &str, g: &Geo) -> Result<Geo> {
+        let (c, h, w) = g.chw(layer)?;
+        let oh = self.out_len(h, self.kernel.0, self.stride.0, self.padding.0);
+        let ow = self.out_len(w, self.kernel.1, self.stride.1, self.padding.1);
+        match (oh, ow) {
+            (Some(oh), Some(ow)) => Ok(g.window(c, oh, ow, self.kernel, self.stride, (1, 1))),
+            _ => Err(shape_err(
+                layer,
+                format!(
+                    "pool window {:?} is larger than its padded input {}x{}",
+                    self.kernel,
+                    h + 2 * self.padding.0,
+                    w + 2 * self.padding.1
+                ),
+            )),
+        }
+    }
+}
+
+/// Pads `dim` of `x` with a constant.
+fn pad_value(x: &Tensor, dim: usize, left: usize, right: usize, value: f32) -> candle_core::Result<Tensor> {
+    if left == 0 && right == 0 {
+        return Ok(x.clone());
+    }
+    let mut parts = Vec::with_capacity(3);
+    let mut dims = x.dims().to_vec();
+    if left > 0 {
+        dims[dim] = left;
+        parts.push(Tensor::full(value, dims.as_slice(), x.device())?.to_dtype(x.dtype())?);
+    }
+    parts.push(x.clone());
+    if right > 0 {
+        dims[dim] = right;
+        parts.push(Tensor::full(value, dims.as_slice(), x.device())?.to_dtype(x.dtype())?);
+    }
+    Tensor::cat(&parts, dim)
+}
+
+/// `AdaptiveAvgPool2d` with PyTorch's bin edges:
+/// `start = floor(i·n/out)`, `end = ceil((i+1)·n/out)`.
+#[derive(Debug, Clone)]
+pub struct AdaptiveAvgPool2d {
+    /// Output `(h, w)`.
+    pub output: (usize, usize),
+}
+
+impl AdaptiveAvgPool2d {
+    /// Pools an NCHW batch.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = self.output;
+        if (oh, ow) == (1, 1) {
+            return x.mean_keepdim(3)?.mean_keepdim(2);
+        }
+        if h % oh == 0 && w % ow == 0 {
+            let k = (h / oh, w / ow);
+            return x.avg_pool2d_with_stride(k, k);
+        }
+        // Separable: average rows into bins, then columns.
+        let rows = adaptive_bins(x, 2, h, oh)?;
+        adaptive_bins(&rows, 3, w, ow)
+    }
+
+    /// Output geometry. A bin spans at most `ceil(n/out)` + 1 positions.
+    pub fn geometry(&self, layer: &str, g: &Geo) -> Result<Geo> {
+        let (c, h, w) = g.chw(layer)?;
+        let (oh, ow) = self.output;
+        let k = (max_bin(h, oh), max_bin(w, ow));
+        let s = ((h / oh).max(1), (w / ow).max(1));
+        Ok(g.window(c, oh, ow, k, s, (1, 1)))
+    }
+}
+
+fn max_bin(n: usize, out: usize) -> usize {
+    (0..out)
+        .map(|i| ((i + 1) * n).div_ceil(out) - (i * n) / out)
+        .max()
+        .unwrap_or(1)
+}
+
+fn adaptive_bins(x: &Tensor, dim: usize, n: usize, out: usize) -> candle_core::Result<Tensor> {
+    let bins = (0..out)
+        .map(|i| {
+            let start = (i * n) / out;
+            let end = ((i + 1) * n).div_ceil(out);
+            x.narrow(dim, start, end - start)?.mean_keepdim(dim)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&bins, dim)
+}
+
+/// `Linear`: weight `[out, in]`, optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: candle_nn::Linear,
+    in_features: usize,
+    out_features: usize,
+    has_bias: bool,
+}
+
+impl Linear {
+    /// Takes `<prefix>.weight` (and `.bias`).
+    pub fn load(ck: &mut Checkpoint, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = ck.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let b = if bias {
+            Some(ck.take(&format!("{prefix}.bias"), &[out_features])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: candle_nn::Linear::new(weight, b),
+            in_features,
+            out_features,
+            has_bias: bias,
+        })
+    }
+
+    /// `x · Wᵀ + b` on an `[N, in]` batch.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.inner.forward(x)
+    }
+
+    /// Output geometry; the input must be flat with `in_features` values.
+    pub fn geometry(&self, layer: &str, g: &Geo) -> Result<Geo> {
+        match g.shape[..] {
+            [n] if n == self.in_features => Ok(Geo {
+                shape: vec![self.out_features],
+                ..g.clone()
+            }),
+            [n] => Err(shape_err(
+                layer,
+                format!("expects {} input features but receives {n}", self.in_features),
+            )),
+            _ => Err(shape_err(
+                layer,
+                format!(
+                    "expects a flat input of {} features but receives shape {:?} (= {} values); add a flatten layer before it",
+                    self.in_features,
+                    g.shape,
+                    g.shape.iter().product::<usize>()
+                ),
+            )),
+        }
+    }
+
+    /// Weights plus bias.
+    pub fn params(&self) -> u64 {
+        (self.in_features * self.out_features + if self.has_bias { self.out_features } else { 0 }) as u64
+    }
+
+    /// Multiply-accumulates for one input.
+    pub fn macs(&self) -> u64 {
+        (self.in_features * self.out_features) as u64
+    }
+}
+
+/// Softmax over the class dimension (the differentiable candle op, so that
+/// gradients flow through it when a manifest ends with one).
+pub fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}

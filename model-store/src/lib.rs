@@ -1,0 +1,33 @@
+//! Trained CNNs from safetensors checkpoints, run in candle, observed layer by layer.
+//!
+//! A code tour:
+//! - [`manifest`]: the JSON manifest beside each checkpoint, typed and validated.
+//! - [`checkpoint`]: safetensors with PyTorch `state_dict` names; every
+//!   missing, extra or mis-shaped tensor reported at once.
+//! - [`arch`]: the zoo (`sequential`, CIFAR ResNets, torchvision ResNet/VGG/
+//!   AlexNet, MobileNet v1), each built as the same module tree.
+//! - [`layers`]: the leaf operations with their geometry.
+//! - [`graph`]: the module tree, its one forward pass and its summary.
+//! - [`tap`]: observers of that forward pass: every inspection is a tap.
+//! - [`preprocess`]: image bytes → input tensor, as torchvision would.
+//! - [`registry`]: loaded models by name, and the models directory.
+//!
+//! No HTTP here: the server crate turns these into endpoints.
+
+#![warn(missing_docs)]
+
+pub mod arch;
+pub mod checkpoint;
+pub mod error;
+pub mod graph;
+pub mod layers;
+pub mod manifest;
+pub mod preprocess;
+pub mod registry;
+pub mod tap;
+
+pub use error::{Error, Result};
+pub use graph::{LayerInfo, Network};
+pub use manifest::Manifest;
+pub use registry::{LoadFailure, LoadedModel, ModelDir, Registry, parse_device};
+pub use tap::{NoTap, Record, Tap};

@@ -1,0 +1,214 @@
+//! From uploaded bytes to the network's input tensor, exactly as the manifest
+//! says and as torchvision would do it.
+//!
+//! - Decoding: PNG, JPEG, BMP, WebP, GIF (first frame). The header is read
+//!   first and an image over the pixel limit is refused before any pixel
+//!   buffer is allocated.
+//! - Channels: 3 → RGB (alpha dropped, as PIL's `convert("RGB")`); 1 → PIL's
+//!   `convert("L")` integer formula `(19595 R + 38470 G + 7471 B + 2¹⁵) >> 16`,
+//!   so a colour image reaches an MNIST model as it would in torchvision.
+//! - `resize` (shorter side, torchvision's `int(size · long / short)` for the
+//!   other side): bilinear with a triangle filter widened when downscaling
+//!   (antialiased, like PIL's bilinear); close to PIL but not bit-identical.
+//!   An image already at the target size is not touched.
+//! - `center_crop`: torchvision's offsets, `round((h − th) / 2)` with
+//!   Python's round-half-to-even.
+//! - Values: `(p / 255 − mean) / std` in `f32`, the same operations in the
+//!   same order as `ToTensor()` + `Normalize`, so with no resize the input is
+//!   bit-identical to PyTorch's.
+
+use std::io::Cursor;
+
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, GenericImageView, ImageReader, imageops::FilterType};
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+
+/// Bounds applied while decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    /// Largest accepted width × height of an uploaded image.
+    pub max_pixels: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+/// Decodes image bytes, refusing oversized images from their header alone.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
+    if bytes.is_empty() {
+        return Err(Error::ImageDecode("the image is empty (0 bytes)".into()));
+    }
+    let reader = || -> Result<ImageReader<Cursor<&[u8]>>> {
+        let r = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::ImageDecode(e.to_string()))?;
+        if r.format().is_none() {
+            return Err(Error::ImageDecode(
+                "unrecognised image format; send PNG, JPEG, BMP, WebP or GIF".into(),
+            ));
+        }
+        Ok(r)
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| Error::ImageDecode(e.to_string()))?;
+    let pixels = w as u64 * h as u64;
+    if pixels == 0 {
+        return Err(Error::ImageDecode(format!("the image is {w}x{h}: it has no pixels")));
+    }
+    if pixels > limits.max_pixels {
+        return Err(Error::ImageInput(format!(
+            "the image is {w}x{h} = {pixels} pixels; the limit is {} pixels: downscale it first",
+            limits.max_pixels
+        )));
+    }
+    let mut r = reader()?;
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(w);
+    l.max_image_height = Some(h);
+    // RGBA f32 of the declared size is the most any decoder here needs.
+    l.max_alloc = Some((pixels * 16).max(1 << 20));
+    r.limits(l);
+    r.decode().map_err(|e| Error::ImageDecode(e.to_string()))
+}
+
+/// Whether the bytes start like an image format we decode (a cheap sniff,
+/// for bodies sent without a usable Content-Type).
+pub fn looks_like_image(bytes: &[u8]) -> bool {
+    image::guess_format(bytes).is_ok()
+}
+
+/// The model input for one decoded image: `C·H·W` floats in CHW order.
+pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
+    let spec = &manifest.input;
+    let (mut w, mut h) = img.dimensions();
+    // Channel conversion first, on 8-bit data, as PIL's convert() does.
+    let mut planes: Vec<image::ImageBuffer<image::Luma<u8>, Vec<u8>>> = if spec.channels == 1 {
+        vec![to_pil_luma(img)]
+    } else {
+        let rgb = img.to_rgb8();
+        (0..3)
+            .map(|c| image::ImageBuffer::from_fn(w, h, |x, y| image::Luma([rgb.get_pixel(x, y)[c]])))
+            .collect()
+    };
+    if let Some(size) = spec.resize {
+        let size = size as u32;
+        let (nw, nh) = if w <= h {
+            (size, (size as u64 * h as u64 / w as u64) as u32)
+        } else {
+            ((size as u64 * w as u64 / h as u64) as u32, size)
+        };
+        if (nw, nh) != (w, h) {
+            planes = planes
+                .iter()
+                .map(|p| image::imageops::resize(p, nw, nh, FilterType::Triangle))
+                .collect();
+            (w, h) = (nw, nh);
+        }
+    }
+    if let Some(crop) = spec.center_crop {
+        let (th, tw) = crop.hw();
+        let (th, tw) = (th as u32, tw as u32);
+        if th > h || tw > w {
+            return Err(Error::ImageInput(format!(
+                "the image is {w}x{h} after resizing, smaller than the model's center crop {tw}x{th}; send a larger image"
+            )));
+        }
+        let top = round_half_even((h - th) as f64 / 2.0);
+        let left = round_half_even((w - tw) as f64 / 2.0);
+        planes = planes
+            .iter()
+            .map(|p| image::imageops::crop_imm(p, left, top, tw, th).to_image())
+            .collect();
+        (w, h) = (tw, th);
+    }
+    if (w as usize, h as usize) != (spec.width, spec.height) {
+        let hint = if spec.resize.is_none() {
+            " (this model's manifest does not resize)"
+        } else {
+            ""
+        };
+        return Err(Error::ImageInput(format!(
+            "the image is {w}x{h} but model '{}' takes {}x{} images{hint}; send a {}x{} image",
+            manifest.name, spec.width, spec.height, spec.width, spec.height
+        )));
+    }
+    let (mean, std) = manifest.normalisation();
+    let mut out = Vec::with_capacity(spec.channels * (w * h) as usize);
+    for (c, plane) in planes.iter().enumerate() {
+        out.extend(plane.as_raw().iter().map(|&p| (p as f32 / 255.0 - mean[c]) / std[c]));
+    }
+    Ok(out)
+}
+
+/// Stacks preprocessed images into an `[N, C, H, W]` tensor.
+pub fn batch(images: &[Vec<f32>], manifest: &Manifest, device: &Device) -> Result<Tensor> {
+    let s = &manifest.input;
+    let flat: Vec<f32> = images.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (images.len(), s.channels, s.height, s.width), device)?)
+}
+
+/// PIL's `convert("L")`: ITU-R 601-2 luma with PIL's fixed-point rounding.
+fn to_pil_luma(img: &DynamicImage) -> image::ImageBuffer<image::Luma<u8>, Vec<u8>> {
+    match img {
+        DynamicImage::ImageLuma8(l) => l.clone(),
+        DynamicImage::ImageLumaA8(la) => {
+            image::ImageBuffer::from_fn(la.width(), la.height(), |x, y| image::Luma([la.get_pixel(x, y)[0]]))
+        }
+        _ => {
+            let rgb = img.to_rgb8();
+            image::ImageBuffer::from_fn(rgb.width(), rgb.height(), |x, y| {
+                let [r, g, b] = rgb.get_pixel(x, y).0;
+                let l = (r as u32 * 19595 + g as u32 * 38470 + b as u32 * 7471 + 0x8000) >> 16;
+                image::Luma([l as u8])
+            })
+        }
+    }
+}
+
+/// Python's `round()`: halves go to the even neighbour.
+fn round_half_even(x: f64) -> u32 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
+        (r - x.signum()) as u32
+    } else {
+        r as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_round_sends_halves_to_even() {
+        assert_eq!(round_half_even(0.5), 0);
+        assert_eq!(round_half_even(1.5), 2);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(3.0), 3);
+        assert_eq!(round_half_even(3.7), 4);
+    }
+
+    #[test]
+    fn pil_luma_matches_pil_for_pure_colours() {
+        // PIL: Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0))
+        let cases = [([255, 0, 0], 76), ([0, 255, 0], 150), ([0, 0, 255], 29), ([255, 255, 255], 255)];
+        for (rgb, want) in cases {
+            let img = DynamicImage::ImageRgb8(image::ImageBuffer::from_pixel(1, 1, image::Rgb(rgb)));
+            assert_eq!(to_pil_luma(&img).get_pixel(0, 0)[0], want, "{rgb:?}");
+        }
+    }
+
+    #[test]
+    fn empty_and_garbage_bytes_are_decode_errors() {
+        assert!(matches!(decode(b"", DecodeLimits::default()), Err(Error::ImageDecode(_))));
+        assert!(matches!(decode(b"hello, world", DecodeLimits::default()), Err(Error::ImageDecode(_))));
+    }
+}

@@ -1,0 +1,68 @@
+//! The bounded compute pool: model work runs on blocking threads, never on
+//! the async executor, with a fixed number running at once and a bounded
+//! number waiting. Beyond that the server answers 503 with `Retry-After`
+//! instead of piling up memory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::sync::Semaphore;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Cheap to clone; shared by all handlers.
+#[derive(Clone)]
+pub struct Compute {
+    slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
+}
+
+impl Compute {
+    /// `slots` computations at once, `max_waiting` more queued.
+    pub fn new(slots: usize, max_waiting: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(slots.max(1))),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
+        }
+    }
+
+    /// Runs `f` on a blocking thread once a slot is free. If the client
+    /// goes away while waiting, the future is dropped and the work never starts.
+    pub async fn run<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        F: FnOnce() -> ApiResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let queued = self.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = WaitGuard(&self.waiting);
+        if queued >= self.max_waiting {
+            return Err(ApiError::Busy(format!(
+                "the compute queue is full ({} requests waiting); retry shortly",
+                self.max_waiting
+            )));
+        }
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Internal("compute pool closed".into()))?;
+        drop(guard);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("compute task failed: {e}")))?
+    }
+}
+
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}

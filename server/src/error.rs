@@ -1,0 +1,115 @@
+//! One error type for every endpoint, written as RFC 9457 problem+json.
+//!
+//! Each variant's doc names its status. Client mistakes carry a detail that
+//! says what to fix; server faults are logged with their cause and answered
+//! generically, so internals never leak into a response.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// An error answered as `application/problem+json`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404: an unknown model, layer or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// 400: a parameter is malformed or out of range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 415: the body's content type is not one this endpoint reads.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: the body is well-formed but its content is unusable (an image
+    /// that does not decode, a manifest that does not match its weights).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// 409: the name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body, batch or image is over a documented limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 503: the compute queue is full; retry after a moment.
+    #[error("{0}")]
+    Busy(String),
+    /// 500: our fault; the detail is logged, not sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not-found",
+            ApiError::BadRequest(_) => "bad-request",
+            ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
+            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooLarge(_) => "too-large",
+            ApiError::Busy(_) => "busy",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<model_store::Error> for ApiError {
+    fn from(e: model_store::Error) -> Self {
+        use model_store::Error as E;
+        match e {
+            E::Manifest(_) | E::UnknownArchitecture { .. } | E::Checkpoint { .. } | E::Shape { .. } => {
+                ApiError::Unprocessable(e.to_string())
+            }
+            E::ImageDecode(_) | E::ImageInput(_) => ApiError::Unprocessable(e.to_string()),
+            E::UnknownLayer { .. } => ApiError::NotFound(e.to_string()),
+            E::Io { .. } | E::Forward { .. } | E::Candle(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                "the server failed to handle this request; the cause is in its log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let body = json!({
+            "type": format!("urn:convscope:problem:{}", self.slug()),
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if matches!(self, ApiError::Busy(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<T, ApiError>;

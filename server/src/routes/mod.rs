@@ -1,0 +1,24 @@
+//! One module per resource, each with its own `router()`.
+
+pub mod activations;
+pub mod health;
+pub mod models;
+pub mod predict;
+
+use axum::Router;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Every route of the API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(health::router())
+        .merge(models::router(&state.settings))
+        .merge(predict::router())
+        .merge(activations::router())
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::NotFound(format!("no route for {}; see the README for the endpoints", uri.path()))
+        })
+        .with_state(state)
+}

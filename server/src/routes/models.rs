@@ -1,0 +1,268 @@
+//! The model store over HTTP: list, describe, register, unregister.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Multipart, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use model_store::{LayerInfo, LoadedModel};
+use serde::Serialize;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, body_error};
+use crate::settings::Settings;
+use crate::state::AppState;
+
+/// One model in `GET /models`.
+#[derive(Debug, Serialize)]
+pub struct ModelEntry {
+    /// Name in URLs.
+    pub name: String,
+    /// Architecture from the manifest.
+    pub architecture: String,
+    /// Outputs of the head.
+    pub num_classes: usize,
+    /// What the network takes.
+    pub input: InputInfo,
+    /// Where it runs.
+    pub device: String,
+}
+
+/// Input size and preprocessing.
+#[derive(Debug, Serialize)]
+pub struct InputInfo {
+    /// 1 or 3.
+    pub channels: usize,
+    /// Pixels.
+    pub height: usize,
+    /// Pixels.
+    pub width: usize,
+    /// Per-channel mean on `[0, 1]`.
+    pub mean: Vec<f32>,
+    /// Per-channel std on `[0, 1]`.
+    pub std: Vec<f32>,
+    /// Shorter-side resize, if any.
+    pub resize: Option<usize>,
+    /// Center crop `[h, w]`, if any.
+    pub center_crop: Option<[usize; 2]>,
+}
+
+/// `GET /models`.
+#[derive(Debug, Serialize)]
+pub struct ModelList {
+    /// Loaded models, by name.
+    pub models: Vec<ModelEntry>,
+    /// The model `POST /predict` uses.
+    pub default_model: Option<String>,
+    /// Files in the models directory that failed to load, and why.
+    pub load_errors: Vec<LoadError>,
+}
+
+/// A model file that did not load.
+#[derive(Debug, Serialize)]
+pub struct LoadError {
+    /// The manifest file name.
+    pub file: String,
+    /// Why, naming the tensor or layer.
+    pub error: String,
+}
+
+/// A row of the per-layer table.
+#[derive(Debug, Serialize)]
+pub struct LayerRow {
+    /// Module path, usable as `{layer}` in inspection URLs.
+    pub name: String,
+    /// `conv2d`, `residual_block`, ...
+    pub kind: &'static str,
+    /// `[C, H, W]` or `[N]` for one image of the manifest's input size.
+    pub output_shape: Vec<usize>,
+    /// Learned parameters in this layer (and inside it, for blocks).
+    pub params: u64,
+    /// Input pixels one output unit sees (an integer, or `[h, w]` when not square).
+    pub receptive_field: serde_json::Value,
+    /// Input pixels between neighbouring output units (same form).
+    pub jump: serde_json::Value,
+    /// Multiply-accumulates per image (conv and linear; blocks sum their children).
+    pub macs: u64,
+}
+
+/// `GET /models/{model}`.
+#[derive(Debug, Serialize)]
+pub struct ModelDetail {
+    /// Everything in the list entry.
+    #[serde(flatten)]
+    pub entry: ModelEntry,
+    /// Every named layer in forward order.
+    pub layers: Vec<LayerRow>,
+    /// Learned parameters (BatchNorm running statistics excluded, as PyTorch counts).
+    pub total_params: u64,
+    /// Multiply-accumulates per image.
+    pub total_macs: u64,
+    /// Labels in output order.
+    pub classes: Vec<String>,
+}
+
+/// `/models`, `/models/{model}`.
+pub fn router(settings: &Settings) -> Router<AppState> {
+    Router::new()
+        .route(
+            "/models",
+            get(list).post(register).layer(DefaultBodyLimit::max(settings.max_model_bytes)),
+        )
+        .route("/models/{model}", get(detail).delete(unregister))
+}
+
+/// Lists the loaded models and any that failed to load.
+async fn list(State(state): State<AppState>) -> Json<ModelList> {
+    let default_model = state.default_model().ok().map(|m| m.name().to_string());
+    let load_errors = state
+        .load_failures
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|f| LoadError {
+            file: f
+                .file
+                .file_name()
+                .map_or_else(|| f.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            error: f.error.clone(),
+        })
+        .collect();
+    Json(ModelList {
+        models: state.registry.list().iter().map(|m| entry(m)).collect(),
+        default_model,
+        load_errors,
+    })
+}
+
+/// Describes one model, with its per-layer table.
+async fn detail(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> ApiResult<Json<ModelDetail>> {
+    Ok(Json(describe(&state.model(&name)?)))
+}
+
+/// Registers a model from multipart `manifest` (JSON) and `weights`
+/// (safetensors): validated as at start-up, written atomically, served at once.
+async fn register(State(state): State<AppState>, mut multipart: Multipart) -> ApiResult<impl IntoResponse> {
+    let (mut manifest, mut weights) = (None, None);
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| body_error(e.status(), e.body_text()))?
+    {
+        let name = field.name().unwrap_or("").to_string();
+        let bytes = field
+            .bytes()
+            .await
+            .map_err(|e| body_error(e.status(), e.body_text()))?;
+        match name.as_str() {
+            "manifest" => manifest = Some(bytes),
+            "weights" => weights = Some(bytes),
+            _ => {}
+        }
+    }
+    let (Some(manifest), Some(weights)) = (manifest, weights) else {
+        return Err(ApiError::BadRequest(
+            "send multipart fields `manifest` (the JSON manifest) and `weights` (the .safetensors file)".into(),
+        ));
+    };
+    // Serialise with other registrations and deletions: the name check, the
+    // files and the registry change together.
+    let _store = state.store_lock.lock().await;
+    let parsed = model_store::Manifest::from_json(&manifest)?;
+    let name = parsed.name.clone();
+    if state.registry.get(&name).is_some() || state.model_dir.contains(&name) {
+        return Err(ApiError::Conflict(format!(
+            "a model named '{name}' already exists; DELETE /models/{name} first or choose another name"
+        )));
+    }
+    let device = state.device.clone();
+    let dir = state.model_dir.clone();
+    let model = state
+        .compute
+        .run(move || {
+            let model = LoadedModel::from_bytes(&manifest, &weights, &device)?;
+            dir.save(model.name(), &manifest, &weights)?;
+            Ok(model)
+        })
+        .await?;
+    let model = state
+        .registry
+        .insert(model)
+        .map_err(|m| ApiError::Conflict(format!("a model named '{}' already exists", m.name())))?;
+    tracing::info!(model = %name, "registered model");
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("/models/{name}")) {
+        headers.insert(header::LOCATION, v);
+    }
+    Ok((StatusCode::CREATED, headers, Json(describe(&model))))
+}
+
+/// Unregisters a model and deletes its files.
+async fn unregister(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> ApiResult<StatusCode> {
+    let _store = state.store_lock.lock().await;
+    state.model(&name)?;
+    state.model_dir.delete(&name)?;
+    state.registry.remove(&name);
+    tracing::info!(model = %name, "unregistered model");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn entry(m: &LoadedModel) -> ModelEntry {
+    let s = &m.manifest.input;
+    let (mean, std) = m.manifest.normalisation();
+    ModelEntry {
+        name: m.name().to_string(),
+        architecture: m.manifest.architecture.clone(),
+        num_classes: m.classes.len(),
+        input: InputInfo {
+            channels: s.channels,
+            height: s.height,
+            width: s.width,
+            mean,
+            std,
+            resize: s.resize,
+            center_crop: s.center_crop.map(|c| {
+                let (h, w) = c.hw();
+                [h, w]
+            }),
+        },
+        device: device_name(&m.device),
+    }
+}
+
+fn describe(m: &Arc<LoadedModel>) -> ModelDetail {
+    let net = &m.network;
+    ModelDetail {
+        entry: entry(m),
+        layers: net.layers().iter().map(row).collect(),
+        total_params: net.total_params(),
+        total_macs: net.total_macs(),
+        classes: m.classes.clone(),
+    }
+}
+
+fn row(l: &LayerInfo) -> LayerRow {
+    let pair = |(h, w): (usize, usize)| {
+        if h == w { serde_json::json!(h) } else { serde_json::json!([h, w]) }
+    };
+    LayerRow {
+        name: l.name.clone(),
+        kind: l.kind,
+        output_shape: l.output_shape.clone(),
+        params: l.params,
+        receptive_field: pair(l.receptive_field),
+        jump: pair(l.jump),
+        macs: l.macs,
+    }
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_name(d: &candle_core::Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}

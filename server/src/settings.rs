@@ -1,0 +1,70 @@
+//! Server settings: every limit is explicit, has a default, and is a flag
+//! with an environment variable (see `convscope serve --help`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What `Application::build` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Directory of `<name>.json` + `<name>.safetensors` model pairs.
+    #[arg(long, env = "CONVSCOPE_MODELS", default_value = "models")]
+    pub models: PathBuf,
+
+    /// Address to listen on.
+    #[arg(long, env = "CONVSCOPE_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: SocketAddr,
+
+    /// Device for model weights and compute: cpu, cuda or cuda:N (cuda
+    /// needs a build with `--features cuda`).
+    #[arg(long, env = "CONVSCOPE_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Model used by `POST /predict`; the first model by name if unset or absent.
+    #[arg(long, env = "CONVSCOPE_DEFAULT_MODEL", default_value = "resnet20-cifar10")]
+    pub default_model: String,
+
+    /// Largest request body for inference endpoints, in bytes.
+    #[arg(long, env = "CONVSCOPE_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Largest `POST /models` upload (manifest + weights), in bytes.
+    #[arg(long, env = "CONVSCOPE_MAX_MODEL_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_model_bytes: usize,
+
+    /// Most images in one request.
+    #[arg(long, env = "CONVSCOPE_MAX_BATCH", default_value_t = 64)]
+    pub max_batch: usize,
+
+    /// Largest decoded image, in pixels (checked from the header, before decoding).
+    #[arg(long, env = "CONVSCOPE_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+
+    /// Model computations running at once (each uses the CPU threads of
+    /// candle's pool).
+    #[arg(long, env = "CONVSCOPE_COMPUTE_SLOTS", default_value_t = 2)]
+    pub compute_slots: usize,
+
+    /// Computations allowed to wait for a slot; beyond that, 503 + Retry-After.
+    #[arg(long, env = "CONVSCOPE_COMPUTE_QUEUE", default_value_t = 64)]
+    pub compute_queue: usize,
+}
+
+impl Settings {
+    /// Defaults for tests and embedding: the given models directory on
+    /// 127.0.0.1 with an OS-chosen port.
+    pub fn for_tests(models: impl Into<PathBuf>) -> Self {
+        Self {
+            models: models.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            device: "cpu".into(),
+            default_model: "resnet20-cifar10".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+            max_model_bytes: 1024 * 1024 * 1024,
+            max_batch: 64,
+            max_pixels: 40_000_000,
+            compute_slots: 2,
+            compute_queue: 64,
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! `Application`: loads the model store, binds, serves until stopped.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use model_store::{ModelDir, Registry, parse_device};
+use tokio::net::TcpListener;
+use tower_http::trace::TraceLayer;
+
+use crate::compute::Compute;
+use crate::routes;
+use crate::settings::Settings;
+use crate::state::AppState;
+
+/// A server with its models loaded and its port bound.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    state: AppState,
+}
+
+impl Application {
+    /// Loads every model in the models directory (a model that fails is
+    /// logged, listed in `GET /models` under `load_errors`, and skipped),
+    /// then binds, so that `port()` is known before serving starts.
+    pub async fn build(settings: Settings) -> anyhow_like::Result<Self> {
+        let device = parse_device(&settings.device)?;
+        let model_dir = ModelDir::open(&settings.models)?;
+        let registry = Arc::new(Registry::new());
+        let (dir, dev) = (model_dir.clone(), device.clone());
+        let (loaded, failed) = tokio::task::spawn_blocking(move || dir.load_all(&dev)).await?;
+        for m in loaded {
+            tracing::info!(model = %m.name(), architecture = %m.manifest.architecture, params = m.network.total_params(), "loaded model");
+            let _ = registry.insert(m);
+        }
+        for f in &failed {
+            tracing::warn!(file = %f.file.display(), error = %f.error, "model not loaded");
+        }
+        let state = AppState {
+            registry,
+            model_dir,
+            load_failures: Arc::new(RwLock::new(failed)),
+            device,
+            compute: Compute::new(settings.compute_slots, settings.compute_queue),
+            store_lock: Arc::new(tokio::sync::Mutex::new(())),
+            settings: Arc::new(settings.clone()),
+        };
+        let router = routes::router(state.clone())
+            .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+            .layer(TraceLayer::new_for_http());
+        let listener = TcpListener::bind(settings.addr).await?;
+        Ok(Self {
+            listener,
+            router,
+            state,
+        })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.local_addr().port()
+    }
+
+    /// The shared state (for tests and embedding).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until Ctrl-C or SIGTERM, finishing requests in flight.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` completes, finishing requests in flight.
+    pub async fn run_until(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop)
+            .await
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutting down");
+}
+
+/// Start-up errors: anything, with its message.
+pub mod anyhow_like {
+    /// A boxed error.
+    pub type Error = Box<dyn std::error::Error + Send + Sync>;
+    /// Result with a boxed error.
+    pub type Result<T> = std::result::Result<T, Error>;
+}
