@@ -37,10 +37,11 @@ impl Checkpoint {
     /// integer `num_batches_tracked` counters are dropped, as inference
     /// never reads them.
     pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
-        let raw = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
-            .map_err(|e| Error::Checkpoint {
+        let raw = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+            Error::Checkpoint {
                 problems: vec![format!("not a readable safetensors file: {e}")],
-            })?;
+            }
+        })?;
         let mut tensors = BTreeMap::new();
         for (name, t) in raw {
             let name = name.strip_prefix("module.").unwrap_or(&name).to_string();

@@ -9,7 +9,9 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax};
+use crate::layers::{
+    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax,
+};
 use crate::tap::Tap;
 
 /// What a node computes.
@@ -182,7 +184,15 @@ impl Node {
                     _ => (g.rf, g.jump),
                 };
                 let n = g.shape.iter().product();
-                (Geo { shape: vec![n], rf, jump }, 0, 0)
+                (
+                    Geo {
+                        shape: vec![n],
+                        rf,
+                        jump,
+                    },
+                    0,
+                    0,
+                )
             }
             Op::Linear(l) => (l.geometry(layer, g)?, l.params(), l.macs()),
             Op::Seq(children) => {

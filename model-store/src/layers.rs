@@ -48,7 +48,15 @@ impl Geo {
 
     /// The geometry after a sliding window of `k` with stride `s` and
     /// dilation `d` producing `(oh, ow)` from this map.
-    fn window(&self, c: usize, oh: usize, ow: usize, k: (usize, usize), s: (usize, usize), d: (usize, usize)) -> Self {
+    fn window(
+        &self,
+        c: usize,
+        oh: usize,
+        ow: usize,
+        k: (usize, usize),
+        s: (usize, usize),
+        d: (usize, usize),
+    ) -> Self {
         Self {
             shape: vec![c, oh, ow],
             rf: (
@@ -83,7 +91,14 @@ impl Padding {
         Padding::Explicit(ph, ph, pw, pw)
     }
 
-    fn resolve(self, h: usize, w: usize, k: (usize, usize), s: (usize, usize), d: (usize, usize)) -> (usize, usize, usize, usize) {
+    fn resolve(
+        self,
+        h: usize,
+        w: usize,
+        k: (usize, usize),
+        s: (usize, usize),
+        d: (usize, usize),
+    ) -> (usize, usize, usize, usize) {
         match self {
             Padding::Explicit(t, b, l, r) => (t, b, l, r),
             Padding::TfSame => {
@@ -95,6 +110,86 @@ impl Padding {
                 (th / 2, th - th / 2, tw / 2, tw - tw / 2)
             }
         }
+    }
+}
+
+/// The hyper-parameters of a convolution, PyTorch-style, built with
+/// `ConvConfig::new(in, out, kernel)` and chained setters.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvConfig {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel `(h, w)`.
+    pub kernel: (usize, usize),
+    /// Stride (square; candle's conv takes one value).
+    pub stride: usize,
+    /// Padding.
+    pub padding: Padding,
+    /// Dilation (square).
+    pub dilation: usize,
+    /// Groups.
+    pub groups: usize,
+    /// Whether there is a bias.
+    pub bias: bool,
+}
+
+impl ConvConfig {
+    /// A square-kernel convolution with stride 1, no padding, with bias.
+    pub fn new(in_channels: usize, out_channels: usize, kernel: usize) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel: (kernel, kernel),
+            stride: 1,
+            padding: Padding::symmetric(0, 0),
+            dilation: 1,
+            groups: 1,
+            bias: true,
+        }
+    }
+
+    /// Sets a `(h, w)` kernel.
+    pub fn kernel_hw(mut self, kernel: (usize, usize)) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    /// Sets the stride.
+    pub fn stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+
+    /// Sets symmetric padding.
+    pub fn pad(mut self, padding: usize) -> Self {
+        self.padding = Padding::symmetric(padding, padding);
+        self
+    }
+
+    /// Sets any padding.
+    pub fn padding(mut self, padding: Padding) -> Self {
+        self.padding = padding;
+        self
+    }
+
+    /// Sets the dilation.
+    pub fn dilation(mut self, dilation: usize) -> Self {
+        self.dilation = dilation;
+        self
+    }
+
+    /// Sets the groups.
+    pub fn groups(mut self, groups: usize) -> Self {
+        self.groups = groups;
+        self
+    }
+
+    /// Sets whether the layer has a bias.
+    pub fn bias(mut self, bias: bool) -> Self {
+        self.bias = bias;
+        self
     }
 }
 
@@ -117,20 +212,21 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Takes `<prefix>.weight` (and `.bias`) from the checkpoint.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        ck: &mut Checkpoint,
-        prefix: &str,
-        in_channels: usize,
-        out_channels: usize,
-        kernel: (usize, usize),
-        stride: usize,
-        padding: Padding,
-        dilation: usize,
-        groups: usize,
-        bias: bool,
-    ) -> Result<Self> {
-        if groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 {
+    pub fn load(ck: &mut Checkpoint, prefix: &str, config: ConvConfig) -> Result<Self> {
+        let ConvConfig {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+        } = config;
+        if groups == 0
+            || !in_channels.is_multiple_of(groups)
+            || !out_channels.is_multiple_of(groups)
+        {
             return Err(Error::Manifest(format!(
                 "layer '{prefix}': groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
             )));
@@ -204,7 +300,11 @@ impl Conv2d {
         if h + t + b < eh || w + l + r < ew {
             return Err(shape_err(
                 layer,
-                format!("kernel {kh}x{kw} (dilated {eh}x{ew}) is larger than its padded input {}x{}", h + t + b, w + l + r),
+                format!(
+                    "kernel {kh}x{kw} (dilated {eh}x{ew}) is larger than its padded input {}x{}",
+                    h + t + b,
+                    w + l + r
+                ),
             ));
         }
         let oh = (h + t + b - eh) / s.0 + 1;
@@ -237,7 +337,13 @@ pub struct BatchNorm2d {
 
 impl BatchNorm2d {
     /// Takes `weight`, `bias`, `running_mean`, `running_var` under `prefix`.
-    pub fn load(ck: &mut Checkpoint, prefix: &str, channels: usize, eps: f64, affine: bool) -> Result<Self> {
+    pub fn load(
+        ck: &mut Checkpoint,
+        prefix: &str,
+        channels: usize,
+        eps: f64,
+        affine: bool,
+    ) -> Result<Self> {
         let mean = ck.take(&format!("{prefix}.running_mean"), &[channels])?;
         let var = ck.take(&format!("{prefix}.running_var"), &[channels])?;
         let (weight, bias) = if affine {
@@ -280,7 +386,11 @@ impl BatchNorm2d {
 
     /// Learned parameters (`weight`, `bias`); running statistics are buffers.
     pub fn params(&self) -> u64 {
-        if self.affine { 2 * self.channels as u64 } else { 0 }
+        if self.affine {
+            2 * self.channels as u64
+        } else {
+            0
+        }
     }
 }
 
@@ -312,7 +422,15 @@ pub struct Pool2d {
 
 impl Pool2d {
     /// Checks the constraints PyTorch itself enforces.
-    pub fn new(kind: PoolKind, kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize), ceil_mode: bool, count_include_pad: bool, layer: &str) -> Result<Self> {
+    pub fn new(
+        kind: PoolKind,
+        kernel: (usize, usize),
+        stride: (usize, usize),
+        padding: (usize, usize),
+        ceil_mode: bool,
+        count_include_pad: bool,
+        layer: &str,
+    ) -> Result<Self> {
         if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 {
             return Err(Error::Manifest(format!(
                 "layer '{layer}': kernel_size and stride must be >= 1"
@@ -335,7 +453,11 @@ impl Pool2d {
 
     fn out_len(&self, n: usize, k: usize, s: usize, p: usize) -> Option<usize> {
         let span = (n + 2 * p).checked_sub(k)?;
-        let mut out = if self.ceil_mode { span.div_ceil(s) } else { span / s } + 1;
+        let mut out = if self.ceil_mode {
+            span.div_ceil(s)
+        } else {
+            span / s
+        } + 1;
         // PyTorch: the last window must start inside the input or left padding.
         if self.ceil_mode && (out - 1) * s >= n + p {
             out -= 1;
@@ -366,7 +488,9 @@ impl Pool2d {
             }
             PoolKind::Avg if plain => x.avg_pool2d_with_stride(self.kernel, self.stride),
             PoolKind::Avg => {
-                let xp = x.pad_with_zeros(2, ph, ph + eh)?.pad_with_zeros(3, pw, pw + ew)?;
+                let xp = x
+                    .pad_with_zeros(2, ph, ph + eh)?
+                    .pad_with_zeros(3, pw, pw + ew)?;
                 let sums = xp.avg_pool2d_with_stride(self.kernel, self.stride)?;
                 // The divisor: cells of the input, plus the padding when
                 // count_include_pad; never the ceil_mode overhang.
@@ -407,7 +531,13 @@ impl Pool2d {
 }
 
 /// Pads `dim` of `x` with a constant.
-fn pad_value(x: &Tensor, dim: usize, left: usize, right: usize, value: f32) -> candle_core::Result<Tensor> {
+fn pad_value(
+    x: &Tensor,
+    dim: usize,
+    left: usize,
+    right: usize,
+    value: f32,
+) -> candle_core::Result<Tensor> {
     if left == 0 && right == 0 {
         return Ok(x.clone());
     }
@@ -489,7 +619,13 @@ pub struct Linear {
 
 impl Linear {
     /// Takes `<prefix>.weight` (and `.bias`).
-    pub fn load(ck: &mut Checkpoint, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        ck: &mut Checkpoint,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = ck.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let b = if bias {
             Some(ck.take(&format!("{prefix}.bias"), &[out_features])?)
@@ -518,7 +654,10 @@ impl Linear {
             }),
             [n] => Err(shape_err(
                 layer,
-                format!("expects {} input features but receives {n}", self.in_features),
+                format!(
+                    "expects {} input features but receives {n}",
+                    self.in_features
+                ),
             )),
             _ => Err(shape_err(
                 layer,
@@ -534,7 +673,8 @@ impl Linear {
 
     /// Weights plus bias.
     pub fn params(&self) -> u64 {
-        (self.in_features * self.out_features + if self.has_bias { self.out_features } else { 0 }) as u64
+        (self.in_features * self.out_features + if self.has_bias { self.out_features } else { 0 })
+            as u64
     }
 
     /// Multiply-accumulates for one input.

@@ -312,20 +312,24 @@ impl Manifest {
                 }
             }
         }
-        if let Some(std) = &input.std {
-            if std.iter().any(|&s| s <= 0.0) {
-                return Err(Error::Manifest("input.std values must be > 0".into()));
-            }
+        if let Some(std) = &input.std
+            && std.iter().any(|&s| s <= 0.0)
+        {
+            return Err(Error::Manifest("input.std values must be > 0".into()));
         }
-        if let Some(r) = input.resize {
-            if r == 0 || r > 4096 {
+        if let Some(r) = input.resize
+            && (r == 0 || r > 4096)
+        {
+            {
                 return Err(Error::Manifest(format!(
                     "input.resize must be in 1..=4096, got {r}"
                 )));
             }
         }
-        if let Some(classes) = &self.classes {
-            if classes.is_empty() {
+        if let Some(classes) = &self.classes
+            && classes.is_empty()
+        {
+            {
                 return Err(Error::Manifest(
                     "classes is empty; omit it or list one label per output".into(),
                 ));
@@ -352,7 +356,10 @@ impl Manifest {
 pub fn validate_model_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
@@ -374,7 +381,9 @@ pub fn parse_layers(raw: &[Value]) -> Result<Vec<LayerSpec>> {
             let name = v
                 .get("name")
                 .and_then(Value::as_str)
-                .ok_or_else(|| Error::Manifest(format!("layers[{i}]: missing string field `name`")))?
+                .ok_or_else(|| {
+                    Error::Manifest(format!("layers[{i}]: missing string field `name`"))
+                })?
                 .to_string();
             if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '/') {
                 return Err(Error::Manifest(format!(

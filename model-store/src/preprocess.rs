@@ -61,7 +61,9 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage> {
         .map_err(|e| Error::ImageDecode(e.to_string()))?;
     let pixels = w as u64 * h as u64;
     if pixels == 0 {
-        return Err(Error::ImageDecode(format!("the image is {w}x{h}: it has no pixels")));
+        return Err(Error::ImageDecode(format!(
+            "the image is {w}x{h}: it has no pixels"
+        )));
     }
     if pixels > limits.max_pixels {
         return Err(Error::ImageInput(format!(
@@ -95,7 +97,9 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
     } else {
         let rgb = img.to_rgb8();
         (0..3)
-            .map(|c| image::ImageBuffer::from_fn(w, h, |x, y| image::Luma([rgb.get_pixel(x, y)[c]])))
+            .map(|c| {
+                image::ImageBuffer::from_fn(w, h, |x, y| image::Luma([rgb.get_pixel(x, y)[c]]))
+            })
             .collect()
     };
     if let Some(size) = spec.resize {
@@ -143,7 +147,12 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
     let (mean, std) = manifest.normalisation();
     let mut out = Vec::with_capacity(spec.channels * (w * h) as usize);
     for (c, plane) in planes.iter().enumerate() {
-        out.extend(plane.as_raw().iter().map(|&p| (p as f32 / 255.0 - mean[c]) / std[c]));
+        out.extend(
+            plane
+                .as_raw()
+                .iter()
+                .map(|&p| (p as f32 / 255.0 - mean[c]) / std[c]),
+        );
     }
     Ok(out)
 }
@@ -152,7 +161,11 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
 pub fn batch(images: &[Vec<f32>], manifest: &Manifest, device: &Device) -> Result<Tensor> {
     let s = &manifest.input;
     let flat: Vec<f32> = images.iter().flatten().copied().collect();
-    Ok(Tensor::from_vec(flat, (images.len(), s.channels, s.height, s.width), device)?)
+    Ok(Tensor::from_vec(
+        flat,
+        (images.len(), s.channels, s.height, s.width),
+        device,
+    )?)
 }
 
 /// PIL's `convert("L")`: ITU-R 601-2 luma with PIL's fixed-point rounding.
@@ -160,7 +173,9 @@ fn to_pil_luma(img: &DynamicImage) -> image::ImageBuffer<image::Luma<u8>, Vec<u8
     match img {
         DynamicImage::ImageLuma8(l) => l.clone(),
         DynamicImage::ImageLumaA8(la) => {
-            image::ImageBuffer::from_fn(la.width(), la.height(), |x, y| image::Luma([la.get_pixel(x, y)[0]]))
+            image::ImageBuffer::from_fn(la.width(), la.height(), |x, y| {
+                image::Luma([la.get_pixel(x, y)[0]])
+            })
         }
         _ => {
             let rgb = img.to_rgb8();
@@ -199,16 +214,28 @@ mod tests {
     #[test]
     fn pil_luma_matches_pil_for_pure_colours() {
         // PIL: Image.new("RGB", (1, 1), c).convert("L").getpixel((0, 0))
-        let cases = [([255, 0, 0], 76), ([0, 255, 0], 150), ([0, 0, 255], 29), ([255, 255, 255], 255)];
+        let cases = [
+            ([255, 0, 0], 76),
+            ([0, 255, 0], 150),
+            ([0, 0, 255], 29),
+            ([255, 255, 255], 255),
+        ];
         for (rgb, want) in cases {
-            let img = DynamicImage::ImageRgb8(image::ImageBuffer::from_pixel(1, 1, image::Rgb(rgb)));
+            let img =
+                DynamicImage::ImageRgb8(image::ImageBuffer::from_pixel(1, 1, image::Rgb(rgb)));
             assert_eq!(to_pil_luma(&img).get_pixel(0, 0)[0], want, "{rgb:?}");
         }
     }
 
     #[test]
     fn empty_and_garbage_bytes_are_decode_errors() {
-        assert!(matches!(decode(b"", DecodeLimits::default()), Err(Error::ImageDecode(_))));
-        assert!(matches!(decode(b"hello, world", DecodeLimits::default()), Err(Error::ImageDecode(_))));
+        assert!(matches!(
+            decode(b"", DecodeLimits::default()),
+            Err(Error::ImageDecode(_))
+        ));
+        assert!(matches!(
+            decode(b"hello, world", DecodeLimits::default()),
+            Err(Error::ImageDecode(_))
+        ));
     }
 }

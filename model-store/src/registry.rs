@@ -138,11 +138,11 @@ impl Registry {
         self.read().keys().cloned().collect()
     }
 
-    /// Adds a model; fails if the name is taken.
-    pub fn insert(&self, model: LoadedModel) -> std::result::Result<Arc<LoadedModel>, LoadedModel> {
+    /// Adds a model; fails with the name if it is taken.
+    pub fn insert(&self, model: LoadedModel) -> std::result::Result<Arc<LoadedModel>, String> {
         let mut map = self.models.write().unwrap_or_else(|e| e.into_inner());
         if map.contains_key(model.name()) {
-            return Err(model);
+            return Err(model.name().to_string());
         }
         let model = Arc::new(model);
         map.insert(model.name().to_string(), model.clone());
@@ -193,7 +193,10 @@ impl ModelDir {
             Ok(entries) => entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
                 .collect(),
             Err(e) => {
                 return (
@@ -289,7 +292,11 @@ fn tempfile_in(dir: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
     loop {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = dir.join(format!(".upload-{}-{n}.tmp", std::process::id()));
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
             Ok(f) => return Ok((path, f)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -309,7 +316,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::new_cuda(0)?),
-        _ => match spec.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        _ => match spec
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Ok(Device::new_cuda(n)?),
             None => Err(Error::Manifest(format!(
                 "unknown device {spec:?}; use cpu, cuda or cuda:N"

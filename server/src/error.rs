@@ -71,9 +71,10 @@ impl From<model_store::Error> for ApiError {
     fn from(e: model_store::Error) -> Self {
         use model_store::Error as E;
         match e {
-            E::Manifest(_) | E::UnknownArchitecture { .. } | E::Checkpoint { .. } | E::Shape { .. } => {
-                ApiError::Unprocessable(e.to_string())
-            }
+            E::Manifest(_)
+            | E::UnknownArchitecture { .. }
+            | E::Checkpoint { .. }
+            | E::Shape { .. } => ApiError::Unprocessable(e.to_string()),
             E::ImageDecode(_) | E::ImageInput(_) => ApiError::Unprocessable(e.to_string()),
             E::UnknownLayer { .. } => ApiError::NotFound(e.to_string()),
             E::Io { .. } | E::Forward { .. } | E::Candle(_) => ApiError::Internal(e.to_string()),

@@ -21,7 +21,14 @@ use crate::extract::body_error;
 use crate::state::AppState;
 
 /// Raw image types the contract accepts as a whole body.
-const IMAGE_TYPES: &[&str] = &["image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/gif"];
+const IMAGE_TYPES: &[&str] = &[
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/webp",
+    "image/bmp",
+    "image/gif",
+];
 
 /// The images of a request, undecoded, with optional labels.
 #[derive(Debug, Default)]
@@ -42,7 +49,12 @@ impl FromRequest<AppState> for ImageUpload {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        let mime = content_type.split(';').next().unwrap_or("").trim().to_string();
+        let mime = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
         let upload = if mime == "multipart/form-data" {
             from_multipart(Multipart::from_request(req, state).await.map_err(|e| {
                 ApiError::BadRequest(format!("malformed multipart body: {}", e.body_text()))
@@ -140,7 +152,9 @@ fn from_json(body: &[u8]) -> ApiResult<ImageUpload> {
             let img = item
                 .get("image")
                 .ok_or_else(|| ApiError::Unprocessable(format!("items[{i}] has no `image`")))?;
-            upload.images.push(decode(img, &format!("items[{i}].image"))?);
+            upload
+                .images
+                .push(decode(img, &format!("items[{i}].image"))?);
             if let Some(l) = item.get("label") {
                 upload.labels.push(match l {
                     Value::String(s) => s.clone(),
@@ -154,7 +168,11 @@ fn from_json(body: &[u8]) -> ApiResult<ImageUpload> {
 
 /// Decodes and preprocesses every image for `model` into one batch tensor.
 /// Errors name the image by its position in the request.
-pub fn prepare_batch(model: &LoadedModel, images: &[Bytes], limits: DecodeLimits) -> ApiResult<Tensor> {
+pub fn prepare_batch(
+    model: &LoadedModel,
+    images: &[Bytes],
+    limits: DecodeLimits,
+) -> ApiResult<Tensor> {
     let many = images.len() > 1;
     let mut inputs = Vec::with_capacity(images.len());
     for (i, bytes) in images.iter().enumerate() {

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use convscope::{Application, Settings};
 
 #[derive(Parser)]
-#[command(name = "convscope", version, about = "Opens up trained convolutional networks over HTTP.")]
+#[command(
+    name = "convscope",
+    version,
+    about = "Opens up trained convolutional networks over HTTP."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

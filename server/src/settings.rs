@@ -21,7 +21,11 @@ pub struct Settings {
     pub device: String,
 
     /// Model used by `POST /predict`; the first model by name if unset or absent.
-    #[arg(long, env = "CONVSCOPE_DEFAULT_MODEL", default_value = "resnet20-cifar10")]
+    #[arg(
+        long,
+        env = "CONVSCOPE_DEFAULT_MODEL",
+        default_value = "resnet20-cifar10"
+    )]
     pub default_model: String,
 
     /// Largest request body for inference endpoints, in bytes.

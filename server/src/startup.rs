@@ -47,7 +47,9 @@ impl Application {
             settings: Arc::new(settings.clone()),
         };
         let router = routes::router(state.clone())
-            .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+            .layer(axum::extract::DefaultBodyLimit::max(
+                settings.max_body_bytes,
+            ))
             .layer(TraceLayer::new_for_http());
         let listener = TcpListener::bind(settings.addr).await?;
         Ok(Self {
@@ -80,7 +82,10 @@ impl Application {
     }
 
     /// Serves until `stop` completes, finishing requests in flight.
-    pub async fn run_until(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(stop)
             .await

@@ -6,25 +6,43 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::graph::{Node, Op};
-use crate::layers::{AdaptiveAvgPool2d, Conv2d, Linear, Padding};
+use crate::layers::{AdaptiveAvgPool2d, Conv2d, ConvConfig, Linear, Padding};
 
 /// TF-slim's channel counts at width 1.0 and the depthwise strides.
-const CHANNELS: [usize; 14] = [32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024];
+const CHANNELS: [usize; 14] = [
+    32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024, 1024,
+];
 const STRIDES: [usize; 14] = [2, 1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1];
 
 pub(super) fn build(ck: &mut Checkpoint, classes: Option<usize>) -> Result<Node> {
     // The width multiplier is read off the first conv: 32·α output channels.
     let first = ck
         .shape_of("Conv2d_0.weight")
-        .ok_or_else(|| Error::Checkpoint { problems: vec!["missing tensor 'Conv2d_0.weight'".into()] })?;
+        .ok_or_else(|| Error::Checkpoint {
+            problems: vec!["missing tensor 'Conv2d_0.weight'".into()],
+        })?;
     let alpha = first[0] as f64 / 32.0;
     // TF-slim: depth(d) = max(int(d · α), 8).
     let depth = |d: usize| ((d as f64 * alpha) as usize).max(8);
     let num_classes = super::head_size(ck, classes, "Logits.weight", 1001);
-    let conv = |ck: &mut Checkpoint, name: &str, cin: usize, cout: usize, k: usize, s: usize, groups: usize| -> Result<Node> {
+    let conv = |ck: &mut Checkpoint,
+                name: &str,
+                cin: usize,
+                cout: usize,
+                k: usize,
+                s: usize,
+                groups: usize|
+     -> Result<Node> {
         Ok(Node::named(
             name,
-            Op::Conv(Conv2d::load(ck, name, cin, cout, (k, k), s, Padding::TfSame, 1, groups, true)?),
+            Op::Conv(Conv2d::load(
+                ck,
+                name,
+                ConvConfig::new(cin, cout, k)
+                    .stride(s)
+                    .padding(Padding::TfSame)
+                    .groups(groups),
+            )?),
         ))
     };
     let mut nodes = vec![
@@ -42,8 +60,14 @@ pub(super) fn build(ck: &mut Checkpoint, classes: Option<usize>) -> Result<Node>
         nodes.push(Node::named(format!("{pw}_relu6"), Op::Relu6));
         cin = cout;
     }
-    nodes.push(Node::named("avgpool", Op::AdaptiveAvgPool(AdaptiveAvgPool2d { output: (1, 1) })));
+    nodes.push(Node::named(
+        "avgpool",
+        Op::AdaptiveAvgPool(AdaptiveAvgPool2d { output: (1, 1) }),
+    ));
     nodes.push(Node::named("flatten", Op::Flatten));
-    nodes.push(Node::named("Logits", Op::Linear(Linear::load(ck, "Logits", cin, num_classes, true)?)));
+    nodes.push(Node::named(
+        "Logits",
+        Op::Linear(Linear::load(ck, "Logits", cin, num_classes, true)?),
+    ));
     Ok(Node::anon(Op::Seq(nodes)))
 }

@@ -5,7 +5,9 @@ use serde_json::Value;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::graph::{Node, Op};
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, Padding, Pool2d, PoolKind};
+use crate::layers::{
+    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, ConvConfig, Linear, Padding, Pool2d, PoolKind,
+};
 use crate::manifest::{LayerKind, PaddingSpec, parse_layers};
 
 pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
@@ -20,7 +22,9 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
         let op = match spec.kind {
             LayerKind::Conv2d(c) => {
                 if let Some(mode) = c.padding_mode.as_deref().filter(|m| *m != "zeros") {
-                    return Err(bad(format!("padding_mode {mode:?} is not supported; use \"zeros\"")));
+                    return Err(bad(format!(
+                        "padding_mode {mode:?} is not supported; use \"zeros\""
+                    )));
                 }
                 let (kh, kw) = c.kernel_size.hw();
                 let stride = square(c.stride.hw(), "stride").map_err(&bad)?;
@@ -33,7 +37,9 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
                     PaddingSpec::Named(n) if n == "valid" => Padding::symmetric(0, 0),
                     PaddingSpec::Named(n) if n == "same" => {
                         if stride != 1 {
-                            return Err(bad("padding \"same\" needs stride 1, as in PyTorch".into()));
+                            return Err(bad(
+                                "padding \"same\" needs stride 1, as in PyTorch".into()
+                            ));
                         }
                         let th = dilation * (kh - 1);
                         let tw = dilation * (kw - 1);
@@ -48,21 +54,26 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
                 Op::Conv(Conv2d::load(
                     ck,
                     &name,
-                    c.in_channels,
-                    c.out_channels,
-                    (kh, kw),
-                    stride,
-                    padding,
-                    dilation,
-                    c.groups,
-                    c.bias,
+                    ConvConfig::new(c.in_channels, c.out_channels, kh)
+                        .kernel_hw((kh, kw))
+                        .stride(stride)
+                        .padding(padding)
+                        .dilation(dilation)
+                        .groups(c.groups)
+                        .bias(c.bias),
                 )?)
             }
             LayerKind::BatchNorm2d(b) => {
-                if !(b.eps > 0.0) {
+                if b.eps.is_nan() || b.eps <= 0.0 {
                     return Err(bad("eps must be > 0".into()));
                 }
-                Op::BatchNorm(BatchNorm2d::load(ck, &name, b.num_features, b.eps, b.affine)?)
+                Op::BatchNorm(BatchNorm2d::load(
+                    ck,
+                    &name,
+                    b.num_features,
+                    b.eps,
+                    b.affine,
+                )?)
             }
             LayerKind::Relu {} => Op::Relu,
             LayerKind::Relu6 {} => Op::Relu6,
@@ -92,10 +103,18 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
                 }
                 Op::Flatten
             }
-            LayerKind::Linear(l) => Op::Linear(Linear::load(ck, &name, l.in_features, l.out_features, l.bias)?),
+            LayerKind::Linear(l) => Op::Linear(Linear::load(
+                ck,
+                &name,
+                l.in_features,
+                l.out_features,
+                l.bias,
+            )?),
             LayerKind::Softmax { dim } => {
                 if !matches!(dim, None | Some(1) | Some(-1)) {
-                    return Err(bad("softmax must be over the class dimension (dim 1 or -1)".into()));
+                    return Err(bad(
+                        "softmax must be over the class dimension (dim 1 or -1)".into(),
+                    ));
                 }
                 Op::Softmax
             }
@@ -109,12 +128,22 @@ fn square((h, w): (usize, usize), what: &str) -> Result<usize, String> {
     if h == w {
         Ok(h)
     } else {
-        Err(format!("{what} [{h}, {w}] is not supported: use the same value for height and width"))
+        Err(format!(
+            "{what} [{h}, {w}] is not supported: use the same value for height and width"
+        ))
     }
 }
 
 fn pool(kind: PoolKind, p: &crate::manifest::PoolSpec, name: &str) -> Result<Pool2d> {
     let kernel = p.kernel_size.hw();
     let stride = p.stride.map_or(kernel, |s| s.hw());
-    Pool2d::new(kind, kernel, stride, p.padding.hw(), p.ceil_mode, p.count_include_pad, name)
+    Pool2d::new(
+        kind,
+        kernel,
+        stride,
+        p.padding.hw(),
+        p.ceil_mode,
+        p.count_include_pad,
+        name,
+    )
 }

@@ -52,7 +52,10 @@ pub struct ActivationJson {
 
 /// Activation routes.
 pub fn router() -> Router<AppState> {
-    Router::new().route("/models/{model}/activations/{layer}", post(layer_activation))
+    Router::new().route(
+        "/models/{model}/activations/{layer}",
+        post(layer_activation),
+    )
 }
 
 /// The named layer's output for the posted image(s).
@@ -67,7 +70,12 @@ async fn layer_activation(
         return Err(StoreError::UnknownLayer {
             model: model.name().to_string(),
             layer,
-            known: model.network.layers().iter().map(|l| l.name.clone()).collect(),
+            known: model
+                .network
+                .layers()
+                .iter()
+                .map(|l| l.name.clone())
+                .collect(),
         }
         .into());
     }
@@ -107,7 +115,10 @@ async fn layer_activation(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/octet-stream"),
             );
-            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}.npy\"", layer.replace('"', ""))) {
+            if let Ok(v) = HeaderValue::from_str(&format!(
+                "attachment; filename=\"{}.npy\"",
+                layer.replace('"', "")
+            )) {
                 resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
             }
             resp
@@ -120,7 +131,14 @@ async fn layer_activation(
 pub fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims = match shape {
         [one] => format!("({one},)"),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
     // Magic (6) + version (2) + header length (2) + header, padded with

@@ -18,7 +18,10 @@ pub fn router(state: AppState) -> Router {
         .merge(predict::router())
         .merge(activations::router())
         .fallback(|uri: axum::http::Uri| async move {
-            ApiError::NotFound(format!("no route for {}; see the README for the endpoints", uri.path()))
+            ApiError::NotFound(format!(
+                "no route for {}; see the README for the endpoints",
+                uri.path()
+            ))
         })
         .with_state(state)
 }

@@ -109,7 +109,9 @@ pub fn router(settings: &Settings) -> Router<AppState> {
     Router::new()
         .route(
             "/models",
-            get(list).post(register).layer(DefaultBodyLimit::max(settings.max_model_bytes)),
+            get(list)
+                .post(register)
+                .layer(DefaultBodyLimit::max(settings.max_model_bytes)),
         )
         .route("/models/{model}", get(detail).delete(unregister))
 }
@@ -123,10 +125,10 @@ async fn list(State(state): State<AppState>) -> Json<ModelList> {
         .unwrap_or_else(|e| e.into_inner())
         .iter()
         .map(|f| LoadError {
-            file: f
-                .file
-                .file_name()
-                .map_or_else(|| f.file.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            file: f.file.file_name().map_or_else(
+                || f.file.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
             error: f.error.clone(),
         })
         .collect();
@@ -138,13 +140,19 @@ async fn list(State(state): State<AppState>) -> Json<ModelList> {
 }
 
 /// Describes one model, with its per-layer table.
-async fn detail(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> ApiResult<Json<ModelDetail>> {
+async fn detail(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<Json<ModelDetail>> {
     Ok(Json(describe(&state.model(&name)?)))
 }
 
 /// Registers a model from multipart `manifest` (JSON) and `weights`
 /// (safetensors): validated as at start-up, written atomically, served at once.
-async fn register(State(state): State<AppState>, mut multipart: Multipart) -> ApiResult<impl IntoResponse> {
+async fn register(
+    State(state): State<AppState>,
+    mut multipart: Multipart,
+) -> ApiResult<impl IntoResponse> {
     let (mut manifest, mut weights) = (None, None);
     while let Some(field) = multipart
         .next_field()
@@ -190,7 +198,7 @@ async fn register(State(state): State<AppState>, mut multipart: Multipart) -> Ap
     let model = state
         .registry
         .insert(model)
-        .map_err(|m| ApiError::Conflict(format!("a model named '{}' already exists", m.name())))?;
+        .map_err(|name| ApiError::Conflict(format!("a model named '{name}' already exists")))?;
     tracing::info!(model = %name, "registered model");
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&format!("/models/{name}")) {
@@ -200,7 +208,10 @@ async fn register(State(state): State<AppState>, mut multipart: Multipart) -> Ap
 }
 
 /// Unregisters a model and deletes its files.
-async fn unregister(State(state): State<AppState>, ApiPath(name): ApiPath<String>) -> ApiResult<StatusCode> {
+async fn unregister(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> ApiResult<StatusCode> {
     let _store = state.store_lock.lock().await;
     state.model(&name)?;
     state.model_dir.delete(&name)?;
@@ -245,7 +256,11 @@ fn describe(m: &Arc<LoadedModel>) -> ModelDetail {
 
 fn row(l: &LayerInfo) -> LayerRow {
     let pair = |(h, w): (usize, usize)| {
-        if h == w { serde_json::json!(h) } else { serde_json::json!([h, w]) }
+        if h == w {
+            serde_json::json!(h)
+        } else {
+            serde_json::json!([h, w])
+        }
     };
     LayerRow {
         name: l.name.clone(),

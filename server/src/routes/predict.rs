@@ -99,7 +99,9 @@ async fn predict(
         .compute
         .run(move || {
             let x = prepare_batch(&m, &upload.images, limits)?;
-            Ok(m.logits(&x)?.to_vec2::<f32>().map_err(model_store::Error::from)?)
+            Ok(m.logits(&x)?
+                .to_vec2::<f32>()
+                .map_err(model_store::Error::from)?)
         })
         .await?;
     let predictions = logits
@@ -143,7 +145,10 @@ mod tests {
     fn top_classes_are_sorted_and_probabilities_sum_to_one() {
         let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let top = top_classes(&[1.0, 3.0, 2.0], 3, &labels);
-        assert_eq!(top.iter().map(|c| c.class_index).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(
+            top.iter().map(|c| c.class_index).collect::<Vec<_>>(),
+            [1, 2, 0]
+        );
         let total: f64 = top.iter().map(|c| c.probability).sum();
         assert!((total - 1.0).abs() < 1e-12);
     }
