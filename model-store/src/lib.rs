@@ -9,6 +9,7 @@
 //! - [`layers`]: the leaf operations with their geometry.
 //! - [`graph`]: the module tree, its one forward pass and its summary.
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
+//! - [`inspect`]: activations and statistics, filters, embeddings and distances.
 //! - [`preprocess`]: image bytes → input tensor, as torchvision would.
 //! - [`registry`]: loaded models by name, and the models directory.
 //!
@@ -20,6 +21,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod error;
 pub mod graph;
+pub mod inspect;
 pub mod layers;
 pub mod manifest;
 pub mod preprocess;

@@ -3,6 +3,10 @@
 //! `image/*` body, or JSON with base64 (`{"image": ...}`, `{"images": [...]}`
 //! or `{"items": [{"image": ..., "label": ...}]}`).
 //!
+//! Every inspection endpoint also takes `?input=<id>` (comma-separated ids
+//! for a batch) naming images stored with `POST /inputs`; a GET has no body,
+//! so that is its only way.
+//!
 //! A body without a usable content type (curl's `--data-binary` sends
 //! `application/x-www-form-urlencoded`) is accepted when its bytes are an
 //! image; anything else gets a 415 that says how to send one.
@@ -43,6 +47,30 @@ impl FromRequest<AppState> for ImageUpload {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        #[derive(serde::Deserialize)]
+        struct InputQuery {
+            input: Option<String>,
+        }
+        let cached = axum::extract::Query::<InputQuery>::try_from_uri(req.uri())
+            .ok()
+            .and_then(|q| q.0.input);
+        if let Some(ids) = cached {
+            let mut upload = ImageUpload::default();
+            for id in ids.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                upload.images.push(state.inputs.get(id).ok_or_else(|| {
+                    ApiError::NotFound(format!(
+                        "input '{id}' is not in the inputs cache; POST the image to /inputs first (the cache keeps the most recently used {} MiB)",
+                        state.inputs.max_bytes() / (1024 * 1024)
+                    ))
+                })?);
+            }
+            return check_count(upload, state);
+        }
+        if req.method() == axum::http::Method::GET {
+            return Err(ApiError::BadRequest(
+                "a GET names its image with ?input=<id> (from POST /inputs); or POST the image itself".into(),
+            ));
+        }
         let content_type = req
             .headers()
             .get(CONTENT_TYPE)
@@ -78,20 +106,24 @@ impl FromRequest<AppState> for ImageUpload {
                 )));
             }
         };
-        if upload.images.is_empty() {
-            return Err(ApiError::BadRequest(
-                "no image in the request: add a multipart field `image` (repeat it for a batch), or send the image as the body".into(),
-            ));
-        }
-        if upload.images.len() > state.settings.max_batch {
-            return Err(ApiError::TooLarge(format!(
-                "{} images in one request; the limit is {} (--max-batch)",
-                upload.images.len(),
-                state.settings.max_batch
-            )));
-        }
-        Ok(upload)
+        check_count(upload, state)
     }
+}
+
+fn check_count(upload: ImageUpload, state: &AppState) -> ApiResult<ImageUpload> {
+    if upload.images.is_empty() {
+        return Err(ApiError::BadRequest(
+            "no image in the request: add a multipart field `image` (repeat it for a batch), or send the image as the body".into(),
+        ));
+    }
+    if upload.images.len() > state.settings.max_batch {
+        return Err(ApiError::TooLarge(format!(
+            "{} images in one request; the limit is {} (--max-batch)",
+            upload.images.len(),
+            state.settings.max_batch
+        )));
+    }
+    Ok(upload)
 }
 
 async fn from_multipart(mut multipart: Multipart) -> ApiResult<ImageUpload> {

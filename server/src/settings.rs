@@ -44,6 +44,10 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
 
+    /// Bytes of images kept by `POST /inputs` (least recently used go first).
+    #[arg(long, env = "CONVSCOPE_INPUTS_CACHE_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub inputs_cache_bytes: usize,
+
     /// Model computations running at once (each uses the CPU threads of
     /// candle's pool).
     #[arg(long, env = "CONVSCOPE_COMPUTE_SLOTS", default_value_t = 2)]
@@ -67,6 +71,7 @@ impl Settings {
             max_model_bytes: 1024 * 1024 * 1024,
             max_batch: 64,
             max_pixels: 40_000_000,
+            inputs_cache_bytes: 256 * 1024 * 1024,
             compute_slots: 2,
             compute_queue: 64,
         }

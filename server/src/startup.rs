@@ -44,6 +44,7 @@ impl Application {
             device,
             compute: Compute::new(settings.compute_slots, settings.compute_queue),
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
+            inputs: Arc::new(crate::inputs::InputCache::new(settings.inputs_cache_bytes)),
             settings: Arc::new(settings.clone()),
         };
         let router = routes::router(state.clone())

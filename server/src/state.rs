@@ -7,6 +7,7 @@ use model_store::{LoadFailure, LoadedModel, ModelDir, Registry};
 
 use crate::compute::Compute;
 use crate::error::ApiError;
+use crate::inputs::InputCache;
 use crate::settings::Settings;
 
 /// Handles to the model store, the compute pool and the limits.
@@ -22,6 +23,8 @@ pub struct AppState {
     pub device: Device,
     /// The bounded pool model work runs on.
     pub compute: Compute,
+    /// Images uploaded once with `POST /inputs`, by content hash.
+    pub inputs: Arc<InputCache>,
     /// Limits and defaults.
     pub settings: Arc<Settings>,
     /// Serialises registrations and deletions so that the check for a taken

@@ -190,11 +190,19 @@ pub fn mnist_test(range: std::ops::Range<usize>) -> Vec<(Vec<u8>, usize)> {
 
 /// Reads a little-endian float32 `.npy` file: `(shape, data)`.
 pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
+    parse_npy(&std::fs::read(path).unwrap())
+}
+
+/// Parses `.npy` bytes (version 1.0, little-endian float32, C order) as
+/// NumPy would, asserting the header's dtype and order.
+pub fn parse_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
-    assert!(header.contains("'<f4'"), "{header}");
+    assert_eq!(&bytes[6..8], b"\x01\x00", "version 1.0");
+    assert_eq!((10 + len) % 64, 0, "header padded to 64 bytes");
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    assert!(header.contains("'fortran_order': False"), "{header}");
     let shape_txt = header
         .split("'shape': (")
         .nth(1)
@@ -207,11 +215,32 @@ pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
         .filter(|s| !s.trim().is_empty())
         .map(|s| s.trim().parse().unwrap())
         .collect();
+    let count: usize = shape_of(header).iter().product();
+    assert_eq!(
+        bytes.len() - 10 - len,
+        count * 4,
+        "data length matches the shape"
+    );
     let data = bytes[10 + len..]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     (shape, data)
+}
+
+fn shape_of(header: &str) -> Vec<usize> {
+    let shape_txt = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    shape_txt
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect()
 }
 
 /// Asserts `|got − want| ≤ tol · max(|want|, 1)` element-wise: relative
@@ -231,7 +260,8 @@ pub fn assert_close_layer(got: &[f32], want: &[f32], tol: f32, what: &str) {
     assert_close_with_floor(got, want, tol, (rms as f32).max(1.0), what);
 }
 
-fn assert_close_with_floor(got: &[f32], want: &[f32], tol: f32, floor: f32, what: &str) {
+/// Element-wise `|got − want| ≤ tol · max(|want|, floor)`.
+pub fn assert_close_with_floor(got: &[f32], want: &[f32], tol: f32, floor: f32, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0f32);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -324,10 +354,16 @@ pub fn safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
 /// Writes the hash-weight model of a fixture (`tests/fixtures/torchvision/<key>.json`)
 /// into `dir` and returns the fixture.
 pub fn write_hash_model(dir: &Path, key: &str) -> Value {
-    let fixture: Value = serde_json::from_slice(
+    write_hash_model_with(dir, key, |_| {})
+}
+
+/// Same, letting the caller edit the manifest first (name, input size).
+pub fn write_hash_model_with(dir: &Path, key: &str, edit: impl FnOnce(&mut Value)) -> Value {
+    let mut fixture: Value = serde_json::from_slice(
         &std::fs::read(repo().join(format!("tests/fixtures/torchvision/{key}.json"))).unwrap(),
     )
     .unwrap();
+    edit(&mut fixture["manifest"]);
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fixture["tensors"]
         .as_array()
         .unwrap()

@@ -1,173 +1,416 @@
-//! A layer's output in the real forward pass, as numbers.
+//! What each layer sees: a layer's output in the real forward pass, as a PNG
+//! grid of channel maps, JSON or `.npy`; and every layer at once, as a titled
+//! sheet of channel-mean maps or a table of statistics.
 //!
 //! The pass is the model's one forward pass with a recording tap that stops
-//! after the requested layer: for a `sequential` CNN_A, `conv2` is computed
-//! from the max-pooled, ReLU'd `conv1` output, exactly as PyTorch's forward
-//! hook sees it. `format=json` gives `{"layer","shape","data"}` (C order, the
-//! batch dimension first, as a hook would see it) and `format=npy` a NumPy file.
+//! after the requested layer: for the `sequential` CNN_A, `conv2` is computed
+//! from the max-pooled, ReLU'd `conv1` output, exactly what PyTorch's forward
+//! hook sees and what the course asks students to reproduce by hand.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::get;
 use axum::{Json, Router};
+use candle_core::Tensor;
+use model_store::inspect::activations::{self as act, LayerStats};
 use model_store::preprocess::DecodeLimits;
-use model_store::{Error as StoreError, Record};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::render::{self, Canvas, Colormap, GridStyle, Tile};
 use crate::state::AppState;
 
-/// Output formats available now.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+/// Output formats.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
-    /// `{"layer","shape","data"}`.
+    /// A PNG picture (the default).
+    #[default]
+    Png,
+    /// Numbers as JSON.
     Json,
     /// A NumPy `.npy` file, little-endian float32.
     Npy,
-    /// A PNG grid of channel maps.
-    Png,
 }
 
-/// Query of the activations endpoint.
+/// How maps are scaled to colours.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Normalize {
+    /// Each channel min-max scaled on its own: every map uses the full colour range.
+    #[default]
+    Channel,
+    /// One min-max over all shown channels: maps compare with each other.
+    Layer,
+}
+
+/// Query of `/models/{model}/activations/{layer}`.
 #[derive(Debug, Deserialize)]
-pub struct ActivationParams {
-    /// `json` or `npy`.
-    pub format: Option<Format>,
+pub struct LayerParams {
+    /// `png` (default), `json` or `npy`.
+    #[serde(default)]
+    pub format: Format,
+    /// Channels to show, e.g. `0-15` or `3,7,9` (default: all).
+    pub channels: Option<String>,
+    /// `gray` (default), `viridis`, `magma`, `jet`.
+    pub colormap: Option<Colormap>,
+    /// `channel` (default) or `layer`.
+    #[serde(default)]
+    pub normalize: Normalize,
+    /// Integer upsampling of each value, 1-64 (default: maps grow to about 48 px).
+    pub scale: Option<u32>,
+    /// Channel index above each tile (default false).
+    #[serde(default)]
+    pub labels: bool,
+    /// Ids from `POST /inputs` (read by the image extractor).
+    pub input: Option<String>,
 }
 
-/// `format=json`.
+/// `format=json` of one layer.
 #[derive(Debug, Serialize)]
-pub struct ActivationJson {
+pub struct LayerJson {
     /// The layer.
     pub layer: String,
-    /// `[N, C, H, W]` or `[N, F]`.
+    /// `[N, C, H, W]` or `[N, F]`: the batch dimension first, as a hook sees it.
     pub shape: Vec<usize>,
     /// The values in C order.
     pub data: Vec<f32>,
 }
 
-/// Activation routes.
-pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/models/{model}/activations/{layer}",
-        post(layer_activation),
-    )
+/// Query of `/models/{model}/activations`.
+#[derive(Debug, Deserialize)]
+pub struct SheetParams {
+    /// `png` (default) for the sheet, `json` for the statistics.
+    #[serde(default)]
+    pub format: Format,
+    /// Colormap of the sheet (default `viridis`).
+    pub colormap: Option<Colormap>,
+    /// Ids from `POST /inputs`.
+    pub input: Option<String>,
 }
 
-/// The named layer's output for the posted image(s).
+/// One layer's statistics for one image.
+#[derive(Debug, Serialize)]
+pub struct StatsRow {
+    /// Layer name.
+    pub name: String,
+    /// Output shape without the batch dimension.
+    pub shape: Vec<usize>,
+    /// Mean.
+    pub mean: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    /// Minimum.
+    pub min: f32,
+    /// Maximum.
+    pub max: f32,
+    /// Fraction of exact zeros.
+    pub zero_fraction: f64,
+    /// Channels that are ≤ 0 everywhere for this input.
+    pub dead_channels: Vec<usize>,
+}
+
+/// `format=json` of the whole model.
+#[derive(Debug, Serialize)]
+pub struct SheetJson {
+    /// The model.
+    pub model: String,
+    /// Every named layer in forward order.
+    pub layers: Vec<StatsRow>,
+}
+
+/// Activation routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route(
+            "/models/{model}/activations/{layer}",
+            get(layer_activation).post(layer_activation),
+        )
+        .route(
+            "/models/{model}/activations",
+            get(all_activations).post(all_activations),
+        )
+}
+
+/// The named layer's output for the image(s): a grid of channel maps, JSON or npy.
 async fn layer_activation(
     State(state): State<AppState>,
     ApiPath((model, layer)): ApiPath<(String, String)>,
-    ApiQuery(params): ApiQuery<ActivationParams>,
+    ApiQuery(params): ApiQuery<LayerParams>,
     upload: ImageUpload,
 ) -> ApiResult<Response> {
     let model = state.model(&model)?;
-    if model.network.layer(&layer).is_none() {
-        return Err(StoreError::UnknownLayer {
-            model: model.name().to_string(),
-            layer,
-            known: model
-                .network
-                .layers()
-                .iter()
-                .map(|l| l.name.clone())
-                .collect(),
-        }
-        .into());
+    act::check_layer(&model, &layer)?;
+    let scale = check_scale(params.scale)?;
+    if params.format == Format::Png && upload.images.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "a PNG grid shows one image; send one, or ask for format=json or format=npy for a batch".into(),
+        ));
     }
-    let format = match params.format {
-        Some(f @ (Format::Json | Format::Npy)) => f,
-        Some(Format::Png) | None => {
-            return Err(ApiError::BadRequest(
-                "PNG activation grids are not served yet; ask for format=json or format=npy".into(),
-            ));
-        }
-    };
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
-    let m = model.clone();
-    let name = layer.clone();
-    let (shape, data) = state
+    let limits = limits(&state);
+    let (m, name) = (model.clone(), layer.clone());
+    let out: Tensor = state
         .compute
         .run(move || {
             let x = prepare_batch(&m, &upload.images, limits)?;
-            let mut tap = Record::layers([name.as_str()]);
-            m.network.forward(&x, &mut tap)?;
-            let t = tap
-                .get(&name)
-                .ok_or_else(|| ApiError::Internal(format!("layer {name} produced no output")))?;
-            let data = t
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(StoreError::from)?;
-            Ok((t.dims().to_vec(), data))
+            Ok(act::layer_output(&m, &x, &name)?)
         })
         .await?;
-    Ok(match format {
-        Format::Npy => {
-            let mut resp = npy(&shape, &data).into_response();
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            if let Ok(v) = HeaderValue::from_str(&format!(
-                "attachment; filename=\"{}.npy\"",
-                layer.replace('"', "")
-            )) {
-                resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+    let dims = out.dims().to_vec();
+    let channels = dims.get(1).copied().unwrap_or(1);
+    let selection = match &params.channels {
+        Some(spec) => Some(act::parse_channels(spec, channels).map_err(ApiError::BadRequest)?),
+        None => None,
+    };
+    let data = host(&out)?;
+    let per_item = data.len() / dims[0].max(1);
+    let per_channel = per_item / channels.max(1);
+    // Keep only the selected channels, in the order asked for.
+    let (shape, data) = match &selection {
+        None => (dims.clone(), data),
+        Some(sel) => {
+            let mut kept = Vec::with_capacity(dims[0] * sel.len() * per_channel);
+            for item in data.chunks(per_item) {
+                for &c in sel {
+                    kept.extend_from_slice(&item[c * per_channel..(c + 1) * per_channel]);
+                }
             }
-            resp
+            let mut shape = dims.clone();
+            shape[1] = sel.len();
+            (shape, kept)
         }
-        _ => Json(ActivationJson { layer, shape, data }).into_response(),
+    };
+    Ok(match params.format {
+        Format::Json => Json(LayerJson { layer, shape, data }).into_response(),
+        Format::Npy => npy_response(&layer, &shape, &data),
+        Format::Png => {
+            let indices: Vec<usize> = selection.unwrap_or_else(|| (0..channels).collect());
+            let style = |h, w| GridStyle {
+                colormap: params.colormap.unwrap_or(Colormap::Gray),
+                scale: scale.unwrap_or_else(|| render::auto_scale(h, w)),
+                labels: params.labels,
+            };
+            let canvas = match shape[1..] {
+                [c, h, w] => {
+                    let maps: Vec<&[f32]> = data.chunks(h * w).take(c).collect();
+                    grid_of_maps(&maps, &indices, h, w, params.normalize, style(h, w))
+                }
+                // A flat layer: each value a 1×1 map, a strip of cells.
+                [f] => {
+                    let maps: Vec<&[f32]> = data.chunks(1).take(f).collect();
+                    let style = GridStyle {
+                        scale: scale.unwrap_or(16),
+                        ..style(1, 1)
+                    };
+                    grid_of_maps(&maps, &indices, 1, 1, Normalize::Layer, style)
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "layer '{layer}' has output shape {shape:?}; only [C, H, W] and [F] outputs have pictures; ask for format=json"
+                    )));
+                }
+            };
+            png_response(canvas.png())
+        }
     })
 }
 
-/// A version-1.0 `.npy` file of little-endian float32 values.
-pub fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
-    let dims = match shape {
-        [one] => format!("({one},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
-    // Magic (6) + version (2) + header length (2) + header, padded with
-    // spaces and ended by a newline to a multiple of 64 bytes.
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
+/// Every layer at once: a titled sheet of channel-mean maps, or statistics as JSON.
+async fn all_activations(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<SheetParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    let model = state.model(&model)?;
+    if upload.images.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "the whole-model view takes one image; ask /activations/{layer} for a batch".into(),
+        ));
     }
-    out
+    if params.format == Format::Npy {
+        return Err(ApiError::BadRequest(
+            "the whole-model view is format=png or format=json; use /activations/{layer}?format=npy for one layer".into(),
+        ));
+    }
+    let limits = limits(&state);
+    let m = model.clone();
+    let format = params.format;
+    let cmap = params.colormap.unwrap_or(Colormap::Viridis);
+    let result = state
+        .compute
+        .run(move || {
+            let x = prepare_batch(&m, &upload.images, limits)?;
+            let outputs = act::all_outputs(&m, &x)?;
+            let first = |t: &Tensor| t.get(0).map_err(model_store::Error::from);
+            match format {
+                Format::Json => {
+                    let rows = outputs
+                        .iter()
+                        .map(|(name, t)| Ok(stats_row(act::layer_stats(name, &first(t)?)?)))
+                        .collect::<ApiResult<Vec<_>>>()?;
+                    Ok(Sheet::Stats(rows))
+                }
+                _ => {
+                    let mut maps = Vec::with_capacity(outputs.len());
+                    for (name, t) in &outputs {
+                        let t = first(t)?;
+                        // The mean over channels of a [C, H, W] map; a flat output as is.
+                        let (h, w, values) = match t.dims()[..] {
+                            // Globally pooled maps: the channel vector says more than its mean.
+                            [c, 1, 1] => (1, c, host(&t)?),
+                            [_, h, w] => {
+                                (h, w, host(&t.mean(0).map_err(model_store::Error::from)?)?)
+                            }
+                            [f] => (1, f, host(&t)?),
+                            _ => continue,
+                        };
+                        maps.push((name.clone(), h, w, values));
+                    }
+                    Ok(Sheet::Png(sheet(&maps, cmap).png()))
+                }
+            }
+        })
+        .await?;
+    Ok(match result {
+        Sheet::Stats(layers) => Json(SheetJson {
+            model: model.name().to_string(),
+            layers,
+        })
+        .into_response(),
+        Sheet::Png(bytes) => png_response(bytes),
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+enum Sheet {
+    Stats(Vec<StatsRow>),
+    Png(Vec<u8>),
+}
 
-    #[test]
-    fn npy_header_is_aligned_and_describes_the_array() {
-        let bytes = npy(&[2, 3], &[0.0; 6]);
-        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
-        assert_eq!((10 + len) % 64, 0);
-        let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
-        assert!(header.contains("'shape': (2, 3)"));
-        assert!(header.ends_with('\n'));
-        assert_eq!(bytes.len(), 10 + len + 24);
+fn stats_row(s: LayerStats) -> StatsRow {
+    StatsRow {
+        name: s.name,
+        shape: s.shape,
+        mean: s.mean,
+        std: s.std,
+        min: s.min,
+        max: s.max,
+        zero_fraction: s.zero_fraction,
+        dead_channels: s.dead_channels,
     }
+}
+
+/// Tile width of the whole-model sheet: room for a 17-character title.
+const SHEET_TILE: u32 = 136;
+const SHEET_COLS: u32 = 6;
+/// Height of a vector (flat layer) drawn on the sheet.
+const STRIP_HEIGHT: u32 = 24;
+
+/// Each layer's map fitted into a `SHEET_TILE` square (nearest neighbour,
+/// so pixels stay visible), under its name.
+fn sheet(maps: &[(String, usize, usize, Vec<f32>)], cmap: Colormap) -> Canvas {
+    let n = maps.len().max(1) as u32;
+    let rows = n.div_ceil(SHEET_COLS);
+    let cell_h = render::LINE + SHEET_TILE + 6;
+    let mut canvas = Canvas::new(SHEET_COLS * (SHEET_TILE + 6) + 6, rows * cell_h + 6);
+    for (i, (name, h, w, values)) in maps.iter().enumerate() {
+        let (r, c) = (i as u32 / SHEET_COLS, i as u32 % SHEET_COLS);
+        let (x, y) = (6 + c * (SHEET_TILE + 6), 6 + r * cell_h);
+        canvas.text(x, y, name, SHEET_TILE);
+        let mut small = Canvas::new(*w as u32, *h as u32);
+        small.map((0, 0), &render::min_max(values), (*h, *w), 1, cmap);
+        let fit = (SHEET_TILE as f64 / (*h.max(w)) as f64).max(1e-3);
+        let (tw, th) = (
+            ((*w as f64) * fit).round().max(1.0) as u32,
+            ((*h as f64) * fit).round().max(1.0) as u32,
+        );
+        // A vector is drawn as a strip tall enough to see.
+        let th = if *h == 1 {
+            STRIP_HEIGHT
+        } else {
+            th.min(SHEET_TILE)
+        };
+        let resized =
+            image::imageops::resize(small.image(), tw, th, image::imageops::FilterType::Nearest);
+        canvas.paste(x, y + render::LINE, &resized);
+    }
+    canvas
+}
+
+fn grid_of_maps(
+    maps: &[&[f32]],
+    indices: &[usize],
+    h: usize,
+    w: usize,
+    normalize: Normalize,
+    style: GridStyle,
+) -> Canvas {
+    let (lo, hi) = render::range(
+        &maps
+            .iter()
+            .flat_map(|m| m.iter().copied())
+            .collect::<Vec<_>>(),
+    );
+    let tiles: Vec<Tile> = maps
+        .iter()
+        .zip(indices)
+        .map(|(m, &i)| Tile {
+            label: i.to_string(),
+            planes: vec![match normalize {
+                Normalize::Channel => render::min_max(m),
+                Normalize::Layer => render::scale_to(m, lo, hi),
+            }],
+        })
+        .collect();
+    render::grid(&tiles, h, w, style)
+}
+
+fn check_scale(scale: Option<u32>) -> ApiResult<Option<u32>> {
+    match scale {
+        Some(s) if !(1..=64).contains(&s) => Err(ApiError::BadRequest(format!(
+            "scale must be an integer in 1..=64, got {s}"
+        ))),
+        other => Ok(other),
+    }
+}
+
+fn limits(state: &AppState) -> DecodeLimits {
+    DecodeLimits {
+        max_pixels: state.settings.max_pixels,
+    }
+}
+
+fn host(t: &Tensor) -> ApiResult<Vec<f32>> {
+    Ok(t.flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(model_store::Error::from)?)
+}
+
+/// An `image/png` response.
+pub fn png_response(bytes: Vec<u8>) -> Response {
+    let mut resp = bytes.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    resp
+}
+
+/// An `.npy` download.
+pub fn npy_response(name: &str, shape: &[usize], data: &[f32]) -> Response {
+    let mut resp = render::npy(shape, data).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}.npy\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    resp
 }

@@ -1,7 +1,10 @@
 //! One module per resource, each with its own `router()`.
 
 pub mod activations;
+pub mod embeddings;
+pub mod filters;
 pub mod health;
+pub mod inputs;
 pub mod models;
 pub mod predict;
 
@@ -17,6 +20,9 @@ pub fn router(state: AppState) -> Router {
         .merge(models::router(&state.settings))
         .merge(predict::router())
         .merge(activations::router())
+        .merge(filters::router())
+        .merge(embeddings::router())
+        .merge(inputs::router())
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NotFound(format!(
                 "no route for {}; see the README for the endpoints",

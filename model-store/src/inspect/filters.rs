@@ -1,0 +1,48 @@
+//! What each filter learned: a convolution layer's kernels.
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::registry::LoadedModel;
+
+/// Why a layer has no kernels to show.
+#[derive(Debug)]
+pub enum NoKernels {
+    /// The layer does not exist (the known layers are in the error).
+    Unknown(Error),
+    /// It exists but is not a convolution; these are.
+    NotConv {
+        /// The layer's kind (`max_pool2d`, ...).
+        kind: &'static str,
+        /// The convolution layers of the model.
+        conv_layers: Vec<String>,
+    },
+}
+
+/// The kernels `[O, I/groups, kh, kw]` of convolution `layer`.
+pub fn kernels(model: &LoadedModel, layer: &str) -> std::result::Result<Tensor, NoKernels> {
+    crate::inspect::activations::check_layer(model, layer).map_err(NoKernels::Unknown)?;
+    match model.network.conv_weight(layer) {
+        Some(w) => Ok(w.clone()),
+        None => Err(NoKernels::NotConv {
+            kind: model.network.layer(layer).map_or("layer", |l| l.kind),
+            conv_layers: conv_layers(model),
+        }),
+    }
+}
+
+/// Names of the model's convolution layers, in forward order.
+pub fn conv_layers(model: &LoadedModel) -> Vec<String> {
+    model
+        .network
+        .layers()
+        .iter()
+        .filter(|l| l.kind == "conv2d")
+        .map(|l| l.name.clone())
+        .collect()
+}
+
+/// The kernels as `f32` values with their shape, on the CPU.
+pub fn to_host(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
+    Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
+}

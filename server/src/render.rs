@@ -1,0 +1,398 @@
+//! Pictures of tensors: colormaps, grids of channel maps with 1-px
+//! separators and optional labels, titled sheets, PNG and `.npy` encoding.
+//!
+//! Colormaps come from `colorgrad`: its viridis and magma presets, and jet
+//! built with its gradient builder from matplotlib's definition of jet (the
+//! per-channel breakpoints of `_jet_data`, evaluated at their union, so the
+//! linear interpolation between them is exactly matplotlib's). Each is
+//! sampled once into a 256-entry lookup table.
+
+use std::sync::OnceLock;
+
+use image::{ImageEncoder, RgbImage};
+
+/// A colormap name of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Colormap {
+    /// Black to white.
+    Gray,
+    /// matplotlib's viridis.
+    Viridis,
+    /// matplotlib's magma.
+    Magma,
+    /// matplotlib's jet (also what pytorch-grad-cam overlays use).
+    Jet,
+}
+
+impl Colormap {
+    /// The 256-entry RGB lookup table.
+    pub fn lut(self) -> &'static [[u8; 3]; 256] {
+        static TABLES: [OnceLock<[[u8; 3]; 256]>; 4] = [const { OnceLock::new() }; 4];
+        let i = self as usize;
+        TABLES[i].get_or_init(|| build_lut(self))
+    }
+
+    /// The colour of `t` in `[0, 1]` (clamped; NaN is drawn as 0).
+    pub fn color(self, t: f32) -> [u8; 3] {
+        let t = if t.is_nan() { 0.0 } else { t.clamp(0.0, 1.0) };
+        self.lut()[(t * 255.0).round() as usize]
+    }
+}
+
+fn build_lut(map: Colormap) -> [[u8; 3]; 256] {
+    use colorgrad::Gradient;
+    let sample = |g: &dyn Gradient| {
+        let mut lut = [[0u8; 3]; 256];
+        for (i, c) in lut.iter_mut().enumerate() {
+            let [r, g2, b, _] = g.at(i as f32 / 255.0).to_rgba8();
+            *c = [r, g2, b];
+        }
+        lut
+    };
+    match map {
+        Colormap::Gray => std::array::from_fn(|i| [i as u8; 3]),
+        Colormap::Viridis => sample(&colorgrad::preset::viridis()),
+        Colormap::Magma => sample(&colorgrad::preset::magma()),
+        Colormap::Jet => sample(&jet()),
+    }
+}
+
+/// matplotlib's jet: `_jet_data` gives, per channel, (x, value) breakpoints
+/// with linear interpolation between them.
+fn jet() -> colorgrad::LinearGradient {
+    const RED: &[(f32, f32)] = &[
+        (0.0, 0.0),
+        (0.35, 0.0),
+        (0.66, 1.0),
+        (0.89, 1.0),
+        (1.0, 0.5),
+    ];
+    const GREEN: &[(f32, f32)] = &[
+        (0.0, 0.0),
+        (0.125, 0.0),
+        (0.375, 1.0),
+        (0.64, 1.0),
+        (0.91, 0.0),
+        (1.0, 0.0),
+    ];
+    const BLUE: &[(f32, f32)] = &[
+        (0.0, 0.5),
+        (0.11, 1.0),
+        (0.34, 1.0),
+        (0.65, 0.0),
+        (1.0, 0.0),
+    ];
+    fn at(points: &[(f32, f32)], x: f32) -> f32 {
+        let i = points
+            .iter()
+            .rposition(|&(p, _)| p <= x)
+            .unwrap_or(0)
+            .min(points.len() - 2);
+        let ((x0, y0), (x1, y1)) = (points[i], points[i + 1]);
+        y0 + (y1 - y0) * ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    }
+    let mut xs: Vec<f32> = RED
+        .iter()
+        .chain(GREEN)
+        .chain(BLUE)
+        .map(|&(x, _)| x)
+        .collect();
+    xs.sort_by(f32::total_cmp);
+    xs.dedup();
+    let colors: Vec<colorgrad::Color> = xs
+        .iter()
+        .map(|&x| colorgrad::Color::new(at(RED, x), at(GREEN, x), at(BLUE, x), 1.0))
+        .collect();
+    colorgrad::GradientBuilder::new()
+        .colors(&colors)
+        .domain(&xs)
+        .build::<colorgrad::LinearGradient>()
+        .expect("jet's breakpoints are sorted and in [0, 1]")
+}
+
+/// An RGB drawing surface.
+pub struct Canvas {
+    img: RgbImage,
+}
+
+/// Separator and background colour: white, as between matplotlib subplots.
+const BACKGROUND: [u8; 3] = [255, 255, 255];
+/// Text colour.
+const INK: [u8; 3] = [40, 40, 40];
+/// Height of a text line (8-px glyphs plus spacing).
+pub const LINE: u32 = 10;
+
+impl Canvas {
+    /// A white canvas.
+    pub fn new(width: u32, height: u32) -> Self {
+        Self {
+            img: RgbImage::from_pixel(width.max(1), height.max(1), image::Rgb(BACKGROUND)),
+        }
+    }
+
+    /// Draws a `h × w` map of values already scaled to `[0, 1]`, each value
+    /// a `scale × scale` block, with its top-left corner at `(x, y)`.
+    pub fn map(
+        &mut self,
+        (x, y): (u32, u32),
+        values: &[f32],
+        (h, w): (usize, usize),
+        scale: u32,
+        cmap: Colormap,
+    ) {
+        for r in 0..h {
+            for c in 0..w {
+                let rgb = cmap.color(values[r * w + c]);
+                self.fill(
+                    x + c as u32 * scale,
+                    y + r as u32 * scale,
+                    scale,
+                    scale,
+                    rgb,
+                );
+            }
+        }
+    }
+
+    /// Draws an RGB map (three `[0, 1]` planes) the same way.
+    pub fn map_rgb(
+        &mut self,
+        (x, y): (u32, u32),
+        planes: [&[f32]; 3],
+        (h, w): (usize, usize),
+        scale: u32,
+    ) {
+        for r in 0..h {
+            for c in 0..w {
+                let v = |p: &[f32]| (p[r * w + c].clamp(0.0, 1.0) * 255.0).round() as u8;
+                self.fill(
+                    x + c as u32 * scale,
+                    y + r as u32 * scale,
+                    scale,
+                    scale,
+                    [v(planes[0]), v(planes[1]), v(planes[2])],
+                );
+            }
+        }
+    }
+
+    /// Fills a rectangle, clipped to the canvas.
+    pub fn fill(&mut self, x: u32, y: u32, w: u32, h: u32, rgb: [u8; 3]) {
+        for yy in y..(y + h).min(self.img.height()) {
+            for xx in x..(x + w).min(self.img.width()) {
+                self.img.put_pixel(xx, yy, image::Rgb(rgb));
+            }
+        }
+    }
+
+    /// Writes ASCII text with the 8×8 font, clipped to `max_width` pixels.
+    pub fn text(&mut self, x: u32, y: u32, s: &str, max_width: u32) {
+        let glyphs = s.chars().take((max_width / 8) as usize);
+        for (i, ch) in glyphs.enumerate() {
+            let code = if ch.is_ascii() {
+                ch as usize
+            } else {
+                b'?' as usize
+            };
+            let glyph = font8x8::legacy::BASIC_LEGACY[code];
+            for (row, bits) in glyph.iter().enumerate() {
+                for col in 0..8 {
+                    if bits & (1 << col) != 0 {
+                        let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
+                        if px < self.img.width() && py < self.img.height() {
+                            self.img.put_pixel(px, py, image::Rgb(INK));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pastes another canvas at `(x, y)`.
+    pub fn paste(&mut self, x: u32, y: u32, other: &RgbImage) {
+        image::imageops::replace(&mut self.img, other, x as i64, y as i64);
+    }
+
+    /// The pixels.
+    pub fn image(&self) -> &RgbImage {
+        &self.img
+    }
+
+    /// PNG bytes.
+    pub fn png(&self) -> Vec<u8> {
+        encode_png(&self.img)
+    }
+}
+
+/// PNG bytes of an RGB image.
+pub fn encode_png(img: &RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::Rgb8,
+        )
+        .expect("encoding an in-memory RGB image as PNG cannot fail");
+    out
+}
+
+/// Scales values to `[0, 1]` by `(v − min) / (max − min)`; a constant map
+/// becomes all zeros rather than NaN.
+pub fn min_max(values: &[f32]) -> Vec<f32> {
+    let (lo, hi) = range(values);
+    scale_to(values, lo, hi)
+}
+
+/// `(min, max)` of finite values.
+pub fn range(values: &[f32]) -> (f32, f32) {
+    values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
+}
+
+/// Scales values with a given range.
+pub fn scale_to(values: &[f32], lo: f32, hi: f32) -> Vec<f32> {
+    let span = hi - lo;
+    if span.is_nan() || span <= 0.0 || !span.is_finite() {
+        return vec![0.0; values.len()];
+    }
+    values.iter().map(|&v| (v - lo) / span).collect()
+}
+
+/// How to lay out a grid of maps.
+#[derive(Debug, Clone, Copy)]
+pub struct GridStyle {
+    /// Colormap of single-channel tiles.
+    pub colormap: Colormap,
+    /// Integer upsampling of each map value.
+    pub scale: u32,
+    /// Index labels above each tile.
+    pub labels: bool,
+}
+
+/// A tile of the grid: its label and either one `[0, 1]` map or three planes.
+pub struct Tile {
+    /// Shown above the tile when labels are on.
+    pub label: String,
+    /// One plane (colormapped) or three (RGB).
+    pub planes: Vec<Vec<f32>>,
+}
+
+/// A near-square grid of `h × w` tiles with 1-px white separators.
+pub fn grid(tiles: &[Tile], h: usize, w: usize, style: GridStyle) -> Canvas {
+    let n = tiles.len().max(1);
+    let cols = (n as f64).sqrt().ceil() as u32;
+    let rows = (n as u32).div_ceil(cols);
+    let label_h = if style.labels { LINE } else { 0 };
+    let (tw, th) = (w as u32 * style.scale, h as u32 * style.scale + label_h);
+    let mut canvas = Canvas::new(cols * tw + (cols + 1), rows * th + (rows + 1));
+    for (i, tile) in tiles.iter().enumerate() {
+        let (r, c) = (i as u32 / cols, i as u32 % cols);
+        let (x, y) = (1 + c * (tw + 1), 1 + r * (th + 1));
+        if style.labels {
+            canvas.text(x + 1, y + 1, &tile.label, tw.saturating_sub(1));
+        }
+        match tile.planes.as_slice() {
+            [p] => canvas.map((x, y + label_h), p, (h, w), style.scale, style.colormap),
+            [r, g, b] => canvas.map_rgb((x, y + label_h), [r, g, b], (h, w), style.scale),
+            _ => {}
+        }
+    }
+    canvas
+}
+
+/// The default upsampling: small maps grow to about 48 px a side, at most ×16.
+pub fn auto_scale(h: usize, w: usize) -> u32 {
+    (48 / h.max(w).max(1)).clamp(1, 16) as u32
+}
+
+/// A version-1.0 `.npy` file of little-endian float32 values.
+pub fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
+    let dims = match shape {
+        [one] => format!("({one},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
+    // Magic (6) + version (2) + header length (2) + header, padded with
+    // spaces and ended by a newline to a multiple of 64 bytes.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in data {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_header_is_aligned_and_describes_the_array() {
+        let bytes = npy(&[2, 3], &[0.0; 6]);
+        let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + len) % 64, 0);
+        let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+        assert!(header.contains("'shape': (2, 3)"));
+        assert!(header.ends_with('\n'));
+        assert_eq!(bytes.len(), 10 + len + 24);
+    }
+
+    #[test]
+    fn jet_runs_dark_blue_to_dark_red_through_green() {
+        let lut = Colormap::Jet.lut();
+        assert_eq!(lut[0], [0, 0, 128]);
+        assert_eq!(lut[255], [128, 0, 0]);
+        let mid = lut[128];
+        assert!(mid[1] > 200 && mid[0] > 100 && mid[2] > 100, "{mid:?}");
+    }
+
+    #[test]
+    fn gray_is_the_identity_and_constant_maps_do_not_make_nan() {
+        assert_eq!(Colormap::Gray.color(0.5), [128; 3]);
+        assert_eq!(min_max(&[3.0, 3.0]), [0.0, 0.0]);
+        assert_eq!(min_max(&[1.0, 3.0]), [0.0, 1.0]);
+    }
+
+    #[test]
+    fn a_grid_of_five_tiles_is_three_by_two_with_separators() {
+        let tiles: Vec<Tile> = (0..5)
+            .map(|i| Tile {
+                label: i.to_string(),
+                planes: vec![vec![1.0; 4]],
+            })
+            .collect();
+        let c = grid(
+            &tiles,
+            2,
+            2,
+            GridStyle {
+                colormap: Colormap::Gray,
+                scale: 3,
+                labels: false,
+            },
+        );
+        assert_eq!(
+            (c.image().width(), c.image().height()),
+            (3 * 6 + 4, 2 * 6 + 3)
+        );
+    }
+}

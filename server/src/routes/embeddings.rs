@@ -1,0 +1,155 @@
+//! How far apart inputs are in a layer's embedding space: N images (with
+//! optional labels) → embeddings, N×N matrices per metric, and per-class
+//! intra / inter means — the course's "two 6s and two 7s" in one request.
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use model_store::inspect::embeddings::{self as emb, Metric};
+use model_store::preprocess::DecodeLimits;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::input::{ImageUpload, prepare_batch};
+use crate::state::AppState;
+
+/// Query of the embeddings endpoint.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingParams {
+    /// The layer whose (flattened) output is the embedding; default: the
+    /// input of the last linear layer (`fc2` for CNN_A).
+    pub layer: Option<String>,
+    /// Comma-separated: `euclidean,mse,cosine,cross_entropy,kl` (default: all).
+    pub metrics: Option<String>,
+    /// Comma-separated labels, one per image, when the body carries none.
+    pub labels: Option<String>,
+    /// Ids from `POST /inputs`.
+    pub input: Option<String>,
+}
+
+/// Per-class results.
+#[derive(Debug, Serialize)]
+pub struct Classes {
+    /// `class → metric → mean over ordered pairs i ≠ j of that class`.
+    pub intra: BTreeMap<String, BTreeMap<&'static str, f64>>,
+    /// `"c/d" → metric → mean over rows of c and columns of d`.
+    pub inter: BTreeMap<String, BTreeMap<&'static str, f64>>,
+    /// `metric → mean of the inter values / mean of the intra values`.
+    pub inter_intra_ratio: BTreeMap<&'static str, f64>,
+}
+
+/// `POST /models/{model}/embeddings`.
+#[derive(Debug, Serialize)]
+pub struct EmbeddingResponse {
+    /// The model.
+    pub model: String,
+    /// The layer used.
+    pub layer: String,
+    /// One label per image, or null.
+    pub labels: Option<Vec<String>>,
+    /// One flattened embedding per image.
+    pub embeddings: Vec<Vec<f32>>,
+    /// `metric → M` with `M[i][j] = metric(a = item i, b = item j)`.
+    pub distances: BTreeMap<&'static str, Vec<Vec<f64>>>,
+    /// Present when labels were given.
+    pub classes: Option<Classes>,
+}
+
+/// `/models/{model}/embeddings`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/models/{model}/embeddings", post(embeddings))
+}
+
+/// Embeddings of the images and the distances between them.
+async fn embeddings(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<EmbeddingParams>,
+    upload: ImageUpload,
+) -> ApiResult<Json<EmbeddingResponse>> {
+    let model = state.model(&model)?;
+    let layer = match params.layer {
+        Some(l) => {
+            model_store::inspect::activations::check_layer(&model, &l)?;
+            l
+        }
+        None => emb::default_layer(&model),
+    };
+    let metrics: Vec<Metric> = match params.metrics.as_deref() {
+        None | Some("") => emb::METRICS.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|m| {
+                Metric::parse(m.trim()).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "unknown metric {m:?}; choose from {}",
+                        emb::METRICS.map(Metric::name).join(", ")
+                    ))
+                })
+            })
+            .collect::<ApiResult<_>>()?,
+    };
+    let labels: Vec<String> = if upload.labels.is_empty() {
+        params
+            .labels
+            .as_deref()
+            .map(|l| l.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        upload.labels.clone()
+    };
+    emb::check_labels(&labels, upload.images.len())?;
+    let limits = DecodeLimits {
+        max_pixels: state.settings.max_pixels,
+    };
+    let (m, l) = (model.clone(), layer.clone());
+    let embeddings = state
+        .compute
+        .run(move || {
+            let x = prepare_batch(&m, &upload.images, limits)?;
+            Ok(emb::embeddings(&m, &x, &l)?)
+        })
+        .await?;
+    let mut distances = BTreeMap::new();
+    let mut intra: BTreeMap<String, BTreeMap<&'static str, f64>> = BTreeMap::new();
+    let mut inter: BTreeMap<String, BTreeMap<&'static str, f64>> = BTreeMap::new();
+    let mut ratio = BTreeMap::new();
+    for metric in &metrics {
+        let matrix = emb::distance_matrix(&embeddings, *metric);
+        if !labels.is_empty() {
+            let d = emb::class_distances(&matrix, &labels);
+            for (c, v) in &d.intra {
+                intra
+                    .entry(c.clone())
+                    .or_default()
+                    .insert(metric.name(), *v);
+            }
+            for (c, v) in &d.inter {
+                inter
+                    .entry(c.clone())
+                    .or_default()
+                    .insert(metric.name(), *v);
+            }
+            if let Some(r) = emb::inter_intra_ratio(&d) {
+                ratio.insert(metric.name(), r);
+            }
+        }
+        distances.insert(metric.name(), matrix);
+    }
+    let classes = (!labels.is_empty()).then_some(Classes {
+        intra,
+        inter,
+        inter_intra_ratio: ratio,
+    });
+    Ok(Json(EmbeddingResponse {
+        model: model.name().to_string(),
+        layer,
+        labels: (!labels.is_empty()).then_some(labels),
+        embeddings,
+        distances,
+        classes,
+    }))
+}
