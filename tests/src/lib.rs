@@ -203,19 +203,8 @@ pub fn parse_npy(bytes: &[u8]) -> (Vec<usize>, Vec<f32>) {
     assert_eq!((10 + len) % 64, 0, "header padded to 64 bytes");
     assert!(header.contains("'descr': '<f4'"), "{header}");
     assert!(header.contains("'fortran_order': False"), "{header}");
-    let shape_txt = header
-        .split("'shape': (")
-        .nth(1)
-        .unwrap()
-        .split(')')
-        .next()
-        .unwrap();
-    let shape = shape_txt
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap())
-        .collect();
-    let count: usize = shape_of(header).iter().product();
+    let shape = shape_of(header);
+    let count: usize = shape.iter().product();
     assert_eq!(
         bytes.len() - 10 - len,
         count * 4,

@@ -42,8 +42,9 @@ pub fn all_outputs(model: &LoadedModel, x: &Tensor) -> Result<Vec<(String, Tenso
     Ok(tap.outputs)
 }
 
-/// Summary statistics of one layer's output for one image.
-#[derive(Debug, Clone, PartialEq)]
+/// Summary statistics of one layer's output for one image (serialised as
+/// the API's per-layer row).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LayerStats {
     /// Layer name.
     pub name: String,

@@ -92,34 +92,13 @@ pub struct SheetParams {
     pub input: Option<String>,
 }
 
-/// One layer's statistics for one image.
-#[derive(Debug, Serialize)]
-pub struct StatsRow {
-    /// Layer name.
-    pub name: String,
-    /// Output shape without the batch dimension.
-    pub shape: Vec<usize>,
-    /// Mean.
-    pub mean: f64,
-    /// Population standard deviation.
-    pub std: f64,
-    /// Minimum.
-    pub min: f32,
-    /// Maximum.
-    pub max: f32,
-    /// Fraction of exact zeros.
-    pub zero_fraction: f64,
-    /// Channels that are ≤ 0 everywhere for this input.
-    pub dead_channels: Vec<usize>,
-}
-
 /// `format=json` of the whole model.
 #[derive(Debug, Serialize)]
 pub struct SheetJson {
     /// The model.
     pub model: String,
     /// Every named layer in forward order.
-    pub layers: Vec<StatsRow>,
+    pub layers: Vec<LayerStats>,
 }
 
 /// Activation routes.
@@ -250,7 +229,7 @@ async fn all_activations(
                 Format::Json => {
                     let rows = outputs
                         .iter()
-                        .map(|(name, t)| Ok(stats_row(act::layer_stats(name, &first(t)?)?)))
+                        .map(|(name, t)| Ok(act::layer_stats(name, &first(t)?)?))
                         .collect::<ApiResult<Vec<_>>>()?;
                     Ok(Sheet::Stats(rows))
                 }
@@ -286,21 +265,8 @@ async fn all_activations(
 }
 
 enum Sheet {
-    Stats(Vec<StatsRow>),
+    Stats(Vec<LayerStats>),
     Png(Vec<u8>),
-}
-
-fn stats_row(s: LayerStats) -> StatsRow {
-    StatsRow {
-        name: s.name,
-        shape: s.shape,
-        mean: s.mean,
-        std: s.std,
-        min: s.min,
-        max: s.max,
-        zero_fraction: s.zero_fraction,
-        dead_channels: s.dead_channels,
-    }
 }
 
 /// Tile width of the whole-model sheet: room for a 17-character title.
