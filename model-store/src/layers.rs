@@ -465,8 +465,37 @@ impl Pool2d {
         Some(out)
     }
 
-    /// Pools an NCHW batch.
+    /// Pools an NCHW batch. On the CPU this is the project's pooling op,
+    /// differentiable for every kernel, stride and padding; elsewhere the
+    /// composition of candle ops below (forward only when kernel ≠ stride).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+            return self.forward_composite(x);
+        }
+        let (_, _, h, w) = x.dims4()?;
+        let (oh, ow) = match (
+            self.out_len(h, self.kernel.0, self.stride.0, self.padding.0),
+            self.out_len(w, self.kernel.1, self.stride.1, self.padding.1),
+        ) {
+            (Some(oh), Some(ow)) => (oh, ow),
+            _ => candle_core::bail!(
+                "pool window {:?} is larger than the padded input",
+                self.kernel
+            ),
+        };
+        x.contiguous()?.apply_op1(crate::kernels::pool::PoolOp {
+            kind: self.kind,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            out: (oh, ow),
+            count_include_pad: self.count_include_pad,
+        })
+    }
+
+    /// The same pooling as a composition of candle ops: −∞ or zero padding,
+    /// then candle's pool, with a divisor map for average pooling.
+    pub fn forward_composite(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;

@@ -7,6 +7,7 @@
 //! - [`arch`]: the zoo (`sequential`, CIFAR ResNets, torchvision ResNet/VGG/
 //!   AlexNet, MobileNet v1), each built as the same module tree.
 //! - [`layers`]: the leaf operations with their geometry.
+//! - [`kernels`]: CPU custom ops with their own backward (pooling).
 //! - [`graph`]: the module tree, its one forward pass and its summary.
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.
@@ -22,6 +23,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod graph;
 pub mod inspect;
+pub mod kernels;
 pub mod layers;
 pub mod manifest;
 pub mod preprocess;

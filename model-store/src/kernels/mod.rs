@@ -1,0 +1,5 @@
+//! CPU kernels as candle custom ops, each with its own backward, where
+//! candle's stock ops fall short. Each is tested against a reference
+//! implementation on random shapes.
+
+pub mod pool;

@@ -1,0 +1,426 @@
+//! 2-D max and average pooling with PyTorch's semantics, forward and backward.
+//!
+//! candle's pooling has no padding or `ceil_mode`, and its backward bails
+//! when the kernel differs from the stride (torchvision's ResNet stem and
+//! AlexNet use `MaxPool2d(3, 2)`), and splits a max-pool gradient between
+//! tied maxima, where PyTorch gives it all to the first. This op follows
+//! PyTorch exactly:
+//! - max: the window is clipped to the input (padding acts as −∞); the first
+//!   maximum wins, NaN propagates; the gradient goes to that element;
+//! - average: windows end at `H + padding`; the divisor is the window area
+//!   within that bound (`count_include_pad`) or within the input.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use crate::layers::PoolKind;
+
+/// The pooling op; `out` is precomputed by the caller with PyTorch's rule.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOp {
+    /// Max or average.
+    pub kind: PoolKind,
+    /// Window `(h, w)`.
+    pub kernel: (usize, usize),
+    /// Stride `(h, w)`.
+    pub stride: (usize, usize),
+    /// Padding `(h, w)`.
+    pub padding: (usize, usize),
+    /// Output `(h, w)`.
+    pub out: (usize, usize),
+    /// Average pooling: count padding in the divisor.
+    pub count_include_pad: bool,
+}
+
+/// One output cell's window in input coordinates, and the average divisor.
+struct Window {
+    h0: usize,
+    h1: usize,
+    w0: usize,
+    w1: usize,
+    divisor: f32,
+}
+
+impl PoolOp {
+    fn window(&self, oy: usize, ox: usize, h: usize, w: usize) -> Window {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = (self.padding.0 as isize, self.padding.1 as isize);
+        let hs = (oy * sh) as isize - ph;
+        let ws = (ox * sw) as isize - pw;
+        let (he, we) = match self.kind {
+            PoolKind::Max => (
+                (hs + kh as isize).min(h as isize),
+                (ws + kw as isize).min(w as isize),
+            ),
+            PoolKind::Avg => (
+                (hs + kh as isize).min(h as isize + ph),
+                (ws + kw as isize).min(w as isize + pw),
+            ),
+        };
+        let area = ((he - hs) * (we - ws)) as f32;
+        let (h0, w0) = (hs.max(0) as usize, ws.max(0) as usize);
+        let (h1, w1) = (
+            he.min(h as isize).max(0) as usize,
+            we.min(w as isize).max(0) as usize,
+        );
+        let divisor = if self.count_include_pad {
+            area
+        } else {
+            ((h1.saturating_sub(h0)) * (w1.saturating_sub(w0))) as f32
+        };
+        Window {
+            h0,
+            h1,
+            w0,
+            w1,
+            divisor,
+        }
+    }
+
+    /// Runs `f(plane, out_index, window)` for every output cell.
+    fn for_each(
+        &self,
+        planes: usize,
+        h: usize,
+        w: usize,
+        mut f: impl FnMut(usize, usize, &Window),
+    ) {
+        let (oh, ow) = self.out;
+        for p in 0..planes {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    f(p, (p * oh + oy) * ow + ox, &self.window(oy, ox, h, w));
+                }
+            }
+        }
+    }
+
+    fn forward_slice(&self, x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0f32; planes * self.out.0 * self.out.1];
+        self.for_each(planes, h, w, |p, o, win| {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            out[o] = match self.kind {
+                PoolKind::Max => {
+                    let mut best = f32::NEG_INFINITY;
+                    for y in win.h0..win.h1 {
+                        for v in &plane[y * w + win.w0..y * w + win.w1] {
+                            if *v > best || v.is_nan() {
+                                best = *v;
+                                if v.is_nan() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    best
+                }
+                PoolKind::Avg => {
+                    let mut sum = 0f32;
+                    for y in win.h0..win.h1 {
+                        sum += plane[y * w + win.w0..y * w + win.w1].iter().sum::<f32>();
+                    }
+                    sum / win.divisor
+                }
+            };
+        });
+        out
+    }
+
+    fn backward_slice(
+        &self,
+        x: &[f32],
+        grad_out: &[f32],
+        planes: usize,
+        h: usize,
+        w: usize,
+    ) -> Vec<f32> {
+        let mut grad = vec![0f32; x.len()];
+        self.for_each(planes, h, w, |p, o, win| {
+            let base = p * h * w;
+            match self.kind {
+                PoolKind::Max => {
+                    let mut best = (f32::NEG_INFINITY, None);
+                    'scan: for y in win.h0..win.h1 {
+                        for xx in win.w0..win.w1 {
+                            let v = x[base + y * w + xx];
+                            if v > best.0 || v.is_nan() || best.1.is_none() {
+                                best = (v, Some(base + y * w + xx));
+                                if v.is_nan() {
+                                    break 'scan;
+                                }
+                            }
+                        }
+                    }
+                    if let Some(i) = best.1 {
+                        grad[i] += grad_out[o];
+                    }
+                }
+                PoolKind::Avg => {
+                    let g = grad_out[o] / win.divisor;
+                    for y in win.h0..win.h1 {
+                        for v in &mut grad[base + y * w + win.w0..base + y * w + win.w1] {
+                            *v += g;
+                        }
+                    }
+                }
+            }
+        });
+        grad
+    }
+}
+
+impl CustomOp1 for PoolOp {
+    fn name(&self) -> &'static str {
+        "pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let x = match storage {
+            CpuStorage::F32(v) => v,
+            _ => candle_core::bail!("pool2d: only f32 tensors are supported"),
+        };
+        let x = match layout.contiguous_offsets() {
+            Some((start, end)) => &x[start..end],
+            None => candle_core::bail!("pool2d: the input must be contiguous"),
+        };
+        let out = self.forward_slice(x, n * c, h, w);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, c, self.out.0, self.out.1)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let x = arg.flatten_all()?.to_vec1::<f32>()?;
+        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let grad = self.backward_slice(&x, &g, n * c, h, w);
+        Ok(Some(Tensor::from_vec(grad, (n, c, h, w), arg.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+    use crate::layers::Pool2d;
+
+    /// A small deterministic generator, so failures reproduce.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn values(&mut self, n: usize) -> Vec<f32> {
+            (0..n)
+                .map(|_| (self.next() >> 11) as f32 / (1u64 << 53) as f32 * 4.0 - 2.0)
+                .collect()
+        }
+    }
+
+    fn random_pool(rng: &mut Rng, kind: PoolKind) -> Pool2d {
+        let k = (1 + rng.below(4), 1 + rng.below(4));
+        let s = (1 + rng.below(3), 1 + rng.below(3));
+        let p = (rng.below(k.0 / 2 + 1), rng.below(k.1 / 2 + 1));
+        Pool2d::new(kind, k, s, p, rng.below(2) == 1, rng.below(2) == 1, "t").unwrap()
+    }
+
+    #[test]
+    fn forward_matches_the_padded_candle_composition_on_random_shapes() {
+        let mut rng = Rng(7);
+        for case in 0..300 {
+            let kind = if case % 2 == 0 {
+                PoolKind::Max
+            } else {
+                PoolKind::Avg
+            };
+            let pool = random_pool(&mut rng, kind);
+            let (h, w) = (pool.kernel.0 + rng.below(9), pool.kernel.1 + rng.below(9));
+            let (n, c) = (1 + rng.below(2), 1 + rng.below(3));
+            let x =
+                Tensor::from_vec(rng.values(n * c * h * w), (n, c, h, w), &Device::Cpu).unwrap();
+            let fast = pool
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let reference = pool
+                .forward_composite(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(fast.len(), reference.len(), "{pool:?} on {h}x{w}");
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                    "{pool:?} on {h}x{w}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn average_backward_matches_candle_where_candle_has_one() {
+        let mut rng = Rng(11);
+        for _ in 0..30 {
+            let k = 1 + rng.below(3);
+            let pool =
+                Pool2d::new(PoolKind::Avg, (k, k), (k, k), (0, 0), false, true, "t").unwrap();
+            let (h, w) = (k * (1 + rng.below(4)), k * (1 + rng.below(4)));
+            let x = Var::from_tensor(
+                &Tensor::from_vec(rng.values(2 * h * w), (1, 2, h, w), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let g = |y: Tensor| {
+                (y.sqr().unwrap().sum_all().unwrap())
+                    .backward()
+                    .unwrap()
+                    .get(x.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let ours = g(pool.forward(x.as_tensor()).unwrap());
+            let theirs = g(x.as_tensor().avg_pool2d(k).unwrap());
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "k={k}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// candle 0.11's own max-pool backward scales the gradient by
+    /// (number of maxima) / k² instead of 1 / (number of maxima); PyTorch,
+    /// and this op, send it whole to the first maximum.
+    #[test]
+    fn max_backward_sends_the_whole_gradient_to_the_first_maximum() {
+        let pool = Pool2d::new(PoolKind::Max, (2, 2), (2, 2), (0, 0), false, true, "t").unwrap();
+        let grad_of = |v: [f32; 4]| {
+            let x = Var::from_tensor(
+                &Tensor::from_vec(v.to_vec(), (1, 1, 2, 2), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let y = pool.forward(x.as_tensor()).unwrap().sum_all().unwrap();
+            y.backward()
+                .unwrap()
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(grad_of([1.0, 2.0, 3.0, 4.0]), [0.0, 0.0, 0.0, 1.0]);
+        assert_eq!(
+            grad_of([5.0, 5.0, 0.0, 5.0]),
+            [1.0, 0.0, 0.0, 0.0],
+            "ties: the first one"
+        );
+        // The padded 3x3/2 pool of torchvision's ResNet stem is differentiable.
+        let stem = Pool2d::new(PoolKind::Max, (3, 3), (2, 2), (1, 1), false, true, "t").unwrap();
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 16.0, &Device::Cpu)
+                .unwrap()
+                .reshape((1, 1, 4, 4))
+                .unwrap(),
+        )
+        .unwrap();
+        let g = stem
+            .forward(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // Windows end at rows/cols 1 and 3: the maxima are 5, 7, 13, 15.
+        let hot: Vec<usize> = g
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v != 0.0)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(hot, [5, 7, 13, 15]);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_with_padding_and_overlap() {
+        let mut rng = Rng(23);
+        for case in 0..40 {
+            let kind = if case % 2 == 0 {
+                PoolKind::Max
+            } else {
+                PoolKind::Avg
+            };
+            let pool = random_pool(&mut rng, kind);
+            let (h, w) = (pool.kernel.0 + rng.below(4), pool.kernel.1 + rng.below(4));
+            let values = rng.values(h * w);
+            let weights = rng.values(1000);
+            // loss = Σ weight_i · out_i, a linear read-out of the pooled map.
+            let loss = |v: &[f32]| -> f64 {
+                let x = Tensor::from_vec(v.to_vec(), (1, 1, h, w), &Device::Cpu).unwrap();
+                let y = pool
+                    .forward(&x)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                y.iter()
+                    .zip(&weights)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum()
+            };
+            let x = Var::from_tensor(
+                &Tensor::from_vec(values.clone(), (1, 1, h, w), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let y = pool.forward(x.as_tensor()).unwrap();
+            let n = y.elem_count();
+            let wt = Tensor::from_vec(weights[..n].to_vec(), y.shape(), &Device::Cpu).unwrap();
+            let grads = (y * wt).unwrap().sum_all().unwrap().backward().unwrap();
+            let analytic = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for i in 0..values.len() {
+                let eps = 1e-3f32;
+                let (mut up, mut down) = (values.clone(), values.clone());
+                up[i] += eps;
+                down[i] -= eps;
+                let numeric = (loss(&up) - loss(&down)) / (2.0 * eps as f64);
+                assert!(
+                    (numeric - analytic[i] as f64).abs() < 2e-2,
+                    "{pool:?} on {h}x{w}, element {i}: {numeric} vs {}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+}
