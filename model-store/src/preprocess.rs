@@ -102,31 +102,17 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
             })
             .collect()
     };
-    if let Some(size) = spec.resize {
-        let size = size as u32;
-        let (nw, nh) = if w <= h {
-            (size, (size as u64 * h as u64 / w as u64) as u32)
-        } else {
-            ((size as u64 * w as u64 / h as u64) as u32, size)
-        };
-        if (nw, nh) != (w, h) {
-            planes = planes
-                .iter()
-                .map(|p| image::imageops::resize(p, nw, nh, FilterType::Triangle))
-                .collect();
-            (w, h) = (nw, nh);
-        }
+    let plan = plan(w, h, manifest)?;
+    if (plan.resized.0, plan.resized.1) != (w, h) {
+        planes = planes
+            .iter()
+            .map(|p| {
+                image::imageops::resize(p, plan.resized.0, plan.resized.1, FilterType::Triangle)
+            })
+            .collect();
+        (w, h) = plan.resized;
     }
-    if let Some(crop) = spec.center_crop {
-        let (th, tw) = crop.hw();
-        let (th, tw) = (th as u32, tw as u32);
-        if th > h || tw > w {
-            return Err(Error::ImageInput(format!(
-                "the image is {w}x{h} after resizing, smaller than the model's center crop {tw}x{th}; send a larger image"
-            )));
-        }
-        let top = round_half_even((h - th) as f64 / 2.0);
-        let left = round_half_even((w - tw) as f64 / 2.0);
+    if let Some((left, top, tw, th)) = plan.crop {
         planes = planes
             .iter()
             .map(|p| image::imageops::crop_imm(p, left, top, tw, th).to_image())
@@ -155,6 +141,62 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
         );
     }
     Ok(out)
+}
+
+/// The geometry of preprocessing one image: the size after `resize`, and
+/// the `center_crop` box `(left, top, width, height)` in resized pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Plan {
+    /// `(width, height)` after the resize (the original size when none).
+    pub resized: (u32, u32),
+    /// The crop box in resized pixels.
+    pub crop: Option<(u32, u32, u32, u32)>,
+}
+
+/// Plans the resize and crop of a `width × height` image for `manifest`.
+pub fn plan(width: u32, height: u32, manifest: &Manifest) -> Result<Plan> {
+    let spec = &manifest.input;
+    let (mut w, mut h) = (width, height);
+    if let Some(size) = spec.resize {
+        let size = size as u32;
+        (w, h) = if w <= h {
+            (size, (size as u64 * h as u64 / w as u64) as u32)
+        } else {
+            ((size as u64 * w as u64 / h as u64) as u32, size)
+        };
+    }
+    let crop = match spec.center_crop {
+        None => None,
+        Some(crop) => {
+            let (th, tw) = crop.hw();
+            let (th, tw) = (th as u32, tw as u32);
+            if th > h || tw > w {
+                return Err(Error::ImageInput(format!(
+                    "the image is {w}x{h} after resizing, smaller than the model's center crop {tw}x{th}; send a larger image"
+                )));
+            }
+            Some((
+                round_half_even((w - tw) as f64 / 2.0),
+                round_half_even((h - th) as f64 / 2.0),
+                tw,
+                th,
+            ))
+        }
+    };
+    Ok(Plan {
+        resized: (w, h),
+        crop,
+    })
+}
+
+/// The region of the original image that becomes the network input, as
+/// `(x, y, width, height)` in original pixels: where a CAM belongs.
+pub fn input_region(width: u32, height: u32, manifest: &Manifest) -> Result<(f64, f64, f64, f64)> {
+    let p = plan(width, height, manifest)?;
+    let sx = p.resized.0 as f64 / width as f64;
+    let sy = p.resized.1 as f64 / height as f64;
+    let (l, t, cw, ch) = p.crop.unwrap_or((0, 0, p.resized.0, p.resized.1));
+    Ok((l as f64 / sx, t as f64 / sy, cw as f64 / sx, ch as f64 / sy))
 }
 
 /// Stacks preprocessed images into an `[N, C, H, W]` tensor.

@@ -312,6 +312,71 @@ pub fn auto_scale(h: usize, w: usize) -> u32 {
     (48 / h.max(w).max(1)).clamp(1, 16) as u32
 }
 
+/// Samples an `h × w` map at a fractional position with OpenCV's bilinear
+/// rule (`cv2.resize`, `INTER_LINEAR`): pixel centres at +0.5, clamped at
+/// the borders — what pytorch-grad-cam uses to bring a CAM to image size.
+fn bilinear(map: &[f32], (h, w): (usize, usize), fy: f64, fx: f64) -> f32 {
+    let fy = fy.clamp(0.0, (h - 1) as f64);
+    let fx = fx.clamp(0.0, (w - 1) as f64);
+    let (y0, x0) = (fy.floor() as usize, fx.floor() as usize);
+    let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
+    let (ty, tx) = ((fy - y0 as f64) as f32, (fx - x0 as f64) as f32);
+    let at = |y: usize, x: usize| map[y * w + x];
+    let top = at(y0, x0) * (1.0 - tx) + at(y0, x1) * tx;
+    let bottom = at(y1, x0) * (1.0 - tx) + at(y1, x1) * tx;
+    top * (1.0 - ty) + bottom * ty
+}
+
+/// A `[0, 1]` map drawn over `region = (x, y, width, height)` of `image`:
+/// bilinearly upsampled, coloured, blended as `alpha·heat + (1 − alpha)·image`.
+/// Pixels outside the region (cut off by the model's center crop) keep the image.
+pub fn overlay(
+    image: &RgbImage,
+    map: &[f32],
+    size: (usize, usize),
+    region: (f64, f64, f64, f64),
+    alpha: f32,
+    cmap: Colormap,
+) -> RgbImage {
+    let (rx, ry, rw, rh) = region;
+    let (h, w) = size;
+    let mut out = image.clone();
+    for (px, py, pixel) in out.enumerate_pixels_mut() {
+        let (cx, cy) = (px as f64 + 0.5 - rx, py as f64 + 0.5 - ry);
+        if cx < 0.0 || cy < 0.0 || cx > rw || cy > rh {
+            continue;
+        }
+        let v = bilinear(
+            map,
+            size,
+            cy * h as f64 / rh - 0.5,
+            cx * w as f64 / rw - 0.5,
+        );
+        let heat = cmap.color(v);
+        for (out, h) in pixel.0.iter_mut().zip(heat) {
+            *out = (alpha * h as f32 + (1.0 - alpha) * *out as f32)
+                .round()
+                .clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// A `[0, 1]` map upsampled bilinearly to `out_w × out_h` and coloured.
+pub fn heatmap(
+    map: &[f32],
+    size: (usize, usize),
+    (out_w, out_h): (u32, u32),
+    cmap: Colormap,
+) -> RgbImage {
+    let (h, w) = size;
+    RgbImage::from_fn(out_w, out_h, |px, py| {
+        let fy = (py as f64 + 0.5) * h as f64 / out_h as f64 - 0.5;
+        let fx = (px as f64 + 0.5) * w as f64 / out_w as f64 - 0.5;
+        image::Rgb(cmap.color(bilinear(map, size, fy, fx)))
+    })
+}
+
 /// A version-1.0 `.npy` file of little-endian float32 values.
 pub fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims = match shape {
@@ -363,6 +428,16 @@ mod tests {
         assert_eq!(lut[255], [128, 0, 0]);
         let mid = lut[128];
         assert!(mid[1] > 200 && mid[0] > 100 && mid[2] > 100, "{mid:?}");
+    }
+
+    #[test]
+    fn bilinear_matches_opencv_on_a_two_by_two_upsample() {
+        // cv2.resize(np.float32([[0, 1], [2, 3]]), (4, 4)) first row: 0, .25, .75, 1
+        let map = [0.0, 1.0, 2.0, 3.0];
+        let row: Vec<f32> = (0..4)
+            .map(|x| bilinear(&map, (2, 2), -0.25, (x as f64 + 0.5) * 0.5 - 0.5))
+            .collect();
+        assert_eq!(row, [0.0, 0.25, 0.75, 1.0]);
     }
 
     #[test]

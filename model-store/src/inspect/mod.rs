@@ -5,3 +5,4 @@
 pub mod activations;
 pub mod embeddings;
 pub mod filters;
+pub mod grad_cam;

@@ -3,6 +3,7 @@
 pub mod activations;
 pub mod embeddings;
 pub mod filters;
+pub mod gradcam;
 pub mod health;
 pub mod inputs;
 pub mod models;
@@ -21,6 +22,7 @@ pub fn router(state: AppState) -> Router {
         .merge(predict::router())
         .merge(activations::router())
         .merge(filters::router())
+        .merge(gradcam::router())
         .merge(embeddings::router())
         .merge(inputs::router())
         .fallback(|uri: axum::http::Uri| async move {

@@ -1,0 +1,250 @@
+//! Where the model looks: the Grad-CAM family as an overlay on the uploaded
+//! image, a heatmap, or numbers.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use model_store::inspect::grad_cam::{self, Method, Target};
+use model_store::preprocess::{self, DecodeLimits};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::input::{ImageUpload, prepare_batch};
+use crate::render::{self, Colormap};
+use crate::routes::activations::png_response;
+use crate::state::AppState;
+
+/// What comes back.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Output {
+    /// The heatmap blended onto the uploaded image, at its own size (default).
+    #[default]
+    Overlay,
+    /// The heatmap alone, at the model's input size.
+    Heatmap,
+    /// The numbers.
+    Json,
+}
+
+/// Query of the Grad-CAM endpoint.
+#[derive(Debug, Deserialize)]
+pub struct CamParams {
+    /// Target layer (default: the last residual block or convolution).
+    pub layer: Option<String>,
+    /// Class index or label, or several separated by commas (default: the predicted class).
+    pub class: Option<String>,
+    /// `gradcam` (default), `gradcam++`, `hirescam`, `xgradcam`, `layercam`, `eigencam`, `scorecam`.
+    pub method: Option<String>,
+    /// `overlay` (default), `heatmap`, `json`.
+    #[serde(default)]
+    pub output: Output,
+    /// Weight of the heatmap in the overlay, 0-1 (default 0.5).
+    pub alpha: Option<f32>,
+    /// Heatmap colormap (default `jet`).
+    pub colormap: Option<Colormap>,
+    /// Ids from `POST /inputs`.
+    pub input: Option<String>,
+}
+
+/// One explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct CamResult {
+    /// Which image of the request.
+    pub image: usize,
+    /// The class explained.
+    pub class_index: usize,
+    /// Its label.
+    pub label: String,
+    /// Its logit.
+    pub score: f32,
+    /// `[H][W]` in `[0, 1]`: ReLU, then min-max per image.
+    pub cam: Vec<Vec<f32>>,
+    /// `[H][W]` before ReLU and normalisation.
+    pub raw_cam: Vec<Vec<f32>>,
+    /// Per-channel weights (gradcam, gradcam++, xgradcam, scorecam); null otherwise.
+    pub weights: Option<Vec<f32>>,
+}
+
+/// `output=json`: the first explanation's fields at the top level (the
+/// contract's shape), and every explanation in `results`.
+#[derive(Debug, Serialize)]
+pub struct CamJson {
+    /// The model.
+    pub model: String,
+    /// The target layer.
+    pub layer: String,
+    /// The method.
+    pub method: &'static str,
+    /// `[H, W]` of the layer.
+    pub shape: [usize; 2],
+    /// The first explanation.
+    #[serde(flatten)]
+    pub first: CamResult,
+    /// All of them, image by image, class by class.
+    pub results: Vec<CamResult>,
+}
+
+/// `/models/{model}/gradcam`.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/models/{model}/gradcam", get(gradcam).post(gradcam))
+}
+
+/// A class activation map for each image (and each class asked for).
+async fn gradcam(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<CamParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    let model = state.model(&model)?;
+    let layer = match &params.layer {
+        Some(l) => l.clone(),
+        None => grad_cam::default_layer(&model).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "model '{}' has no layer with a spatial output",
+                model.name()
+            ))
+        })?,
+    };
+    grad_cam::check_layer(&model, &layer).map_err(|e| match e {
+        model_store::Error::Shape { layer, reason } => {
+            ApiError::BadRequest(format!("layer '{layer}' {reason}"))
+        }
+        other => ApiError::from(other),
+    })?;
+    let method = match params.method.as_deref() {
+        None => Method::GradCam,
+        Some(m) => Method::parse(m).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "unknown method {m:?}; choose from {} (send gradcam++ as gradcam%2B%2B or gradcampp)",
+                grad_cam::METHODS.map(Method::name).join(", ")
+            ))
+        })?,
+    };
+    let alpha = params.alpha.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(ApiError::BadRequest(format!(
+            "alpha must be in [0, 1], got {alpha}"
+        )));
+    }
+    let classes: Vec<Option<usize>> = match params.class.as_deref() {
+        None | Some("") => vec![None],
+        Some(list) => list
+            .split(',')
+            .map(|c| class_index(&model.classes, c.trim()).map(Some))
+            .collect::<ApiResult<_>>()?,
+    };
+    let targets: Vec<Target> = (0..upload.images.len())
+        .flat_map(|image| classes.iter().map(move |&class| Target { image, class }))
+        .collect();
+    if targets.len() > state.settings.max_batch {
+        return Err(ApiError::TooLarge(format!(
+            "{} explanations (images × classes) in one request; the limit is {} (--max-batch)",
+            targets.len(),
+            state.settings.max_batch
+        )));
+    }
+    if params.output != Output::Json && targets.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "an overlay or heatmap shows one image and one class; ask for output=json for several"
+                .into(),
+        ));
+    }
+    let limits = DecodeLimits {
+        max_pixels: state.settings.max_pixels,
+    };
+    let cmap = params.colormap.unwrap_or(Colormap::Jet);
+    let output = params.output;
+    let m = model.clone();
+    let l = layer.clone();
+    let images = upload.images;
+    let result = state
+        .compute
+        .run(move || {
+            let x = prepare_batch(&m, &images, limits)?;
+            let set = grad_cam::grad_cam(&m, &x, &l, &targets, method)?;
+            let picture = match output {
+                Output::Json => None,
+                Output::Heatmap => {
+                    let s = &m.manifest.input;
+                    let img = render::heatmap(
+                        &set.cams[0].cam,
+                        set.shape,
+                        (s.width as u32, s.height as u32),
+                        cmap,
+                    );
+                    Some(render::encode_png(&img))
+                }
+                Output::Overlay => {
+                    let original = preprocess::decode(&images[0], limits)?.to_rgb8();
+                    let region =
+                        preprocess::input_region(original.width(), original.height(), &m.manifest)?;
+                    let img = render::overlay(
+                        &original,
+                        &set.cams[0].cam,
+                        set.shape,
+                        region,
+                        alpha,
+                        cmap,
+                    );
+                    Some(render::encode_png(&img))
+                }
+            };
+            Ok((set, picture))
+        })
+        .await?;
+    let (set, picture) = result;
+    if let Some(png) = picture {
+        return Ok(png_response(png));
+    }
+    let (h, w) = set.shape;
+    let rows = |v: &[f32]| v.chunks(w).map(<[f32]>::to_vec).collect::<Vec<_>>();
+    let results: Vec<CamResult> = set
+        .cams
+        .iter()
+        .map(|c| CamResult {
+            image: c.image,
+            class_index: c.class_index,
+            label: model.classes[c.class_index].clone(),
+            score: c.score,
+            cam: rows(&c.cam),
+            raw_cam: rows(&c.raw_cam),
+            weights: c.weights.clone(),
+        })
+        .collect();
+    let first = results[0].clone();
+    Ok(Json(CamJson {
+        model: model.name().to_string(),
+        layer: set.layer,
+        method: method.name(),
+        shape: [h, w],
+        first,
+        results,
+    })
+    .into_response())
+}
+
+/// A class given by index or by label.
+fn class_index(labels: &[String], token: &str) -> ApiResult<usize> {
+    if let Ok(i) = token.parse::<usize>()
+        && i < labels.len()
+    {
+        return Ok(i);
+    }
+    if let Some(i) = labels.iter().position(|l| l == token) {
+        return Ok(i);
+    }
+    if let Some(i) = labels.iter().position(|l| l.eq_ignore_ascii_case(token)) {
+        return Ok(i);
+    }
+    let shown: Vec<&str> = labels.iter().take(20).map(String::as_str).collect();
+    Err(ApiError::BadRequest(format!(
+        "unknown class {token:?}: give an index 0-{} or a label ({}{})",
+        labels.len() - 1,
+        shown.join(", "),
+        if labels.len() > 20 { ", ..." } else { "" }
+    )))
+}
