@@ -348,11 +348,54 @@ pub fn write_hash_model(dir: &Path, key: &str) -> Value {
 
 /// Same, letting the caller edit the manifest first (name, input size).
 pub fn write_hash_model_with(dir: &Path, key: &str, edit: impl FnOnce(&mut Value)) -> Value {
-    let mut fixture: Value = serde_json::from_slice(
-        &std::fs::read(repo().join(format!("tests/fixtures/torchvision/{key}.json"))).unwrap(),
-    )
-    .unwrap();
+    write_hash_fixture(dir, &format!("tests/fixtures/torchvision/{key}.json"), edit)
+}
+
+/// A torchvision model (`resnet18`, `vgg11`, `alexnet`) with hash weights,
+/// named `name`, for a square input of `input` pixels.
+pub fn write_hash_torchvision(dir: &Path, key: &str, name: &str, input: usize) {
+    let edit = |m: &mut Value| {
+        m["name"] = serde_json::json!(name);
+        m["input"]["height"] = serde_json::json!(input);
+        m["input"]["width"] = serde_json::json!(input);
+    };
+    if key == "alexnet" {
+        // AlexNet's tensor list is kept with the inspection fixtures.
+        let lists: Value = serde_json::from_slice(
+            &std::fs::read(repo().join("tests/fixtures/inspection/torchvision_tensors.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let tensors: Vec<Value> = lists["alexnet"]["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| serde_json::json!([t[0], t[1], false]))
+            .collect();
+        let mut fixture = serde_json::json!({
+            "manifest": {"name": name, "architecture": "torchvision.alexnet",
+                "input": {"channels": 3, "height": input, "width": input,
+                          "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}},
+            "tensors": tensors,
+        });
+        edit(&mut fixture["manifest"]);
+        write_hash_value(dir, &fixture);
+    } else {
+        write_hash_model_with(dir, key, edit);
+    }
+}
+
+/// A model from a fixture file holding `manifest` and `tensors`
+/// (`[name, shape, is_batch_norm]`), with hash weights.
+pub fn write_hash_fixture(dir: &Path, fixture_path: &str, edit: impl FnOnce(&mut Value)) -> Value {
+    let mut fixture: Value =
+        serde_json::from_slice(&std::fs::read(repo().join(fixture_path)).unwrap()).unwrap();
     edit(&mut fixture["manifest"]);
+    write_hash_value(dir, &fixture);
+    fixture
+}
+
+fn write_hash_value(dir: &Path, fixture: &Value) {
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fixture["tensors"]
         .as_array()
         .unwrap()
@@ -380,5 +423,4 @@ pub fn write_hash_model_with(dir: &Path, key: &str, edit: impl FnOnce(&mut Value
         fixture["manifest"].to_string(),
     )
     .unwrap();
-    fixture
 }

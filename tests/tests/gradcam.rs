@@ -103,54 +103,12 @@ async fn gradcam_matches_the_shared_references_for_resnet20_layer3_and_lenet5_co
     app.stop().await;
 }
 
-/// Writes a hash-weight torchvision model with the given input size.
-fn hash_model(dir: &std::path::Path, key: &str, name: &str, input: usize) {
-    if key == "alexnet" {
-        // AlexNet's tensor list comes from the inspection fixtures.
-        let lists: Value = serde_json::from_slice(
-            &std::fs::read(repo().join("tests/fixtures/inspection/torchvision_tensors.json"))
-                .unwrap(),
-        )
-        .unwrap();
-        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = lists["alexnet"]["tensors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| {
-                let n = t[0].as_str().unwrap().to_string();
-                let s: Vec<usize> = t[1]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect();
-                let data = hash_tensor(&n, &s, false);
-                (n, s, data)
-            })
-            .collect();
-        std::fs::write(
-            dir.join(format!("{name}.safetensors")),
-            safetensors(&tensors),
-        )
-        .unwrap();
-        let manifest = json!({"name": name, "architecture": "torchvision.alexnet",
-            "input": {"channels": 3, "height": input, "width": input, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}});
-        std::fs::write(dir.join(format!("{name}.json")), manifest.to_string()).unwrap();
-    } else {
-        write_hash_model_with(dir, key, |m| {
-            m["name"] = json!(name);
-            m["input"]["height"] = json!(input);
-            m["input"]["width"] = json!(input);
-        });
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn all_seven_methods_match_pytorch_grad_cam_on_resnet18_cnn_a_and_alexnet() {
     let dir = models_dir(&["cnn-a-mnist"]);
-    hash_model(dir.path(), "resnet18", "resnet18-hash", 224);
-    hash_model(dir.path(), "resnet18", "resnet18-hash-64", 64);
-    hash_model(dir.path(), "alexnet", "alexnet-hash", 128);
+    write_hash_torchvision(dir.path(), "resnet18", "resnet18-hash", 224);
+    write_hash_torchvision(dir.path(), "resnet18", "resnet18-hash-64", 64);
+    write_hash_torchvision(dir.path(), "alexnet", "alexnet-hash", 128);
     let app = TestApp::spawn(dir.path()).await;
     let (_, list) = app.get_json("/models").await;
     assert_eq!(list["load_errors"], json!([]));

@@ -6,3 +6,5 @@ pub mod activations;
 pub mod embeddings;
 pub mod filters;
 pub mod grad_cam;
+pub mod maximize;
+pub mod saliency;

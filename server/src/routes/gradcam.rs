@@ -228,7 +228,7 @@ async fn gradcam(
 }
 
 /// A class given by index or by label.
-fn class_index(labels: &[String], token: &str) -> ApiResult<usize> {
+pub fn class_index(labels: &[String], token: &str) -> ApiResult<usize> {
     if let Ok(i) = token.parse::<usize>()
         && i < labels.len()
     {

@@ -6,8 +6,10 @@ pub mod filters;
 pub mod gradcam;
 pub mod health;
 pub mod inputs;
+pub mod maximize;
 pub mod models;
 pub mod predict;
+pub mod saliency;
 
 use axum::Router;
 
@@ -23,6 +25,8 @@ pub fn router(state: AppState) -> Router {
         .merge(activations::router())
         .merge(filters::router())
         .merge(gradcam::router())
+        .merge(saliency::router())
+        .merge(maximize::router())
         .merge(embeddings::router())
         .merge(inputs::router())
         .fallback(|uri: axum::http::Uri| async move {

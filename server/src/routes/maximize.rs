@@ -1,0 +1,219 @@
+//! What input excites a channel most: activation maximisation by gradient
+//! ascent with jitter and total variation, deterministic for a seed.
+
+use axum::extract::{FromRequest, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use model_store::inspect::maximize::{self, Objective, Settings};
+use model_store::preprocess::DecodeLimits;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::input::{ImageUpload, prepare_batch};
+use crate::render;
+use crate::routes::activations::png_response;
+use crate::routes::gradcam::class_index;
+use crate::state::AppState;
+
+/// The most steps one request may run (each is a forward and a backward pass).
+pub const MAX_STEPS: usize = 1000;
+
+/// Query of the maximise endpoint.
+#[derive(Debug, Deserialize)]
+pub struct MaximizeParams {
+    /// The layer whose activation to maximise (default: the last residual
+    /// block or convolution); ignored when `class` is given.
+    pub layer: Option<String>,
+    /// The channel of `layer` (default: the mean over all channels).
+    pub channel: Option<usize>,
+    /// Maximise this class's logit instead (index or label).
+    pub class: Option<String>,
+    /// Gradient steps, 1-1000 (default 64).
+    pub steps: Option<usize>,
+    /// Step size in normalised-input units (default 0.05).
+    pub lr: Option<f32>,
+    /// Seed of the starting noise and the jitter (default 0).
+    pub seed: Option<u64>,
+    /// Largest random shift per step in pixels, 0-32 (default: 1/16 of the input size).
+    pub jitter: Option<usize>,
+    /// Weight of the total-variation penalty, ≥ 0 (default 0.1).
+    pub tv_weight: Option<f32>,
+    /// Integer upsampling of the PNG, 1-16 (default: to at least 128 px).
+    pub scale: Option<u32>,
+    /// `png` (default) or `json` (the objective curve and the image as base64 PNG).
+    pub format: Option<String>,
+    /// Start from this image (id from `POST /inputs`) instead of noise.
+    pub input: Option<String>,
+}
+
+/// `format=json`.
+#[derive(Debug, Serialize)]
+pub struct MaximizeJson {
+    /// The model.
+    pub model: String,
+    /// The layer maximised (null for a class).
+    pub layer: Option<String>,
+    /// The channel (null: the whole layer or a class).
+    pub channel: Option<usize>,
+    /// The class maximised.
+    pub class_index: Option<usize>,
+    /// The objective on the starting image.
+    pub start_objective: f32,
+    /// The objective on the result.
+    pub final_objective: f32,
+    /// The objective at each step (on the jittered image, before the penalty).
+    pub objective: Vec<f32>,
+    /// The result at the model's input size, as a base64 PNG.
+    pub image_png_base64: String,
+}
+
+/// `/models/{model}/maximize`.
+pub fn router() -> Router<AppState> {
+    Router::new().route(
+        "/models/{model}/maximize",
+        get(maximize_route).post(maximize_route),
+    )
+}
+
+/// Gradient ascent on the input from seeded noise or an uploaded image.
+async fn maximize_route(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<MaximizeParams>,
+    req: Request,
+) -> ApiResult<Response> {
+    let model = state.model(&model)?;
+    // The start image is optional: noise unless the request carries one.
+    let has_body = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v != "0")
+        || req
+            .headers()
+            .contains_key(axum::http::header::TRANSFER_ENCODING);
+    let start = if params.input.is_some() || has_body {
+        let upload = ImageUpload::from_request(req, &state).await?;
+        if upload.images.len() != 1 {
+            return Err(ApiError::BadRequest(
+                "maximize starts from at most one image".into(),
+            ));
+        }
+        Some(upload.images)
+    } else {
+        None
+    };
+    let objective = match (&params.class, &params.layer) {
+        (Some(c), _) => Objective::Class(class_index(&model.classes, c.trim())?),
+        (None, layer) => Objective::Layer {
+            layer: match layer {
+                Some(l) => l.clone(),
+                None => model_store::inspect::grad_cam::default_layer(&model)
+                    .ok_or_else(|| ApiError::BadRequest("name a layer to maximise".into()))?,
+            },
+            channel: params.channel,
+        },
+    };
+    maximize::check(&model, &objective).map_err(|e| match e {
+        model_store::Error::ImageInput(m) => ApiError::BadRequest(m),
+        other => ApiError::from(other),
+    })?;
+    let steps = params.steps.unwrap_or(64);
+    if !(1..=MAX_STEPS).contains(&steps) {
+        return Err(ApiError::BadRequest(format!(
+            "steps must be in 1..={MAX_STEPS}, got {steps}"
+        )));
+    }
+    let lr = params.lr.unwrap_or(0.05);
+    if !(lr > 0.0 && lr <= 10.0) {
+        return Err(ApiError::BadRequest(format!(
+            "lr must be in (0, 10], got {lr}"
+        )));
+    }
+    let tv_weight = params.tv_weight.unwrap_or(0.1);
+    if !(0.0..=100.0).contains(&tv_weight) {
+        return Err(ApiError::BadRequest(format!(
+            "tv_weight must be in [0, 100], got {tv_weight}"
+        )));
+    }
+    let input = &model.manifest.input;
+    let jitter = params
+        .jitter
+        .unwrap_or((input.height.min(input.width) / 16).max(1));
+    if jitter > 32 {
+        return Err(ApiError::BadRequest(format!(
+            "jitter must be in 0..=32 pixels, got {jitter}"
+        )));
+    }
+    let scale = match params.scale {
+        Some(s @ 1..=16) => s,
+        Some(s) => {
+            return Err(ApiError::BadRequest(format!(
+                "scale must be in 1..=16, got {s}"
+            )));
+        }
+        None => (128 / input.height.max(input.width).max(1)).clamp(1, 16) as u32,
+    };
+    let json = match params.format.as_deref() {
+        None | Some("png") => false,
+        Some("json") => true,
+        Some(f) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be png or json, got {f:?}"
+            )));
+        }
+    };
+    let settings = Settings {
+        objective: objective.clone(),
+        steps,
+        lr,
+        seed: params.seed.unwrap_or(0),
+        jitter,
+        tv_weight,
+    };
+    let limits = DecodeLimits {
+        max_pixels: state.settings.max_pixels,
+    };
+    let m = model.clone();
+    let (result, png) = state
+        .compute
+        .run(move || {
+            let x = match &start {
+                Some(images) => Some(prepare_batch(&m, images, limits)?),
+                None => None,
+            };
+            let r = maximize::maximize(&m, x.as_ref(), &settings)?;
+            let s = &m.manifest.input;
+            let (c, h, w) = (s.channels, s.height, s.width);
+            let planes: Vec<Vec<f32>> = r.pixels.chunks(h * w).map(<[f32]>::to_vec).collect();
+            let mut canvas = render::Canvas::new(w as u32 * scale, h as u32 * scale);
+            if c == 3 {
+                canvas.map_rgb((0, 0), [&planes[0], &planes[1], &planes[2]], (h, w), scale);
+            } else {
+                canvas.map((0, 0), &planes[0], (h, w), scale, render::Colormap::Gray);
+            }
+            Ok((r, canvas.png()))
+        })
+        .await?;
+    if !json {
+        return Ok(png_response(png));
+    }
+    let (layer, channel, class_index) = match objective {
+        Objective::Class(k) => (None, None, Some(k)),
+        Objective::Layer { layer, channel } => (Some(layer), channel, None),
+    };
+    Ok(Json(MaximizeJson {
+        model: model.name().to_string(),
+        layer,
+        channel,
+        class_index,
+        start_objective: result.start,
+        final_objective: result.end,
+        objective: result.curve,
+        image_png_base64: base64::engine::general_purpose::STANDARD.encode(png),
+    })
+    .into_response())
+}

@@ -1,0 +1,202 @@
+//! Which pixels the class score is most sensitive to: vanilla gradients and
+//! SmoothGrad, as a heatmap, an overlay on the upload, or numbers.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use model_store::inspect::saliency;
+use model_store::preprocess::{self, DecodeLimits};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::input::{ImageUpload, prepare_batch};
+use crate::render::{self, Colormap};
+use crate::routes::activations::png_response;
+use crate::routes::gradcam::{Output, class_index};
+use crate::state::AppState;
+
+/// `vanilla` or `smoothgrad`.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SaliencyMethod {
+    /// One gradient.
+    #[default]
+    Vanilla,
+    /// The mean gradient over noisy copies.
+    Smoothgrad,
+}
+
+/// Query of the saliency endpoint.
+#[derive(Debug, Deserialize)]
+pub struct SaliencyParams {
+    /// Class index or label (default: the predicted class).
+    pub class: Option<String>,
+    /// `vanilla` (default) or `smoothgrad`.
+    #[serde(default)]
+    pub method: SaliencyMethod,
+    /// SmoothGrad copies, 1-200 (default 25).
+    pub samples: Option<usize>,
+    /// SmoothGrad noise as a fraction of the input's range, 0-1 (default 0.15).
+    pub noise: Option<f32>,
+    /// SmoothGrad seed (default 0).
+    pub seed: Option<u64>,
+    /// `heatmap` (default here: the map at the model's input size), `overlay`, `json`.
+    pub output: Option<Output>,
+    /// Weight of the map in the overlay (default 0.5).
+    pub alpha: Option<f32>,
+    /// Colormap (default `gray`).
+    pub colormap: Option<Colormap>,
+    /// Ids from `POST /inputs`.
+    pub input: Option<String>,
+}
+
+/// One image's saliency.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaliencyResult {
+    /// Which image of the request.
+    pub image: usize,
+    /// The class explained.
+    pub class_index: usize,
+    /// Its label.
+    pub label: String,
+    /// Its logit.
+    pub score: f32,
+    /// `[H][W]` in `[0, 1]`: max over channels of |gradient|, min-max scaled.
+    pub saliency: Vec<Vec<f32>>,
+    /// `[C][H][W]`: ∂ logit / ∂ normalised input.
+    pub gradient: Vec<Vec<Vec<f32>>>,
+}
+
+/// `output=json`.
+#[derive(Debug, Serialize)]
+pub struct SaliencyJson {
+    /// The model.
+    pub model: String,
+    /// `vanilla` or `smoothgrad`.
+    pub method: &'static str,
+    /// `[H, W]`.
+    pub shape: [usize; 2],
+    /// The first image's result.
+    #[serde(flatten)]
+    pub first: SaliencyResult,
+    /// Every image's.
+    pub results: Vec<SaliencyResult>,
+}
+
+/// `/models/{model}/saliency`.
+pub fn router() -> Router<AppState> {
+    Router::new().route(
+        "/models/{model}/saliency",
+        get(saliency_map).post(saliency_map),
+    )
+}
+
+/// Input-gradient saliency for each image.
+async fn saliency_map(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<SaliencyParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    let model = state.model(&model)?;
+    let class = match params.class.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(class_index(&model.classes, c.trim())?),
+    };
+    let samples = match params.method {
+        SaliencyMethod::Vanilla => 0,
+        SaliencyMethod::Smoothgrad => match params.samples.unwrap_or(25) {
+            s @ 1..=200 => s,
+            s => {
+                return Err(ApiError::BadRequest(format!(
+                    "samples must be in 1..=200, got {s}"
+                )));
+            }
+        },
+    };
+    let noise = params.noise.unwrap_or(0.15);
+    if !(0.0..=1.0).contains(&noise) {
+        return Err(ApiError::BadRequest(format!(
+            "noise must be in [0, 1], got {noise}"
+        )));
+    }
+    let alpha = params.alpha.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(ApiError::BadRequest(format!(
+            "alpha must be in [0, 1], got {alpha}"
+        )));
+    }
+    let output = params.output.unwrap_or(Output::Heatmap);
+    if output != Output::Json && upload.images.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "a picture shows one image; ask for output=json for a batch".into(),
+        ));
+    }
+    let limits = DecodeLimits {
+        max_pixels: state.settings.max_pixels,
+    };
+    let cmap = params.colormap.unwrap_or(Colormap::Gray);
+    let seed = params.seed.unwrap_or(0);
+    let m = model.clone();
+    let images = upload.images;
+    let (result, picture) = state
+        .compute
+        .run(move || {
+            let x = prepare_batch(&m, &images, limits)?;
+            let classes = vec![class; images.len()];
+            let s = saliency::saliency(&m, &x, &classes, samples, noise, seed)?;
+            let size = (m.manifest.input.height, m.manifest.input.width);
+            let picture = match output {
+                Output::Json => None,
+                Output::Heatmap => Some(render::encode_png(&render::heatmap(
+                    &s.map[0],
+                    size,
+                    (size.1 as u32, size.0 as u32),
+                    cmap,
+                ))),
+                Output::Overlay => {
+                    let original = preprocess::decode(&images[0], limits)?.to_rgb8();
+                    let region =
+                        preprocess::input_region(original.width(), original.height(), &m.manifest)?;
+                    Some(render::encode_png(&render::overlay(
+                        &original, &s.map[0], size, region, alpha, cmap,
+                    )))
+                }
+            };
+            Ok((s, picture))
+        })
+        .await?;
+    if let Some(png) = picture {
+        return Ok(png_response(png));
+    }
+    let s = &model.manifest.input;
+    let (c, h, w) = (s.channels, s.height, s.width);
+    let results: Vec<SaliencyResult> = (0..result.map.len())
+        .map(|i| SaliencyResult {
+            image: i,
+            class_index: result.class_index[i],
+            label: model.classes[result.class_index[i]].clone(),
+            score: result.score[i],
+            saliency: result.map[i].chunks(w).map(<[f32]>::to_vec).collect(),
+            gradient: result.gradient[i]
+                .chunks(h * w)
+                .take(c)
+                .map(|plane| plane.chunks(w).map(<[f32]>::to_vec).collect())
+                .collect(),
+        })
+        .collect();
+    Ok(Json(SaliencyJson {
+        model: model.name().to_string(),
+        method: if samples == 0 {
+            "vanilla"
+        } else {
+            "smoothgrad"
+        },
+        shape: [h, w],
+        first: results[0].clone(),
+        results,
+    })
+    .into_response())
+}
