@@ -4,18 +4,14 @@ weights, same image, 2 threads each.
 Start the server first (`cargo run --release -- serve`; candle uses one
 thread per physical core, 2 here), then:
 
-    .venv/bin/python tools/bench/inspection.py --url http://127.0.0.1:8080
+    .venv/bin/python tools/bench/inspection_latency.py --url http://127.0.0.1:8080
 
 Prints a markdown table: median and p90 of N runs after warm-up.
 """
 
 import argparse
 import json
-import statistics
 import sys
-import time
-import urllib.request
-import uuid
 from pathlib import Path
 
 import torch
@@ -27,33 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "golden"))
 from inspection import ResNetCifar  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tools" / "bench"))
+from common import get, post_image, timed  # noqa: E402
+
 IMAGE = ROOT / "data" / "cifar10" / "samples" / "test0000_cat.png"
-
-
-def timed(fn, runs, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[int(0.9 * (len(times) - 1))]
-
-
-def post_image(url, path):
-    boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(req) as r:
-        return r.read()
-
-
-def get(url):
-    with urllib.request.urlopen(url) as r:
-        return r.read()
 
 
 def main():
