@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
@@ -16,21 +17,41 @@ pub struct Compute {
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
+    timeout: Duration,
 }
 
 impl Compute {
-    /// `slots` computations at once, `max_waiting` more queued.
-    pub fn new(slots: usize, max_waiting: usize) -> Self {
+    /// `slots` computations at once, `max_waiting` more queued, each
+    /// request answered within `timeout` (waiting included).
+    pub fn new(slots: usize, max_waiting: usize, timeout: Duration) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(slots.max(1))),
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
+            timeout,
         }
     }
 
     /// Runs `f` on a blocking thread once a slot is free. If the client
-    /// goes away while waiting, the future is dropped and the work never starts.
+    /// goes away while waiting, the future is dropped and the work never
+    /// starts. Past the timeout the client gets a 504; a computation already
+    /// running finishes in the background and keeps its slot until then, so
+    /// the pool never runs more than its slots.
     pub async fn run<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        F: FnOnce() -> ApiResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match tokio::time::timeout(self.timeout, self.run_untimed(f)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Timeout(format!(
+                "the computation did not finish within {} s (--request-timeout-secs); try a smaller request",
+                self.timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    async fn run_untimed<T, F>(&self, f: F) -> ApiResult<T>
     where
         F: FnOnce() -> ApiResult<T> + Send + 'static,
         T: Send + 'static,

@@ -33,6 +33,12 @@ pub enum ApiError {
     /// 503: the compute queue is full; retry after a moment.
     #[error("{0}")]
     Busy(String),
+    /// 504: the computation took longer than the request timeout.
+    #[error("{0}")]
+    Timeout(String),
+    /// 405: the path exists but not with this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 500: our fault; the detail is logged, not sent.
     #[error("{0}")]
     Internal(String),
@@ -49,6 +55,8 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +70,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too-large",
             ApiError::Busy(_) => "busy",
+            ApiError::Timeout(_) => "timeout",
+            ApiError::MethodNotAllowed(_) => "method-not-allowed",
             ApiError::Internal(_) => "internal",
         }
     }

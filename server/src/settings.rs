@@ -56,6 +56,14 @@ pub struct Settings {
     /// Computations allowed to wait for a slot; beyond that, 503 + Retry-After.
     #[arg(long, env = "CONVSCOPE_COMPUTE_QUEUE", default_value_t = 64)]
     pub compute_queue: usize,
+
+    /// Longest a request may wait and compute, in seconds; beyond that, 504.
+    #[arg(long, env = "CONVSCOPE_REQUEST_TIMEOUT_SECS", default_value_t = 120)]
+    pub request_timeout_secs: u64,
+
+    /// Most gradient steps one activation-maximisation request may run.
+    #[arg(long, env = "CONVSCOPE_MAX_STEPS", default_value_t = 1000)]
+    pub max_steps: usize,
 }
 
 impl Settings {
@@ -74,6 +82,8 @@ impl Settings {
             inputs_cache_bytes: 256 * 1024 * 1024,
             compute_slots: 2,
             compute_queue: 64,
+            request_timeout_secs: 120,
+            max_steps: 1000,
         }
     }
 }

@@ -42,7 +42,11 @@ impl Application {
             model_dir,
             load_failures: Arc::new(RwLock::new(failed)),
             device,
-            compute: Compute::new(settings.compute_slots, settings.compute_queue),
+            compute: Compute::new(
+                settings.compute_slots,
+                settings.compute_queue,
+                std::time::Duration::from_secs(settings.request_timeout_secs.max(1)),
+            ),
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
             inputs: Arc::new(crate::inputs::InputCache::new(settings.inputs_cache_bytes)),
             settings: Arc::new(settings.clone()),

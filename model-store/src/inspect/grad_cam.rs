@@ -160,19 +160,19 @@ pub fn check_layer(model: &LoadedModel, layer: &str) -> Result<(usize, usize, us
     crate::inspect::activations::check_layer(model, layer)?;
     let info = model.network.layer(layer).expect("checked above");
     match info.output_shape[..] {
-        [c, h, w] => Ok((c, h, w)),
+        [c, h, w] if h * w > 1 => Ok((c, h, w)),
         _ => {
             let spatial: Vec<String> = model
                 .network
                 .layers()
                 .iter()
-                .filter(|l| l.output_shape.len() == 3)
+                .filter(|l| matches!(l.output_shape[..], [_, h, w] if h * w > 1))
                 .map(|l| l.name.clone())
                 .collect();
             Err(Error::Shape {
                 layer: layer.to_string(),
                 reason: format!(
-                    "outputs {:?}, a flat vector: a class activation map needs a layer with a spatial [C, H, W] output, before flatten and global pooling; such layers: {}",
+                    "outputs {:?}, which has no spatial extent: a class activation map needs a layer with an [C, H, W] output larger than 1x1, before flatten and global pooling; such layers: {}",
                     info.output_shape,
                     spatial.join(", ")
                 ),

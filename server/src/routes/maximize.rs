@@ -18,9 +18,6 @@ use crate::routes::activations::png_response;
 use crate::routes::gradcam::class_index;
 use crate::state::AppState;
 
-/// The most steps one request may run (each is a forward and a backward pass).
-pub const MAX_STEPS: usize = 1000;
-
 /// Query of the maximise endpoint.
 #[derive(Debug, Deserialize)]
 pub struct MaximizeParams {
@@ -31,7 +28,7 @@ pub struct MaximizeParams {
     pub channel: Option<usize>,
     /// Maximise this class's logit instead (index or label).
     pub class: Option<String>,
-    /// Gradient steps, 1-1000 (default 64).
+    /// Gradient steps, 1 to `--max-steps` (default 64).
     pub steps: Option<usize>,
     /// Step size in normalised-input units (default 0.05).
     pub lr: Option<f32>,
@@ -122,9 +119,10 @@ async fn maximize_route(
         other => ApiError::from(other),
     })?;
     let steps = params.steps.unwrap_or(64);
-    if !(1..=MAX_STEPS).contains(&steps) {
+    let max_steps = state.settings.max_steps;
+    if !(1..=max_steps).contains(&steps) {
         return Err(ApiError::BadRequest(format!(
-            "steps must be in 1..={MAX_STEPS}, got {steps}"
+            "steps must be in 1..={max_steps} (--max-steps), got {steps}"
         )));
     }
     let lr = params.lr.unwrap_or(0.05);

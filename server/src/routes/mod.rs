@@ -29,6 +29,14 @@ pub fn router(state: AppState) -> Router {
         .merge(maximize::router())
         .merge(embeddings::router())
         .merge(inputs::router())
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ApiError::MethodNotAllowed(format!(
+                    "{} does not accept {method}; see the README for the endpoints",
+                    uri.path()
+                ))
+            },
+        )
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NotFound(format!(
                 "no route for {}; see the README for the endpoints",

@@ -151,8 +151,14 @@ async fn detail(
 /// (safetensors): validated as at start-up, written atomically, served at once.
 async fn register(
     State(state): State<AppState>,
-    mut multipart: Multipart,
+    multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<impl IntoResponse> {
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "send a multipart/form-data body with fields `manifest` and `weights` ({})",
+            e.body_text()
+        ))
+    })?;
     let (mut manifest, mut weights) = (None, None);
     while let Some(field) = multipart
         .next_field()
