@@ -18,6 +18,7 @@ pub struct Compute {
     waiting: Arc<AtomicUsize>,
     max_waiting: usize,
     timeout: Duration,
+    total_slots: usize,
 }
 
 impl Compute {
@@ -29,7 +30,18 @@ impl Compute {
             waiting: Arc::new(AtomicUsize::new(0)),
             max_waiting,
             timeout,
+            total_slots: slots.max(1),
         }
+    }
+
+    /// Computations waiting for a slot.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Computations holding a slot.
+    pub fn running(&self) -> usize {
+        self.total_slots - self.slots.available_permits()
     }
 
     /// Runs `f` on a blocking thread once a slot is free. If the client

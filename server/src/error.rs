@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 413: the body, batch or image is over a documented limit.
     #[error("{0}")]
     TooLarge(String),
+    /// 401: the endpoint needs the API key.
+    #[error("{0}")]
+    Unauthorized(String),
     /// 503: the compute queue is full; retry after a moment.
     #[error("{0}")]
     Busy(String),
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -69,6 +73,7 @@ impl ApiError {
             ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too-large",
+            ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Busy(_) => "busy",
             ApiError::Timeout(_) => "timeout",
             ApiError::MethodNotAllowed(_) => "method-not-allowed",

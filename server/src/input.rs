@@ -57,7 +57,14 @@ impl FromRequest<AppState> for ImageUpload {
         if let Some(ids) = cached {
             let mut upload = ImageUpload::default();
             for id in ids.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                upload.images.push(state.inputs.get(id).ok_or_else(|| {
+                let found = state.inputs.get(id);
+                let counter = if found.is_some() {
+                    &state.metrics.inputs_hits
+                } else {
+                    &state.metrics.inputs_misses
+                };
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                upload.images.push(found.ok_or_else(|| {
                     ApiError::NotFound(format!(
                         "input '{id}' is not in the inputs cache; POST the image to /inputs first (the cache keeps the most recently used {} MiB)",
                         state.inputs.max_bytes() / (1024 * 1024)

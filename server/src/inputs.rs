@@ -43,6 +43,11 @@ impl InputCache {
             .collect()
     }
 
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+
     /// The budget.
     pub fn max_bytes(&self) -> usize {
         self.max_bytes

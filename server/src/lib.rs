@@ -7,12 +7,15 @@
 //! - [`render`]: colormaps, grids, PNG and `.npy` encoding.
 //! - [`compute`]: the bounded pool model work runs on.
 //! - [`error`]: `ApiError`, answered as problem+json.
+//! - [`metrics`]: Prometheus text at `/metrics`; [`auth`]: the optional API key.
 
+pub mod auth;
 pub mod compute;
 pub mod error;
 pub mod extract;
 pub mod input;
 pub mod inputs;
+pub mod metrics;
 pub mod render;
 pub mod routes;
 pub mod settings;

@@ -57,6 +57,15 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_COMPUTE_QUEUE", default_value_t = 64)]
     pub compute_queue: usize,
 
+    /// API key: when set, registering and deleting models need
+    /// `Authorization: Bearer <key>` (health, readiness and metrics never do).
+    #[arg(long, env = "CONVSCOPE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// With an API key, require it on read endpoints too.
+    #[arg(long, env = "CONVSCOPE_PROTECT_READS", default_value_t = false)]
+    pub protect_reads: bool,
+
     /// Longest a request may wait and compute, in seconds; beyond that, 504.
     #[arg(long, env = "CONVSCOPE_REQUEST_TIMEOUT_SECS", default_value_t = 120)]
     pub request_timeout_secs: u64,
@@ -82,6 +91,8 @@ impl Settings {
             inputs_cache_bytes: 256 * 1024 * 1024,
             compute_slots: 2,
             compute_queue: 64,
+            api_key: None,
+            protect_reads: false,
             request_timeout_secs: 120,
             max_steps: 1000,
         }

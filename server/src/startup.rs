@@ -49,6 +49,7 @@ impl Application {
             ),
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
             inputs: Arc::new(crate::inputs::InputCache::new(settings.inputs_cache_bytes)),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             settings: Arc::new(settings.clone()),
         };
         let router = routes::router(state.clone())

@@ -25,6 +25,8 @@ pub struct AppState {
     pub compute: Compute,
     /// Images uploaded once with `POST /inputs`, by content hash.
     pub inputs: Arc<InputCache>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Limits and defaults.
     pub settings: Arc<Settings>,
     /// Serialises registrations and deletions so that the check for a taken

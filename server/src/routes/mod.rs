@@ -19,6 +19,7 @@ use crate::state::AppState;
 /// Every route of the API.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/metrics", axum::routing::get(crate::metrics::metrics))
         .merge(health::router())
         .merge(models::router(&state.settings))
         .merge(predict::router())
@@ -43,5 +44,13 @@ pub fn router(state: AppState) -> Router {
                 uri.path()
             ))
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_key,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .with_state(state)
 }

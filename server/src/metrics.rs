@@ -1,0 +1,193 @@
+//! Prometheus metrics, hand-rolled (a handful of counters and histograms
+//! need no dependency): requests and latency per route, method and status;
+//! the compute pool's queue; the inputs cache; the models loaded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::state::AppState;
+
+/// Latency bucket bounds in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// Everything `/metrics` reports.
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<(String, String), Histogram>>,
+    /// `?input=` lookups that found their image.
+    pub inputs_hits: AtomicU64,
+    /// `?input=` lookups that did not.
+    pub inputs_misses: AtomicU64,
+}
+
+impl Metrics {
+    fn record(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        let mut r = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *r.entry((route.to_string(), method.to_string(), status))
+            .or_default() += 1;
+        drop(r);
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        l.entry((route.to_string(), method.to_string()))
+            .or_default()
+            .observe(seconds);
+    }
+
+    /// The text exposition format, version 0.0.4.
+    pub fn render(&self, state: &AppState) -> String {
+        let mut out = String::new();
+        let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        out.push_str("# HELP convscope_http_requests_total HTTP requests by route template, method and status.\n");
+        out.push_str("# TYPE convscope_http_requests_total counter\n");
+        for ((route, method, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "convscope_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
+                label(route)
+            );
+        }
+        out.push_str("# HELP convscope_http_request_duration_seconds Time from request to response, compute included.\n");
+        out.push_str("# TYPE convscope_http_request_duration_seconds histogram\n");
+        for ((route, method), h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let l = format!("route=\"{}\",method=\"{method}\"", label(route));
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "convscope_http_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {count}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "convscope_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "convscope_http_request_duration_seconds_sum{{{l}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "convscope_http_request_duration_seconds_count{{{l}}} {}",
+                h.count
+            );
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "convscope_compute_queue_depth",
+            "Computations waiting for a compute slot.",
+            state.compute.waiting() as f64,
+        );
+        gauge(
+            &mut out,
+            "convscope_compute_running",
+            "Computations running now.",
+            state.compute.running() as f64,
+        );
+        gauge(
+            &mut out,
+            "convscope_models_loaded",
+            "Models in the store.",
+            state.registry.names().len() as f64,
+        );
+        gauge(
+            &mut out,
+            "convscope_inputs_cache_bytes",
+            "Bytes of images in the inputs cache.",
+            state.inputs.bytes() as f64,
+        );
+        counter(
+            &mut out,
+            "convscope_inputs_cache_hits_total",
+            "?input= lookups that found their image.",
+            self.inputs_hits.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "convscope_inputs_cache_misses_total",
+            "?input= lookups that did not.",
+            self.inputs_misses.load(Ordering::Relaxed),
+        );
+        out
+    }
+}
+
+/// Times every request and counts it under its route template
+/// (`/models/{model}/predict`, not one series per model name).
+pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    state.metrics.record(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&state),
+    )
+}
