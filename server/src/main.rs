@@ -10,8 +10,18 @@ use convscope::{Application, Settings};
     about = "Opens up trained convolutional networks over HTTP."
 )]
 struct Cli {
+    /// Log lines as human-readable text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "CONVSCOPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -22,13 +32,17 @@ enum Command {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
-        )
-        .init();
-    let Cli { command } = Cli::parse();
+    let Cli {
+        log_format,
+        command,
+    } = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match command {
         Command::Serve(settings) => {
             let app = match Application::build(settings).await {

@@ -6,7 +6,9 @@ use std::sync::{Arc, RwLock};
 
 use model_store::{ModelDir, Registry, parse_device};
 use tokio::net::TcpListener;
-use tower_http::trace::TraceLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use crate::compute::Compute;
 use crate::routes;
@@ -52,11 +54,25 @@ impl Application {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             settings: Arc::new(settings.clone()),
         };
+        // Outermost last: an incoming `x-request-id` is kept (a new UUID
+        // otherwise), echoed on the response, and carried by the request's
+        // log span, so one id ties a client's report to the server's log.
         let router = routes::router(state.clone())
-            .layer(axum::extract::DefaultBodyLimit::max(
-                settings.max_body_bytes,
-            ))
-            .layer(TraceLayer::new_for_http());
+            .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
+                        let id = req
+                            .headers()
+                            .get("x-request-id")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-");
+                        tracing::info_span!("request", method = %req.method(), uri = %req.uri(), request_id = %id)
+                    })
+                    .on_response(DefaultOnResponse::new().level(Level::INFO)),
+            )
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let listener = TcpListener::bind(settings.addr).await?;
         Ok(Self {
             listener,

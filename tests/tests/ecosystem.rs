@@ -316,3 +316,26 @@ async fn the_grading_script_passes_right_answers_and_fails_wrong_ones() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_ids_are_kept_or_made_and_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::spawn(dir.path()).await;
+    let r = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "grader-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "grader-42");
+    let r = app
+        .client
+        .get(app.url("/models/nope"))
+        .send()
+        .await
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    app.stop().await;
+}
