@@ -118,6 +118,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        // An error may be answered before the request body was read (too
+        // large, not multipart, unknown route); hyper then drops the
+        // connection, and a client reusing it would see a reset instead of
+        // this answer. Saying so lets every client open a fresh one.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         if matches!(self, ApiError::Busy(_)) {
             response
                 .headers_mut()
