@@ -20,6 +20,17 @@ pub struct Checkpoint {
     used: BTreeSet<String>,
     problems: Vec<String>,
     device: Device,
+    init: Option<Init>,
+}
+
+/// Fresh initialisation for tensors a checkpoint lacks (training a new
+/// model, or a new head): PyTorch's defaults, from a seeded generator.
+struct Init {
+    rng: crate::inspect::saliency::Gaussian,
+    /// Fan-in of each layer's weight, for its bias's bound.
+    fan_in: BTreeMap<String, usize>,
+    /// Tensors that were initialised rather than read.
+    initialised: Vec<String>,
 }
 
 impl Checkpoint {
@@ -66,7 +77,78 @@ impl Checkpoint {
             used: BTreeSet::new(),
             problems: Vec::new(),
             device: device.clone(),
+            init: None,
         })
+    }
+
+    /// An empty checkpoint whose every tensor is freshly initialised.
+    pub fn fresh(device: &Device, seed: u64) -> Self {
+        Self {
+            tensors: BTreeMap::new(),
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+            device: device.clone(),
+            init: None,
+        }
+        .initialising_missing(seed)
+    }
+
+    /// From now on, a missing or mis-shaped tensor is initialised as
+    /// PyTorch would (not a problem): conv and linear weights and biases
+    /// `U(-1/√fan_in, 1/√fan_in)` (kaiming-uniform with a = √5), batch-norm
+    /// weight 1, bias 0, running mean 0, running variance 1.
+    pub fn initialising_missing(mut self, seed: u64) -> Self {
+        self.init = Some(Init {
+            rng: crate::inspect::saliency::Gaussian::new(seed),
+            fan_in: BTreeMap::new(),
+            initialised: Vec::new(),
+        });
+        self
+    }
+
+    /// Names of the tensors that were initialised instead of read.
+    pub fn initialised(&self) -> &[String] {
+        self.init.as_ref().map_or(&[], |i| &i.initialised)
+    }
+
+    fn initialise(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(init) = self.init.as_mut() else {
+            return Ok(None);
+        };
+        init.initialised.push(name.to_string());
+        let (prefix, suffix) = name.rsplit_once('.').unwrap_or(("", name));
+        let n: usize = shape.iter().product();
+        let constant = |v: f32| Tensor::full(v, shape, &self.device);
+        let uniform = |init: &mut Init, bound: f64| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((init.rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
+        let t = match (suffix, shape.len()) {
+            ("running_mean", _) => constant(0.0)?,
+            ("running_var", _) => constant(1.0)?,
+            ("weight", 1) => {
+                init.fan_in.insert(prefix.to_string(), 0);
+                constant(1.0)?
+            }
+            ("weight", _) => {
+                let fan_in: usize = shape[1..].iter().product();
+                init.fan_in.insert(prefix.to_string(), fan_in);
+                let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                Tensor::from_vec(uniform(init, bound), shape, &self.device)?
+            }
+            ("bias", _) => match init.fan_in.get(prefix) {
+                // A batch norm's bias (its weight was 1-D).
+                Some(0) => constant(0.0)?,
+                Some(&fan_in) => {
+                    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                    Tensor::from_vec(uniform(init, bound), shape, &self.device)?
+                }
+                None => constant(0.0)?,
+            },
+            _ => constant(0.0)?,
+        };
+        Ok(Some(t))
     }
 
     /// The shape of a tensor without taking it (to infer class counts).
@@ -81,8 +163,24 @@ impl Checkpoint {
         match self.tensors.get(name) {
             Some(t) if t.dims() == shape => {
                 self.used.insert(name.to_string());
+                if let Some(init) = self.init.as_mut()
+                    && name.ends_with(".weight")
+                {
+                    let prefix = name.trim_end_matches(".weight").to_string();
+                    let fan_in = if shape.len() > 1 {
+                        shape[1..].iter().product()
+                    } else {
+                        0
+                    };
+                    init.fan_in.insert(prefix, fan_in);
+                }
                 Ok(t.clone())
             }
+            Some(_) if self.init.is_some() => {
+                self.used.insert(name.to_string());
+                Ok(self.initialise(name, shape)?.expect("init mode"))
+            }
+            None if self.init.is_some() => Ok(self.initialise(name, shape)?.expect("init mode")),
             Some(t) => {
                 self.used.insert(name.to_string());
                 self.problems.push(format!(

@@ -74,6 +74,10 @@ pub enum Error {
         source: candle_core::Error,
     },
 
+    /// A dataset is missing, malformed or does not fit the model.
+    #[error("dataset: {0}")]
+    Dataset(String),
+
     /// Any other candle failure (device selection, safetensors parsing).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

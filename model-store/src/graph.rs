@@ -29,8 +29,14 @@ pub enum Op {
     Pool(Pool2d),
     /// Adaptive average pooling.
     AdaptiveAvgPool(AdaptiveAvgPool2d),
-    /// Dropout: the identity at inference.
-    Dropout,
+    /// Dropout: the identity at inference; in training, zeroes elements
+    /// (or whole channels, for `Dropout2d`) with probability `p`.
+    Dropout {
+        /// Probability of zeroing.
+        p: f32,
+        /// `Dropout2d`: one draw per channel.
+        channelwise: bool,
+    },
     /// Flattens everything after the batch dimension.
     Flatten,
     /// Fully connected layer.
@@ -86,7 +92,10 @@ impl Node {
             Op::Pool(p) if p.kind == PoolKind::Max => "max_pool2d",
             Op::Pool(_) => "avg_pool2d",
             Op::AdaptiveAvgPool(_) => "adaptive_avg_pool2d",
-            Op::Dropout => "dropout",
+            Op::Dropout {
+                channelwise: false, ..
+            } => "dropout",
+            Op::Dropout { .. } => "dropout2d",
             Op::Flatten => "flatten",
             Op::Linear(_) => "linear",
             Op::Softmax => "softmax",
@@ -111,7 +120,7 @@ impl Node {
             Op::Relu6 => x.clamp(0f32, 6f32).map_err(ctx)?,
             Op::Pool(p) => p.forward(&x).map_err(ctx)?,
             Op::AdaptiveAvgPool(p) => p.forward(&x).map_err(ctx)?,
-            Op::Dropout => x,
+            Op::Dropout { .. } => x,
             Op::Flatten => x.flatten_from(1).map_err(ctx)?,
             Op::Linear(l) => l.forward(&x).map_err(ctx)?,
             Op::Softmax => softmax(&x).map_err(ctx)?,
@@ -171,7 +180,7 @@ impl Node {
                 (geo, c.params(), macs)
             }
             Op::BatchNorm(b) => (b.geometry(layer, g)?, b.params(), 0),
-            Op::Relu | Op::Relu6 | Op::Dropout | Op::Softmax => (g.clone(), 0, 0),
+            Op::Relu | Op::Relu6 | Op::Dropout { .. } | Op::Softmax => (g.clone(), 0, 0),
             Op::Pool(p) => (p.geometry(layer, g)?, 0, 0),
             Op::AdaptiveAvgPool(p) => (p.geometry(layer, g)?, 0, 0),
             Op::Flatten => {
@@ -291,6 +300,11 @@ pub struct LayerInfo {
     pub macs: u64,
 }
 
+/// Runs one node (a leaf, in training) without observers.
+pub(crate) fn forward_leaf(node: &Node, x: Tensor) -> Result<Tensor> {
+    node.forward(x, &mut crate::tap::NoTap, "input")
+}
+
 /// A built, validated network.
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -334,6 +348,11 @@ impl Network {
     /// The forward pass on an NCHW batch, observed by `tap`.
     pub fn forward(&self, x: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
         self.root.forward(x.clone(), tap, "input")
+    }
+
+    /// The module tree (training walks it with its own forward).
+    pub fn root(&self) -> &Node {
+        &self.root
     }
 
     /// Plain inference: `[N, classes]`.

@@ -5,7 +5,6 @@
 //! Shapes here exclude the batch dimension: `[C, H, W]` or `[N]`.
 
 use candle_core::{D, DType, Tensor};
-use candle_nn::Module;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -324,7 +323,9 @@ impl Conv2d {
     }
 }
 
-/// `BatchNorm2d` in eval mode, folded into a per-channel scale and shift.
+/// `BatchNorm2d`. Inference uses the running statistics folded into a
+/// per-channel scale and shift; the raw tensors are kept for training
+/// (batch statistics, running-statistics updates) and for saving.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
     /// `weight / sqrt(running_var + eps)`, shaped `[1, C, 1, 1]`.
@@ -333,6 +334,16 @@ pub struct BatchNorm2d {
     shift: Tensor,
     channels: usize,
     affine: bool,
+    /// `γ` (ones when not affine).
+    pub weight: Tensor,
+    /// `β` (zeros when not affine).
+    pub bias: Tensor,
+    /// The running mean, `[C]`.
+    pub running_mean: Tensor,
+    /// The running (unbiased) variance, `[C]`.
+    pub running_var: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
 }
 
 impl BatchNorm2d {
@@ -357,14 +368,24 @@ impl BatchNorm2d {
                 Tensor::zeros(channels, DType::F32, ck.device())?,
             )
         };
-        let scale = weight.div(&(var + eps)?.sqrt()?)?;
+        let scale = weight.div(&(&var + eps)?.sqrt()?)?;
         let shift = bias.sub(&mean.mul(&scale)?)?;
         Ok(Self {
             scale: scale.reshape((1, channels, 1, 1))?,
             shift: shift.reshape((1, channels, 1, 1))?,
             channels,
             affine,
+            weight,
+            bias,
+            running_mean: mean,
+            running_var: var,
+            eps,
         })
+    }
+
+    /// Whether `weight` and `bias` are learned (and in the checkpoint).
+    pub fn affine(&self) -> bool {
+        self.affine
     }
 
     /// Normalises an NCHW batch with the running statistics.
@@ -640,10 +661,12 @@ fn adaptive_bins(x: &Tensor, dim: usize, n: usize, out: usize) -> candle_core::R
 /// `Linear`: weight `[out, in]`, optional bias `[out]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
-    has_bias: bool,
 }
 
 impl Linear {
@@ -656,22 +679,26 @@ impl Linear {
         bias: bool,
     ) -> Result<Self> {
         let weight = ck.take(&format!("{prefix}.weight"), &[out_features, in_features])?;
-        let b = if bias {
+        let bias = if bias {
             Some(ck.take(&format!("{prefix}.bias"), &[out_features])?)
         } else {
             None
         };
         Ok(Self {
-            inner: candle_nn::Linear::new(weight, b),
+            weight,
+            bias,
             in_features,
             out_features,
-            has_bias: bias,
         })
     }
 
     /// `x · Wᵀ + b` on an `[N, in]` batch.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.inner.forward(x)
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 
     /// Output geometry; the input must be flat with `in_features` values.
@@ -702,8 +729,12 @@ impl Linear {
 
     /// Weights plus bias.
     pub fn params(&self) -> u64 {
-        (self.in_features * self.out_features + if self.has_bias { self.out_features } else { 0 })
-            as u64
+        (self.in_features * self.out_features
+            + if self.bias.is_some() {
+                self.out_features
+            } else {
+                0
+            }) as u64
     }
 
     /// Multiply-accumulates for one input.

@@ -13,6 +13,7 @@
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.
 //! - [`preprocess`]: image bytes → input tensor, as torchvision would.
 //! - [`registry`]: loaded models by name, and the models directory.
+//! - [`train`]: training jobs: datasets, optimisers, the training loop, evaluation.
 //!
 //! No HTTP here: the server crate turns these into endpoints.
 
@@ -29,6 +30,7 @@ pub mod manifest;
 pub mod preprocess;
 pub mod registry;
 pub mod tap;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use graph::{LayerInfo, Network};

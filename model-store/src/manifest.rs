@@ -362,12 +362,12 @@ pub fn validate_model_name(name: &str) -> Result<()> {
             .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'));
     if ok {
         Ok(())
     } else {
         Err(Error::Manifest(format!(
-            "name {name:?} is not a valid model name: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            "name {name:?} is not a valid model name: use 1-64 letters, digits, '.', '_', '-' or '@' (epoch snapshots are name@epoch-N), starting with a letter or digit"
         )))
     }
 }

@@ -178,6 +178,16 @@ impl ModelDir {
             path: path.clone(),
             source,
         })?;
+        // A crash mid-write leaves a hidden temp file, never a half model:
+        // clear them.
+        if let Ok(entries) = std::fs::read_dir(&path) {
+            for e in entries.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".upload-") && name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self { path })
     }
 

@@ -1,6 +1,7 @@
 //! Optional API key. Off by default, as students running the service
 //! locally expect. With `--api-key`, the endpoints that change the server
-//! (register and delete models) need `Authorization: Bearer <key>`; with
+//! (register and delete models, queue and cancel training jobs) need
+//! `Authorization: Bearer <key>`; with
 //! `--protect-reads` every other endpoint does too. Health, readiness and
 //! metrics never do, so probes and scrapers keep working.
 
@@ -20,7 +21,8 @@ fn always_open(path: &str) -> bool {
 }
 
 fn mutating(method: &Method, path: &str) -> bool {
-    (method == Method::POST && path == "/models")
+    (method == Method::POST && (path == "/models" || path == "/jobs"))
+        || (method == Method::POST && path.starts_with("/jobs/") && path.ends_with("/cancel"))
         || (method == Method::DELETE && path.starts_with("/models/"))
 }
 

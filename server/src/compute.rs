@@ -11,6 +11,13 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ApiError, ApiResult};
 
+tokio::task_local! {
+    /// Seconds of compute a request has used so far: set up by the metrics
+    /// middleware around each request, added to by [`Compute::run`], so the
+    /// per-model compute histogram needs no change to the handlers.
+    pub static COMPUTE_SECONDS: std::cell::Cell<f64>;
+}
+
 /// Cheap to clone; shared by all handlers.
 #[derive(Clone)]
 pub struct Compute {
@@ -83,12 +90,17 @@ impl Compute {
             .await
             .map_err(|_| ApiError::Internal("compute pool closed".into()))?;
         drop(guard);
-        tokio::task::spawn_blocking(move || {
+        let (result, seconds) = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            f()
+            let started = std::time::Instant::now();
+            let result = f();
+            (result, started.elapsed().as_secs_f64())
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("compute task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("compute task failed: {e}")))?;
+        // Outside a request (tests, start-up) there is no scope: nothing to add to.
+        let _ = COMPUTE_SECONDS.try_with(|total| total.set(total.get() + seconds));
+        result
     }
 }
 

@@ -24,6 +24,9 @@ pub enum ApiError {
     /// that does not decode, a manifest that does not match its weights).
     #[error("{0}")]
     Unprocessable(String),
+    /// 422 with every problem listed (`errors`): a job body, checked whole.
+    #[error("{} problem(s): {}", .0.len(), .0.join("; "))]
+    Invalid(Vec<String>),
     /// 409: the name is taken.
     #[error("{0}")]
     Conflict(String),
@@ -54,7 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_) | ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -70,7 +73,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::BadRequest(_) => "bad-request",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
-            ApiError::Unprocessable(_) => "unprocessable",
+            ApiError::Unprocessable(_) | ApiError::Invalid(_) => "unprocessable",
             ApiError::Conflict(_) => "conflict",
             ApiError::TooLarge(_) => "too-large",
             ApiError::Unauthorized(_) => "unauthorized",
@@ -90,7 +93,9 @@ impl From<model_store::Error> for ApiError {
             | E::UnknownArchitecture { .. }
             | E::Checkpoint { .. }
             | E::Shape { .. } => ApiError::Unprocessable(e.to_string()),
-            E::ImageDecode(_) | E::ImageInput(_) => ApiError::Unprocessable(e.to_string()),
+            E::ImageDecode(_) | E::ImageInput(_) | E::Dataset(_) => {
+                ApiError::Unprocessable(e.to_string())
+            }
             E::UnknownLayer { .. } => ApiError::NotFound(e.to_string()),
             E::Io { .. } | E::Forward { .. } | E::Candle(_) => ApiError::Internal(e.to_string()),
         }
@@ -107,12 +112,15 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = json!({
+        let mut body = json!({
             "type": format!("urn:convscope:problem:{}", self.slug()),
             "title": status.canonical_reason().unwrap_or("Error"),
             "status": status.as_u16(),
             "detail": detail,
         });
+        if let ApiError::Invalid(problems) = &self {
+            body["errors"] = json!(problems);
+        }
         let mut response = (status, body.to_string()).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -55,6 +55,19 @@ impl FromRequest<AppState> for ImageUpload {
             .ok()
             .and_then(|q| q.0.input);
         if let Some(ids) = cached {
+            let has_body = req
+                .headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim() != "0")
+                || req
+                    .headers()
+                    .contains_key(axum::http::header::TRANSFER_ENCODING);
+            if has_body {
+                return Err(ApiError::BadRequest(
+                    "give the image either as ?input=<id> or in the body, not both".into(),
+                ));
+            }
             let mut upload = ImageUpload::default();
             for id in ids.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 let found = state.inputs.get(id);

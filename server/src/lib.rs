@@ -6,16 +6,21 @@
 //! - [`inputs`]: the content-addressed, LRU-bounded inputs cache.
 //! - [`render`]: colormaps, grids, PNG and `.npy` encoding.
 //! - [`compute`]: the bounded pool model work runs on.
+//! - [`jobs`]: training jobs: the SQLite queue, workers, events, plots.
 //! - [`error`]: `ApiError`, answered as problem+json.
 //! - [`metrics`]: Prometheus text at `/metrics`; [`auth`]: the optional API key.
+//! - [`openapi`]: the OpenAPI 3.1 document, built with the router from the handlers.
 
 pub mod auth;
+pub mod cli;
 pub mod compute;
 pub mod error;
 pub mod extract;
 pub mod input;
 pub mod inputs;
+pub mod jobs;
 pub mod metrics;
+pub mod openapi;
 pub mod render;
 pub mod routes;
 pub mod settings;

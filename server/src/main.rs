@@ -28,6 +28,27 @@ enum LogFormat {
 enum Command {
     /// Serve the models directory over HTTP.
     Serve(Settings),
+    /// Print the OpenAPI 3.1 document (`convscope openapi > openapi/openapi.json`).
+    Openapi,
+    /// Run a training job in the foreground (the body `POST /jobs` takes),
+    /// with a progress bar; the model is written into the models directory.
+    /// Interrupted, it resumes from its last epoch when run again.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The job, as JSON.
+    job: std::path::PathBuf,
+    /// Models directory (sources for `init_from`; where the result goes).
+    #[arg(long, env = "CONVSCOPE_MODELS", default_value = "models")]
+    models: std::path::PathBuf,
+    /// Datasets directory.
+    #[arg(long, env = "CONVSCOPE_DATASETS", default_value = "data")]
+    datasets: std::path::PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "CONVSCOPE_DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 #[tokio::main]
@@ -44,6 +65,15 @@ async fn main() {
         LogFormat::Json => logs.json().init(),
     }
     match command {
+        Command::Openapi => print!("{}", convscope::openapi::document_json()),
+        Command::Train(args) => {
+            if let Err(e) =
+                convscope::cli::train(&args.job, &args.models, &args.datasets, &args.device)
+            {
+                eprintln!("convscope train: {e}");
+                std::process::exit(1);
+            }
+        }
         Command::Serve(settings) => {
             let app = match Application::build(settings).await {
                 Ok(app) => app,

@@ -43,6 +43,8 @@ impl Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<(String, String), Histogram>>,
+    /// Compute seconds per (model, route template).
+    compute: Mutex<BTreeMap<(String, String), Histogram>>,
     /// `?input=` lookups that found their image.
     pub inputs_hits: AtomicU64,
     /// `?input=` lookups that did not.
@@ -57,6 +59,13 @@ impl Metrics {
         drop(r);
         let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         l.entry((route.to_string(), method.to_string()))
+            .or_default()
+            .observe(seconds);
+    }
+
+    fn record_compute(&self, model: &str, route: &str, seconds: f64) {
+        let mut c = self.compute.lock().unwrap_or_else(|e| e.into_inner());
+        c.entry((model.to_string(), route.to_string()))
             .or_default()
             .observe(seconds);
     }
@@ -110,6 +119,33 @@ impl Metrics {
                 h.count
             );
         }
+        out.push_str("# HELP convscope_model_compute_seconds Time spent computing on the compute pool (decode, forward, backward, rendering) per model and route.\n");
+        out.push_str("# TYPE convscope_model_compute_seconds histogram\n");
+        for ((model, route), h) in self
+            .compute
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let l = format!("model=\"{}\",route=\"{}\"", label(model), label(route));
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(
+                    out,
+                    "convscope_model_compute_seconds_bucket{{{l},le=\"{bound}\"}} {count}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "convscope_model_compute_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "convscope_model_compute_seconds_sum{{{l}}} {}", h.sum);
+            let _ = writeln!(
+                out,
+                "convscope_model_compute_seconds_count{{{l}}} {}",
+                h.count
+            );
+        }
         let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
             let _ = writeln!(
                 out,
@@ -134,6 +170,24 @@ impl Metrics {
             "Computations running now.",
             state.compute.running() as f64,
         );
+        if let Ok(counts) = state.jobs.store.counts() {
+            out.push_str(
+                "# HELP convscope_jobs Training jobs by state.\n# TYPE convscope_jobs gauge\n",
+            );
+            for (status, n) in &counts {
+                let _ = writeln!(out, "convscope_jobs{{state=\"{}\"}} {n}", status.as_str());
+            }
+            let queued = counts
+                .iter()
+                .find(|(s, _)| *s == crate::jobs::store::Status::Queued)
+                .map_or(0, |(_, n)| *n);
+            gauge(
+                &mut out,
+                "convscope_job_queue_depth",
+                "Training jobs waiting for a worker.",
+                queued as f64,
+            );
+        }
         gauge(
             &mut out,
             "convscope_models_loaded",
@@ -170,8 +224,17 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = req.method().to_string();
+    let model = model_of(&route, req.uri().path(), &state);
     let started = Instant::now();
-    let response = next.run(req).await;
+    let (response, compute) = crate::compute::COMPUTE_SECONDS
+        .scope(std::cell::Cell::new(0.0), async {
+            let response = next.run(req).await;
+            (response, crate::compute::COMPUTE_SECONDS.with(|c| c.get()))
+        })
+        .await;
+    if let Some(model) = model.filter(|_| compute > 0.0) {
+        state.metrics.record_compute(&model, &route, compute);
+    }
     state.metrics.record(
         &route,
         &method,
@@ -181,7 +244,27 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     response
 }
 
-/// `GET /metrics`.
+/// The model a request is about: the `{model}` segment of its route, or the
+/// default model for `/predict`.
+fn model_of(route: &str, path: &str, state: &AppState) -> Option<String> {
+    if route == "/predict" {
+        return Some(state.settings.default_model.clone());
+    }
+    route
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(template, _)| *template == "{model}")
+        .map(|(_, name)| name.to_string())
+}
+
+/// Prometheus text format 0.0.4: requests and latency per route and status,
+/// compute time per model and route, compute queue, inputs cache, models.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "service",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", content_type = "text/plain", body = String))
+)]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(

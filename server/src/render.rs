@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use image::{ImageEncoder, RgbImage};
 
 /// A colormap name of the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Colormap {
     /// Black to white.

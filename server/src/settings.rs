@@ -33,7 +33,7 @@ pub struct Settings {
     pub max_body_bytes: usize,
 
     /// Largest `POST /models` upload (manifest + weights), in bytes.
-    #[arg(long, env = "CONVSCOPE_MAX_MODEL_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    #[arg(long, env = "CONVSCOPE_MAX_MODEL_BYTES", default_value_t = DEFAULT_MAX_MODEL_BYTES)]
     pub max_model_bytes: usize,
 
     /// Most images in one request.
@@ -73,9 +73,44 @@ pub struct Settings {
     /// Most gradient steps one activation-maximisation request may run.
     #[arg(long, env = "CONVSCOPE_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
+
+    /// Directory of training and evaluation datasets (`mnist/`, `cifar10/`,
+    /// `imagefolder/<name>/<class>/`).
+    #[arg(long, env = "CONVSCOPE_DATASETS", default_value = "data")]
+    pub datasets: PathBuf,
+
+    /// The job queue's SQLite database (default `<models>/.jobs/jobs.sqlite3`).
+    #[arg(long, env = "CONVSCOPE_JOBS_DB")]
+    pub jobs_db: Option<PathBuf>,
+
+    /// Training jobs run at once.
+    #[arg(long, env = "CONVSCOPE_TRAIN_WORKERS", default_value_t = 1)]
+    pub train_workers: usize,
+
+    /// CPU threads each training job uses (default: half the cores, at
+    /// least 1), so inference keeps the rest.
+    #[arg(long, env = "CONVSCOPE_TRAIN_THREADS")]
+    pub train_threads: Option<usize>,
 }
 
+/// Largest `POST /models` upload by default: 1 GiB (VGG-19 is 548 MB).
+pub const DEFAULT_MAX_MODEL_BYTES: usize = 1024 * 1024 * 1024;
+
 impl Settings {
+    /// The jobs database path.
+    pub fn jobs_db(&self) -> PathBuf {
+        self.jobs_db
+            .clone()
+            .unwrap_or_else(|| self.models.join(".jobs").join("jobs.sqlite3"))
+    }
+
+    /// Threads per training job.
+    pub fn train_threads(&self) -> usize {
+        self.train_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        })
+    }
+
     /// Defaults for tests and embedding: the given models directory on
     /// 127.0.0.1 with an OS-chosen port.
     pub fn for_tests(models: impl Into<PathBuf>) -> Self {
@@ -85,7 +120,7 @@ impl Settings {
             device: "cpu".into(),
             default_model: "resnet20-cifar10".into(),
             max_body_bytes: 32 * 1024 * 1024,
-            max_model_bytes: 1024 * 1024 * 1024,
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
             max_batch: 64,
             max_pixels: 40_000_000,
             inputs_cache_bytes: 256 * 1024 * 1024,
@@ -95,6 +130,10 @@ impl Settings {
             protect_reads: false,
             request_timeout_secs: 120,
             max_steps: 1000,
+            datasets: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data")),
+            jobs_db: None,
+            train_workers: 1,
+            train_threads: None,
         }
     }
 }

@@ -39,7 +39,19 @@ impl Application {
         for f in &failed {
             tracing::warn!(file = %f.file.display(), error = %f.error, "model not loaded");
         }
+        let store = crate::jobs::store::SqliteStore::open(&settings.jobs_db())?;
+        let jobs = crate::jobs::Jobs::new(
+            Arc::new(store),
+            crate::jobs::Context {
+                registry: registry.clone(),
+                model_dir: model_dir.clone(),
+                datasets: settings.datasets.clone(),
+                device: device.clone(),
+            },
+        )?;
+        jobs.start_workers(settings.train_workers, settings.train_threads());
         let state = AppState {
+            jobs,
             registry,
             model_dir,
             load_failures: Arc::new(RwLock::new(failed)),
@@ -108,9 +120,13 @@ impl Application {
         self,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
+        let jobs = self.state.jobs.clone();
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(stop)
-            .await
+            .await;
+        // A running job stops after its batch and resumes at the next start.
+        jobs.shutdown();
+        served
     }
 }
 

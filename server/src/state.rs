@@ -32,6 +32,8 @@ pub struct AppState {
     /// Serialises registrations and deletions so that the check for a taken
     /// name, the file writes and the registry update happen as one step.
     pub store_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Training jobs: queue, workers, events.
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl AppState {

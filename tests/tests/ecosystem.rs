@@ -216,6 +216,66 @@ async fn an_api_key_guards_changes_and_never_health_or_metrics() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    // Training jobs: queueing and cancelling need the key; reading them does not.
+    let job = serde_json::json!({"model_name": "keyed", "architecture": "cnn_a",
+        "dataset": "mnist", "train_limit": 640, "test_limit": 100});
+    let r = app
+        .client
+        .post(app.url("/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = app
+        .client
+        .post(app.url("/jobs"))
+        .bearer_auth("s3cret")
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let id = r.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cancel = app.url(&format!("/jobs/{id}/cancel"));
+    assert_eq!(
+        app.client
+            .post(&cancel)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    let (status, _) = app.get_json(&format!("/jobs/{id}")).await;
+    assert_eq!(status, 200, "reading a job needs no key");
+    let status = app
+        .client
+        .post(&cancel)
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert!(
+        status == 202 || status == 409,
+        "{status}: cancelled, or already done"
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
     app.stop().await;
 
     settings.protect_reads = true;

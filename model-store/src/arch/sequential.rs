@@ -89,12 +89,17 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
                 }
                 Op::AdaptiveAvgPool(AdaptiveAvgPool2d { output: (h, w) })
             }
-            LayerKind::Dropout { p } | LayerKind::Dropout2d { p } => {
-                if !(0.0..=1.0).contains(&p) {
-                    return Err(bad(format!("p must be in [0, 1], got {p}")));
-                }
-                Op::Dropout
+            LayerKind::Dropout { p } | LayerKind::Dropout2d { p } if !(0.0..=1.0).contains(&p) => {
+                return Err(bad(format!("p must be in [0, 1], got {p}")));
             }
+            LayerKind::Dropout { p } => Op::Dropout {
+                p: p as f32,
+                channelwise: false,
+            },
+            LayerKind::Dropout2d { p } => Op::Dropout {
+                p: p as f32,
+                channelwise: true,
+            },
             LayerKind::Flatten { start_dim, end_dim } => {
                 if start_dim != 1 || end_dim != -1 {
                     return Err(bad(format!(

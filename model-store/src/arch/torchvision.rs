@@ -194,10 +194,22 @@ pub(super) fn vgg(
             Op::Seq(vec![
                 linear(ck, "classifier.0", 512 * 7 * 7, 4096)?,
                 Node::named("classifier.1", Op::Relu),
-                Node::named("classifier.2", Op::Dropout),
+                Node::named(
+                    "classifier.2",
+                    Op::Dropout {
+                        p: 0.5,
+                        channelwise: false,
+                    },
+                ),
                 linear(ck, "classifier.3", 4096, 4096)?,
                 Node::named("classifier.4", Op::Relu),
-                Node::named("classifier.5", Op::Dropout),
+                Node::named(
+                    "classifier.5",
+                    Op::Dropout {
+                        p: 0.5,
+                        channelwise: false,
+                    },
+                ),
                 linear(ck, "classifier.6", 4096, num_classes)?,
             ]),
         ),
@@ -232,10 +244,22 @@ pub(super) fn alexnet(ck: &mut Checkpoint, classes: Option<usize>) -> Result<Nod
         Node::named(
             "classifier",
             Op::Seq(vec![
-                Node::named("classifier.0", Op::Dropout),
+                Node::named(
+                    "classifier.0",
+                    Op::Dropout {
+                        p: 0.5,
+                        channelwise: false,
+                    },
+                ),
                 linear(ck, "classifier.1", 256 * 6 * 6, 4096)?,
                 Node::named("classifier.2", Op::Relu),
-                Node::named("classifier.3", Op::Dropout),
+                Node::named(
+                    "classifier.3",
+                    Op::Dropout {
+                        p: 0.5,
+                        channelwise: false,
+                    },
+                ),
                 linear(ck, "classifier.4", 4096, 4096)?,
                 Node::named("classifier.5", Op::Relu),
                 linear(ck, "classifier.6", 4096, num_classes)?,

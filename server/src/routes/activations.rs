@@ -7,24 +7,27 @@
 //! from the max-pooled, ReLU'd `conv1` output, exactly what PyTorch's forward
 //! hook sees and what the course asks students to reproduce by hand.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use candle_core::Tensor;
 use model_store::inspect::activations::{self as act, LayerStats};
 use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm, LayerStatsSchema};
 use crate::render::{self, Canvas, Colormap, GridStyle, Tile};
 use crate::state::AppState;
 
 /// Output formats.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// A PNG picture (the default).
@@ -37,7 +40,7 @@ pub enum Format {
 }
 
 /// How maps are scaled to colours.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Normalize {
     /// Each channel min-max scaled on its own: every map uses the full colour range.
@@ -48,19 +51,24 @@ pub enum Normalize {
 }
 
 /// Query of `/models/{model}/activations/{layer}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LayerParams {
     /// `png` (default), `json` or `npy`.
     #[serde(default)]
+    #[param(inline)]
     pub format: Format,
     /// Channels to show, e.g. `0-15` or `3,7,9` (default: all).
     pub channels: Option<String>,
     /// `gray` (default), `viridis`, `magma`, `jet`.
+    #[param(inline)]
     pub colormap: Option<Colormap>,
     /// `channel` (default) or `layer`.
     #[serde(default)]
+    #[param(inline)]
     pub normalize: Normalize,
     /// Integer upsampling of each value, 1-64 (default: maps grow to about 48 px).
+    #[param(minimum = 1, maximum = 64)]
     pub scale: Option<u32>,
     /// Channel index above each tile (default false).
     #[serde(default)]
@@ -70,7 +78,7 @@ pub struct LayerParams {
 }
 
 /// `format=json` of one layer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LayerJson {
     /// The layer.
     pub layer: String,
@@ -81,40 +89,104 @@ pub struct LayerJson {
 }
 
 /// Query of `/models/{model}/activations`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SheetParams {
-    /// `png` (default) for the sheet, `json` for the statistics.
+    /// `png` (default) for the sheet, `json` for the statistics (`npy` is refused).
     #[serde(default)]
+    #[param(inline)]
     pub format: Format,
     /// Colormap of the sheet (default `viridis`).
+    #[param(inline)]
     pub colormap: Option<Colormap>,
     /// Ids from `POST /inputs`.
     pub input: Option<String>,
 }
 
 /// `format=json` of the whole model.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SheetJson {
     /// The model.
     pub model: String,
     /// Every named layer in forward order.
+    #[schema(value_type = Vec<LayerStatsSchema>)]
     pub layers: Vec<LayerStats>,
 }
 
 /// Activation routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/models/{model}/activations/{layer}",
-            get(layer_activation).post(layer_activation),
-        )
-        .route(
-            "/models/{model}/activations",
-            get(all_activations).post(all_activations),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(layer_activation_get, layer_activation))
+        .routes(routes!(all_activations_get, all_activations))
+}
+
+/// The named layer's output for a stored image (`?input=<id>` from `POST /inputs`).
+#[utoipa::path(
+    get,
+    path = "/models/{model}/activations/{layer}",
+    tag = "inspection",
+    params(
+        ("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"),
+        ("layer" = String, Path, description = "A layer name from `GET /models/{model}`.", example = "layer1.0.conv1"),
+        LayerParams,
+    ),
+    responses(
+        (status = 200, description = "The layer's output: a PNG grid of channel maps, JSON numbers, or `.npy` (`format`).", content(
+            (Binary = "image/png"), (LayerJson = "application/json"), (Binary = "application/octet-stream"))),
+        ImageErrors,
+    )
+)]
+async fn layer_activation_get(
+    state: State<AppState>,
+    path: ApiPath<(String, String)>,
+    query: ApiQuery<LayerParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    layer_activation(state, path, query, upload).await
+}
+
+/// Every layer at once for a stored image (`?input=<id>` from `POST /inputs`).
+#[utoipa::path(
+    get,
+    path = "/models/{model}/activations",
+    tag = "inspection",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), SheetParams),
+    responses(
+        (status = 200, description = "Every layer: a PNG sheet of channel-mean maps, or per-layer statistics as JSON (`format`).", content(
+            (Binary = "image/png"), (SheetJson = "application/json"))),
+        ImageErrors,
+    )
+)]
+async fn all_activations_get(
+    state: State<AppState>,
+    path: ApiPath<String>,
+    query: ApiQuery<SheetParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    all_activations(state, path, query, upload).await
 }
 
 /// The named layer's output for the image(s): a grid of channel maps, JSON or npy.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/activations/{layer}",
+    tag = "inspection",
+    params(
+        ("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"),
+        ("layer" = String, Path, description = "A layer name from `GET /models/{model}`.", example = "layer1.0.conv1"),
+        LayerParams,
+    ),
+    request_body(description = "The image(s): multipart `image` fields, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The layer's output: a PNG grid of channel maps, JSON numbers, or `.npy` (`format`).", content(
+            (Binary = "image/png"), (LayerJson = "application/json"), (Binary = "application/octet-stream"))),
+        ImageErrors,
+    )
+)]
 async fn layer_activation(
     State(state): State<AppState>,
     ApiPath((model, layer)): ApiPath<(String, String)>,
@@ -198,6 +270,22 @@ async fn layer_activation(
 }
 
 /// Every layer at once: a titled sheet of channel-mean maps, or statistics as JSON.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/activations",
+    tag = "inspection",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), SheetParams),
+    request_body(description = "One image: a multipart `image` field, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "Every layer: a PNG sheet of channel-mean maps, or per-layer statistics as JSON (`format`).", content(
+            (Binary = "image/png"), (SheetJson = "application/json"))),
+        ImageErrors,
+    )
+)]
 async fn all_activations(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
@@ -334,7 +422,7 @@ fn grid_of_maps(
     render::grid(&tiles, h, w, style)
 }
 
-fn check_scale(scale: Option<u32>) -> ApiResult<Option<u32>> {
+pub(crate) fn check_scale(scale: Option<u32>) -> ApiResult<Option<u32>> {
     match scale {
         Some(s) if !(1..=64).contains(&s) => Err(ApiError::BadRequest(format!(
             "scale must be an integer in 1..=64, got {s}"

@@ -4,25 +4,30 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use model_store::inspect::embeddings::{self as emb, Metric};
 use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, ImageErrors, LabelledImageForm};
 use crate::state::AppState;
 
 /// Query of the embeddings endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EmbeddingParams {
     /// The layer whose (flattened) output is the embedding; default: the
     /// input of the last linear layer (`fc2` for CNN_A).
     pub layer: Option<String>,
     /// Comma-separated: `euclidean,mse,cosine,cross_entropy,kl` (default: all).
+    #[param(example = "mse,cross_entropy")]
     pub metrics: Option<String>,
     /// Comma-separated labels, one per image, when the body carries none.
     pub labels: Option<String>,
@@ -31,7 +36,7 @@ pub struct EmbeddingParams {
 }
 
 /// Per-class results.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Classes {
     /// `class → metric → mean over ordered pairs i ≠ j of that class`.
     pub intra: BTreeMap<String, BTreeMap<&'static str, f64>>,
@@ -42,7 +47,7 @@ pub struct Classes {
 }
 
 /// `POST /models/{model}/embeddings`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EmbeddingResponse {
     /// The model.
     pub model: String,
@@ -59,11 +64,26 @@ pub struct EmbeddingResponse {
 }
 
 /// `/models/{model}/embeddings`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/models/{model}/embeddings", post(embeddings))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(embeddings))
 }
 
 /// Embeddings of the images and the distances between them.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/embeddings",
+    tag = "inspection",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "cnn-a-mnist"), EmbeddingParams),
+    request_body(description = "Images with optional labels: multipart `image` and `label` fields in order, JSON `{\"items\": [{\"image\": <base64>, \"label\": \"6\"}]}`, or `?input=` ids.", content(
+        (LabelledImageForm = "multipart/form-data"),
+        (Base64Images = "application/json"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+    )),
+    responses(
+        (status = 200, description = "Embeddings, distance matrices per metric and per-class means.", body = EmbeddingResponse),
+        ImageErrors,
+    )
+)]
 async fn embeddings(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,

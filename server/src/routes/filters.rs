@@ -6,34 +6,42 @@
 //! per output channel: the kernel of one input channel (`in_channel=N`) or
 //! their mean (the default), min-max scaled per kernel.
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use model_store::inspect::activations::parse_channels;
 use model_store::inspect::filters::{self, NoKernels};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
+use crate::openapi::{Binary, LookupErrors};
 use crate::render::{self, Colormap, GridStyle, Tile};
-use crate::routes::activations::{Format, npy_response, png_response};
+use crate::routes::activations::{Format, check_scale, npy_response, png_response};
 use crate::state::AppState;
 
 /// Query of the filters endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct FilterParams {
     /// `png` (default), `json` or `npy` (the raw weights `[O, I/groups, kh, kw]`).
     #[serde(default)]
+    #[param(inline)]
     pub format: Format,
     /// Output channels to show, e.g. `0-15` (default: all).
     pub channels: Option<String>,
     /// `mean` (default) or an input channel index; for RGB first layers,
     /// giving one draws that plane alone instead of the colour tile.
+    #[param(example = "mean")]
     pub in_channel: Option<String>,
     /// Colormap of single-plane tiles (default `gray`).
+    #[param(inline)]
     pub colormap: Option<Colormap>,
     /// Integer upsampling, 1-64 (default: kernels grow to about 48 px).
+    #[param(minimum = 1, maximum = 64)]
     pub scale: Option<u32>,
     /// Output channel index above each tile (default false).
     #[serde(default)]
@@ -41,7 +49,7 @@ pub struct FilterParams {
 }
 
 /// `format=json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct FilterJson {
     /// The layer.
     pub layer: String,
@@ -52,11 +60,26 @@ pub struct FilterJson {
 }
 
 /// `/models/{model}/filters/{layer}`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/models/{model}/filters/{layer}", get(layer_filters))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(layer_filters))
 }
 
 /// A convolution layer's kernels.
+#[utoipa::path(
+    get,
+    path = "/models/{model}/filters/{layer}",
+    tag = "inspection",
+    params(
+        ("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"),
+        ("layer" = String, Path, description = "A convolution layer from `GET /models/{model}`.", example = "conv1"),
+        FilterParams,
+    ),
+    responses(
+        (status = 200, description = "The kernels: a PNG grid, JSON weights, or `.npy` (`format`).", content(
+            (Binary = "image/png"), (FilterJson = "application/json"), (Binary = "application/octet-stream"))),
+        LookupErrors,
+    )
+)]
 async fn layer_filters(
     State(state): State<AppState>,
     ApiPath((model, layer)): ApiPath<(String, String)>,
@@ -77,6 +100,20 @@ async fn layer_filters(
         Some(spec) => parse_channels(spec, o).map_err(ApiError::BadRequest)?,
         None => (0..o).collect(),
     };
+    // Every parameter is checked whatever the format, so a bad one is
+    // refused the same way for PNG, JSON and npy.
+    let scale = check_scale(params.scale)?;
+    let plane = match params.in_channel.as_deref() {
+        None | Some("mean") => None,
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n < i => Some(n),
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "in_channel must be `mean` or an input channel in 0..{i}, got {n:?}"
+                )));
+            }
+        },
+    };
     let kernel = |c: usize| &data[c * per_kernel..(c + 1) * per_kernel];
     match params.format {
         Format::Json | Format::Npy => {
@@ -92,26 +129,7 @@ async fn layer_filters(
             })
         }
         Format::Png => {
-            let plane = match params.in_channel.as_deref() {
-                None | Some("mean") => None,
-                Some(n) => match n.parse::<usize>() {
-                    Ok(n) if n < i => Some(n),
-                    _ => {
-                        return Err(ApiError::BadRequest(format!(
-                            "in_channel must be `mean` or an input channel in 0..{i}, got {n:?}"
-                        )));
-                    }
-                },
-            };
-            let scale = match params.scale {
-                Some(s) if !(1..=64).contains(&s) => {
-                    return Err(ApiError::BadRequest(format!(
-                        "scale must be an integer in 1..=64, got {s}"
-                    )));
-                }
-                Some(s) => s,
-                None => render::auto_scale(kh, kw),
-            };
+            let scale = scale.unwrap_or_else(|| render::auto_scale(kh, kw));
             let k2 = kh * kw;
             let tiles: Vec<Tile> = selection
                 .iter()

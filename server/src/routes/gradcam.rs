@@ -1,23 +1,26 @@
 //! Where the model looks: the Grad-CAM family as an overlay on the uploaded
 //! image, a heatmap, or numbers.
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use model_store::inspect::grad_cam::{self, Method, Target};
 use model_store::preprocess::{self, DecodeLimits};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, CamMethod, ImageErrors, ImageForm};
 use crate::render::{self, Colormap};
 use crate::routes::activations::png_response;
 use crate::state::AppState;
 
 /// What comes back.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Output {
     /// The heatmap blended onto the uploaded image, at its own size (default).
@@ -30,27 +33,34 @@ pub enum Output {
 }
 
 /// Query of the Grad-CAM endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CamParams {
     /// Target layer (default: the last residual block or convolution).
+    #[param(example = "layer3")]
     pub layer: Option<String>,
     /// Class index or label, or several separated by commas (default: the predicted class).
+    #[param(example = "cat")]
     pub class: Option<String>,
     /// `gradcam` (default), `gradcam++`, `hirescam`, `xgradcam`, `layercam`, `eigencam`, `scorecam`.
+    #[param(value_type = Option<CamMethod>, inline)]
     pub method: Option<String>,
     /// `overlay` (default), `heatmap`, `json`.
     #[serde(default)]
+    #[param(inline)]
     pub output: Output,
     /// Weight of the heatmap in the overlay, 0-1 (default 0.5).
-    pub alpha: Option<f32>,
+    #[param(minimum = 0.0, maximum = 1.0, default = 0.5)]
+    pub alpha: Option<f64>,
     /// Heatmap colormap (default `jet`).
+    #[param(inline)]
     pub colormap: Option<Colormap>,
     /// Ids from `POST /inputs`.
     pub input: Option<String>,
 }
 
 /// One explanation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CamResult {
     /// Which image of the request.
     pub image: usize,
@@ -70,7 +80,7 @@ pub struct CamResult {
 
 /// `output=json`: the first explanation's fields at the top level (the
 /// contract's shape), and every explanation in `results`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct CamJson {
     /// The model.
     pub model: String,
@@ -88,11 +98,48 @@ pub struct CamJson {
 }
 
 /// `/models/{model}/gradcam`.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/models/{model}/gradcam", get(gradcam).post(gradcam))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(gradcam_get, gradcam))
+}
+
+/// A class activation map for a stored image (`?input=<id>` from `POST /inputs`).
+#[utoipa::path(
+    get,
+    path = "/models/{model}/gradcam",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), CamParams),
+    responses(
+        (status = 200, description = "An RGB overlay at the image's own size, the heatmap at the model's input size (both PNG), or JSON (`output`).", content(
+            (Binary = "image/png"), (CamJson = "application/json"))),
+        ImageErrors,
+    )
+)]
+async fn gradcam_get(
+    state: State<AppState>,
+    path: ApiPath<String>,
+    query: ApiQuery<CamParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    gradcam(state, path, query, upload).await
 }
 
 /// A class activation map for each image (and each class asked for).
+#[utoipa::path(
+    post,
+    path = "/models/{model}/gradcam",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), CamParams),
+    request_body(description = "The image(s): multipart `image` fields, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "An RGB overlay at the image's own size, the heatmap at the model's input size (both PNG), or JSON (`output`).", content(
+            (Binary = "image/png"), (CamJson = "application/json"))),
+        ImageErrors,
+    )
+)]
 async fn gradcam(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
@@ -130,6 +177,7 @@ async fn gradcam(
             "alpha must be in [0, 1], got {alpha}"
         )));
     }
+    let alpha = alpha as f32;
     let classes: Vec<Option<usize>> = match params.class.as_deref() {
         None | Some("") => vec![None],
         Some(list) => list

@@ -1,26 +1,51 @@
 //! Liveness and readiness.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::AppState;
 
-/// `GET /healthz`, `GET /readyz`.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
-/// Liveness: the process answers.
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
+    /// Models loaded.
+    pub models: usize,
+}
+
+/// `GET /healthz`, `GET /readyz`.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// Liveness: the process answers (never needs an API key).
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is up.", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 /// Readiness: the model store is loaded (the server binds only after it
 /// is, so once this answers it is 200) and how many models it holds.
-async fn readyz(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"status": "ready", "models": state.registry.names().len()}))
+#[utoipa::path(get, path = "/readyz", tag = "service", responses((status = 200, description = "The model store is loaded.", body = Ready)))]
+async fn readyz(State(state): State<AppState>) -> Json<Ready> {
+    Json(Ready {
+        status: "ready",
+        models: state.registry.names().len(),
+    })
 }

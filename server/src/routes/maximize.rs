@@ -1,53 +1,72 @@
 //! What input excites a channel most: activation maximisation by gradient
 //! ascent with jitter and total variation, deterministic for a seed.
 
+use axum::Json;
 use axum::extract::{FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use base64::Engine;
 use model_store::inspect::maximize::{self, Objective, Settings};
 use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::render;
 use crate::routes::activations::png_response;
 use crate::routes::gradcam::class_index;
 use crate::state::AppState;
 
 /// Query of the maximise endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MaximizeParams {
     /// The layer whose activation to maximise (default: the last residual
     /// block or convolution); ignored when `class` is given.
     pub layer: Option<String>,
     /// The channel of `layer` (default: the mean over all channels).
+    #[param(minimum = 0)]
     pub channel: Option<usize>,
     /// Maximise this class's logit instead (index or label).
     pub class: Option<String>,
-    /// Gradient steps, 1 to `--max-steps` (default 64).
+    /// Gradient steps, 1 to `--max-steps` (default 64, or `--max-steps` when lower).
+    #[param(minimum = 1, default = 64)]
     pub steps: Option<usize>,
-    /// Step size in normalised-input units (default 0.05).
-    pub lr: Option<f32>,
+    /// Step size in normalised-input units, in (0, 10] (default 0.05).
+    #[param(exclusive_minimum = 0.0, maximum = 10.0, default = 0.05)]
+    pub lr: Option<f64>,
     /// Seed of the starting noise and the jitter (default 0).
-    pub seed: Option<u64>,
+    #[param(minimum = 0, default = 0)]
+    pub seed: Option<i64>,
     /// Largest random shift per step in pixels, 0-32 (default: 1/16 of the input size).
+    #[param(minimum = 0, maximum = 32)]
     pub jitter: Option<usize>,
-    /// Weight of the total-variation penalty, ≥ 0 (default 0.1).
-    pub tv_weight: Option<f32>,
+    /// Weight of the total-variation penalty, 0-100 (default 0.1).
+    #[param(minimum = 0.0, maximum = 100.0, default = 0.1)]
+    pub tv_weight: Option<f64>,
     /// Integer upsampling of the PNG, 1-16 (default: to at least 128 px).
+    #[param(minimum = 1, maximum = 16)]
     pub scale: Option<u32>,
     /// `png` (default) or `json` (the objective curve and the image as base64 PNG).
+    #[param(pattern = "^(png|json)$", example = "png")]
     pub format: Option<String>,
     /// Start from this image (id from `POST /inputs`) instead of noise.
     pub input: Option<String>,
 }
 
+/// A seed from the query: any non-negative 64-bit integer (signed on the
+/// wire, as JSON Schema's `int64`), 0 by default.
+pub(crate) fn seed(seed: Option<i64>) -> ApiResult<u64> {
+    u64::try_from(seed.unwrap_or(0))
+        .map_err(|_| ApiError::Unprocessable("seed must be 0 or more".into()))
+}
+
 /// `format=json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct MaximizeJson {
     /// The model.
     pub model: String,
@@ -68,14 +87,48 @@ pub struct MaximizeJson {
 }
 
 /// `/models/{model}/maximize`.
-pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/models/{model}/maximize",
-        get(maximize_route).post(maximize_route),
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(maximize_get, maximize_route))
+}
+
+/// Gradient ascent on the input from seeded noise (or a stored image, `?input=<id>`).
+#[utoipa::path(
+    get,
+    path = "/models/{model}/maximize",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), MaximizeParams),
+    responses(
+        (status = 200, description = "The input that excites the target most, as PNG, or the objective curve and image as JSON (`format`).", content(
+            (Binary = "image/png"), (MaximizeJson = "application/json"))),
+        ImageErrors,
     )
+)]
+async fn maximize_get(
+    state: State<AppState>,
+    path: ApiPath<String>,
+    query: ApiQuery<MaximizeParams>,
+    req: Request,
+) -> ApiResult<Response> {
+    maximize_route(state, path, query, req).await
 }
 
 /// Gradient ascent on the input from seeded noise or an uploaded image.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/maximize",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), MaximizeParams),
+    request_body(description = "Optional start image instead of noise: a multipart `image` field, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The input that excites the target most, as PNG, or the objective curve and image as JSON (`format`).", content(
+            (Binary = "image/png"), (MaximizeJson = "application/json"))),
+        ImageErrors,
+    )
+)]
 async fn maximize_route(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
@@ -118,8 +171,9 @@ async fn maximize_route(
         model_store::Error::ImageInput(m) => ApiError::BadRequest(m),
         other => ApiError::from(other),
     })?;
-    let steps = params.steps.unwrap_or(64);
     let max_steps = state.settings.max_steps;
+    // The default never exceeds the server's limit.
+    let steps = params.steps.unwrap_or(64.min(max_steps));
     if !(1..=max_steps).contains(&steps) {
         return Err(ApiError::BadRequest(format!(
             "steps must be in 1..={max_steps} (--max-steps), got {steps}"
@@ -137,6 +191,7 @@ async fn maximize_route(
             "tv_weight must be in [0, 100], got {tv_weight}"
         )));
     }
+    let (lr, tv_weight) = (lr as f32, tv_weight as f32);
     let input = &model.manifest.input;
     let jitter = params
         .jitter
@@ -168,7 +223,7 @@ async fn maximize_route(
         objective: objective.clone(),
         steps,
         lr,
-        seed: params.seed.unwrap_or(0),
+        seed: seed(params.seed)?,
         jitter,
         tv_weight,
     };

@@ -1,4 +1,6 @@
-//! One module per resource, each with its own `router()`.
+//! One module per resource, each with its own `router()`. Every handler is
+//! annotated for OpenAPI and routed with `routes!`, so `api_router` yields
+//! the router and the document together.
 
 pub mod activations;
 pub mod embeddings;
@@ -6,22 +8,31 @@ pub mod filters;
 pub mod gradcam;
 pub mod health;
 pub mod inputs;
+pub mod jobs;
 pub mod maximize;
 pub mod models;
+pub mod pages;
 pub mod predict;
 pub mod saliency;
 
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
+use crate::openapi::ApiDoc;
 use crate::state::AppState;
 
-/// Every route of the API.
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", axum::routing::get(crate::metrics::metrics))
+/// Every documented route, before state and middleware. `max_model_bytes`
+/// bounds `POST /models` uploads (it does not change the document).
+pub fn api_router_with(max_model_bytes: usize) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(crate::metrics::metrics))
+        .routes(routes!(crate::openapi::openapi_json))
+        .merge(pages::router())
         .merge(health::router())
-        .merge(models::router(&state.settings))
+        .merge(models::router(max_model_bytes))
         .merge(predict::router())
         .merge(activations::router())
         .merge(filters::router())
@@ -30,17 +41,29 @@ pub fn router(state: AppState) -> Router {
         .merge(maximize::router())
         .merge(embeddings::router())
         .merge(inputs::router())
+        .merge(jobs::router())
+}
+
+/// The documented routes with the default upload limit (for the document).
+pub fn api_router() -> OpenApiRouter<AppState> {
+    api_router_with(crate::settings::DEFAULT_MAX_MODEL_BYTES)
+}
+
+/// Every route of the API, with fallbacks, auth and metrics.
+pub fn router(state: AppState) -> Router {
+    let (routes, _) = api_router_with(state.settings.max_model_bytes).split_for_parts();
+    routes
         .method_not_allowed_fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
                 ApiError::MethodNotAllowed(format!(
-                    "{} does not accept {method}; see the README for the endpoints",
+                    "{} does not accept {method}; see /docs for the endpoints",
                     uri.path()
                 ))
             },
         )
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::NotFound(format!(
-                "no route for {}; see the README for the endpoints",
+                "no route for {}; see /docs for the endpoints",
                 uri.path()
             ))
         })

@@ -2,21 +2,23 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use model_store::{LayerInfo, LoadedModel};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, body_error};
-use crate::settings::Settings;
+use crate::openapi::{Binary, LookupErrors, Problem};
 use crate::state::AppState;
 
 /// One model in `GET /models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelEntry {
     /// Name in URLs.
     pub name: String,
@@ -31,7 +33,7 @@ pub struct ModelEntry {
 }
 
 /// Input size and preprocessing.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct InputInfo {
     /// 1 or 3.
     pub channels: usize,
@@ -50,7 +52,7 @@ pub struct InputInfo {
 }
 
 /// `GET /models`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelList {
     /// Loaded models, by name.
     pub models: Vec<ModelEntry>,
@@ -61,7 +63,7 @@ pub struct ModelList {
 }
 
 /// A model file that did not load.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LoadError {
     /// The manifest file name.
     pub file: String,
@@ -70,7 +72,7 @@ pub struct LoadError {
 }
 
 /// A row of the per-layer table.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct LayerRow {
     /// Module path, usable as `{layer}` in inspection URLs.
     pub name: String,
@@ -81,15 +83,35 @@ pub struct LayerRow {
     /// Learned parameters in this layer (and inside it, for blocks).
     pub params: u64,
     /// Input pixels one output unit sees (an integer, or `[h, w]` when not square).
-    pub receptive_field: serde_json::Value,
+    pub receptive_field: Extent,
     /// Input pixels between neighbouring output units (same form).
-    pub jump: serde_json::Value,
+    pub jump: Extent,
     /// Multiply-accumulates per image (conv and linear; blocks sum their children).
     pub macs: u64,
 }
 
+/// A size in pixels: one integer when square, `[h, w]` otherwise.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Extent {
+    /// Height = width.
+    Square(usize),
+    /// `[h, w]`.
+    Rect([usize; 2]),
+}
+
+/// The multipart body of `POST /models`.
+#[derive(ToSchema)]
+pub struct RegisterForm {
+    /// The manifest (JSON, as in the contract's "Model manifest").
+    #[schema(example = json!({"name": "my-net", "architecture": "resnet20-cifar", "input": {"channels": 3, "height": 32, "width": 32}, "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}))]
+    pub manifest: String,
+    /// The `.safetensors` file with PyTorch `state_dict` names.
+    pub weights: Binary,
+}
+
 /// `GET /models/{model}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ModelDetail {
     /// Everything in the list entry.
     #[serde(flatten)]
@@ -105,18 +127,28 @@ pub struct ModelDetail {
 }
 
 /// `/models`, `/models/{model}`.
-pub fn router(settings: &Settings) -> Router<AppState> {
-    Router::new()
-        .route(
-            "/models",
-            get(list)
-                .post(register)
-                .layer(DefaultBodyLimit::max(settings.max_model_bytes)),
-        )
-        .route("/models/{model}", get(detail).delete(unregister))
+pub fn router(max_model_bytes: usize) -> OpenApiRouter<AppState> {
+    // The upload limit applies to registration only; other bodies keep
+    // `--max-body-bytes`.
+    let register = OpenApiRouter::new()
+        .routes(routes!(register))
+        .layer(DefaultBodyLimit::max(max_model_bytes));
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .merge(register)
+        .routes(routes!(detail, unregister))
 }
 
 /// Lists the loaded models and any that failed to load.
+#[utoipa::path(
+    get,
+    path = "/models",
+    tag = "models",
+    responses(
+        (status = 200, description = "The loaded models.", body = ModelList),
+        (status = 401, description = "Reads are protected (`--protect-reads`): send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let default_model = state.default_model().ok().map(|m| m.name().to_string());
     let load_errors = state
@@ -140,6 +172,13 @@ async fn list(State(state): State<AppState>) -> Json<ModelList> {
 }
 
 /// Describes one model, with its per-layer table.
+#[utoipa::path(
+    get,
+    path = "/models/{model}",
+    tag = "models",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10")),
+    responses((status = 200, description = "The model, its layers and classes.", body = ModelDetail), LookupErrors)
+)]
 async fn detail(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -149,6 +188,23 @@ async fn detail(
 
 /// Registers a model from multipart `manifest` (JSON) and `weights`
 /// (safetensors): validated as at start-up, written atomically, served at once.
+#[utoipa::path(
+    post,
+    path = "/models",
+    tag = "models",
+    request_body(content = RegisterForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Registered and serving; `Location` names it.", body = ModelDetail,
+         headers(("location" = String, description = "`/models/{name}`"))),
+        (status = 400, description = "Not a multipart body with `manifest` and `weights`.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A model of that name exists.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Over `--max-model-bytes`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The manifest is invalid or does not match the weights; `detail` names every tensor.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The compute queue is full; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "Loading ran past `--request-timeout-secs`.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn register(
     State(state): State<AppState>,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
@@ -214,6 +270,18 @@ async fn register(
 }
 
 /// Unregisters a model and deletes its files.
+#[utoipa::path(
+    delete,
+    path = "/models/{model}",
+    tag = "models",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "my-net")),
+    responses(
+        (status = 204, description = "Unregistered; its files are gone."),
+        (status = 400, description = "The name is malformed.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such model.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn unregister(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
@@ -263,9 +331,9 @@ fn describe(m: &Arc<LoadedModel>) -> ModelDetail {
 fn row(l: &LayerInfo) -> LayerRow {
     let pair = |(h, w): (usize, usize)| {
         if h == w {
-            serde_json::json!(h)
+            Extent::Square(h)
         } else {
-            serde_json::json!([h, w])
+            Extent::Rect([h, w])
         }
     };
     LayerRow {

@@ -2,26 +2,33 @@
 
 use std::time::Instant;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::post;
-use axum::{Json, Router};
 use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::state::AppState;
 
 /// Query of the predict endpoints.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PredictParams {
-    /// How many classes to return per image (default 5, at most the class count).
+    /// How many classes to return per image (default 5; more than the class count gives them all).
+    #[param(minimum = 1, default = 5, example = 5)]
     pub top_k: Option<usize>,
+    /// Ids from `POST /inputs` (comma-separated for a batch) instead of a body.
+    pub input: Option<String>,
 }
 
 /// One class of a prediction.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ClassScore {
     /// Output index.
     pub class_index: usize,
@@ -34,14 +41,14 @@ pub struct ClassScore {
 }
 
 /// The prediction for one image.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Prediction {
     /// Highest probabilities first.
     pub top_k: Vec<ClassScore>,
 }
 
 /// `POST /models/{model}/predict`, `POST /predict`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct PredictResponse {
     /// The model that answered.
     pub model: String,
@@ -52,13 +59,29 @@ pub struct PredictResponse {
 }
 
 /// Predict routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/predict", post(predict_default))
-        .route("/models/{model}/predict", post(predict_model))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(predict_default))
+        .routes(routes!(predict_model))
 }
 
 /// Classifies images with the named model; several `image` fields are one batch.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/predict",
+    tag = "predict",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), PredictParams),
+    request_body(description = "The image(s): multipart `image` fields, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The top classes of each image, in request order.", body = PredictResponse,
+         example = json!({"model": "resnet20-cifar10", "predictions": [{"top_k": [{"class_index": 3, "label": "cat", "probability": 0.93, "logit": 7.1}]}], "elapsed_ms": 4.2})),
+        ImageErrors,
+    )
+)]
 async fn predict_model(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
@@ -69,7 +92,22 @@ async fn predict_model(
     predict(state, model, params, upload).await
 }
 
-/// Classifies images with the default model.
+/// Classifies images with the default model (`--default-model`).
+#[utoipa::path(
+    post,
+    path = "/predict",
+    tag = "predict",
+    params(PredictParams),
+    request_body(description = "The image(s): multipart `image` fields, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The top classes of each image, in request order.", body = PredictResponse),
+        ImageErrors,
+    )
+)]
 async fn predict_default(
     State(state): State<AppState>,
     ApiQuery(params): ApiQuery<PredictParams>,

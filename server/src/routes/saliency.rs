@@ -1,24 +1,27 @@
 //! Which pixels the class score is most sensitive to: vanilla gradients and
 //! SmoothGrad, as a heatmap, an overlay on the upload, or numbers.
 
+use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use model_store::inspect::saliency;
 use model_store::preprocess::{self, DecodeLimits};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
+use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::render::{self, Colormap};
 use crate::routes::activations::png_response;
 use crate::routes::gradcam::{Output, class_index};
 use crate::state::AppState;
 
 /// `vanilla` or `smoothgrad`.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SaliencyMethod {
     /// One gradient.
@@ -29,31 +32,40 @@ pub enum SaliencyMethod {
 }
 
 /// Query of the saliency endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SaliencyParams {
     /// Class index or label (default: the predicted class).
+    #[param(example = "cat")]
     pub class: Option<String>,
     /// `vanilla` (default) or `smoothgrad`.
     #[serde(default)]
+    #[param(inline)]
     pub method: SaliencyMethod,
     /// SmoothGrad copies, 1-200 (default 25).
+    #[param(minimum = 1, maximum = 200, default = 25)]
     pub samples: Option<usize>,
     /// SmoothGrad noise as a fraction of the input's range, 0-1 (default 0.15).
-    pub noise: Option<f32>,
+    #[param(minimum = 0.0, maximum = 1.0, default = 0.15)]
+    pub noise: Option<f64>,
     /// SmoothGrad seed (default 0).
-    pub seed: Option<u64>,
+    #[param(minimum = 0, default = 0)]
+    pub seed: Option<i64>,
     /// `heatmap` (default here: the map at the model's input size), `overlay`, `json`.
+    #[param(inline)]
     pub output: Option<Output>,
-    /// Weight of the map in the overlay (default 0.5).
-    pub alpha: Option<f32>,
+    /// Weight of the map in the overlay, 0-1 (default 0.5).
+    #[param(minimum = 0.0, maximum = 1.0, default = 0.5)]
+    pub alpha: Option<f64>,
     /// Colormap (default `gray`).
+    #[param(inline)]
     pub colormap: Option<Colormap>,
     /// Ids from `POST /inputs`.
     pub input: Option<String>,
 }
 
 /// One image's saliency.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct SaliencyResult {
     /// Which image of the request.
     pub image: usize,
@@ -70,7 +82,7 @@ pub struct SaliencyResult {
 }
 
 /// `output=json`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct SaliencyJson {
     /// The model.
     pub model: String,
@@ -86,14 +98,48 @@ pub struct SaliencyJson {
 }
 
 /// `/models/{model}/saliency`.
-pub fn router() -> Router<AppState> {
-    Router::new().route(
-        "/models/{model}/saliency",
-        get(saliency_map).post(saliency_map),
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(saliency_get, saliency_map))
+}
+
+/// Input-gradient saliency for a stored image (`?input=<id>` from `POST /inputs`).
+#[utoipa::path(
+    get,
+    path = "/models/{model}/saliency",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), SaliencyParams),
+    responses(
+        (status = 200, description = "The saliency map as a PNG heatmap or overlay, or JSON (`output`).", content(
+            (Binary = "image/png"), (SaliencyJson = "application/json"))),
+        ImageErrors,
     )
+)]
+async fn saliency_get(
+    state: State<AppState>,
+    path: ApiPath<String>,
+    query: ApiQuery<SaliencyParams>,
+    upload: ImageUpload,
+) -> ApiResult<Response> {
+    saliency_map(state, path, query, upload).await
 }
 
 /// Input-gradient saliency for each image.
+#[utoipa::path(
+    post,
+    path = "/models/{model}/saliency",
+    tag = "gradients",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "resnet20-cifar10"), SaliencyParams),
+    request_body(description = "The image(s): multipart `image` fields, a raw image body, or base64 JSON.", content(
+        (ImageForm = "multipart/form-data"),
+        (Binary = "image/png"), (Binary = "image/jpeg"), (Binary = "image/webp"), (Binary = "image/bmp"), (Binary = "image/gif"),
+        (Base64Images = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "The saliency map as a PNG heatmap or overlay, or JSON (`output`).", content(
+            (Binary = "image/png"), (SaliencyJson = "application/json"))),
+        ImageErrors,
+    )
+)]
 async fn saliency_map(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
@@ -105,16 +151,18 @@ async fn saliency_map(
         None | Some("") => None,
         Some(c) => Some(class_index(&model.classes, c.trim())?),
     };
+    // Checked whatever the method, so a bad value never passes silently.
+    let samples = match params.samples.unwrap_or(25) {
+        s @ 1..=200 => s,
+        s => {
+            return Err(ApiError::BadRequest(format!(
+                "samples must be in 1..=200, got {s}"
+            )));
+        }
+    };
     let samples = match params.method {
         SaliencyMethod::Vanilla => 0,
-        SaliencyMethod::Smoothgrad => match params.samples.unwrap_or(25) {
-            s @ 1..=200 => s,
-            s => {
-                return Err(ApiError::BadRequest(format!(
-                    "samples must be in 1..=200, got {s}"
-                )));
-            }
-        },
+        SaliencyMethod::Smoothgrad => samples,
     };
     let noise = params.noise.unwrap_or(0.15);
     if !(0.0..=1.0).contains(&noise) {
@@ -128,6 +176,7 @@ async fn saliency_map(
             "alpha must be in [0, 1], got {alpha}"
         )));
     }
+    let (alpha, noise) = (alpha as f32, noise as f32);
     let output = params.output.unwrap_or(Output::Heatmap);
     if output != Output::Json && upload.images.len() > 1 {
         return Err(ApiError::BadRequest(
@@ -138,7 +187,7 @@ async fn saliency_map(
         max_pixels: state.settings.max_pixels,
     };
     let cmap = params.colormap.unwrap_or(Colormap::Gray);
-    let seed = params.seed.unwrap_or(0);
+    let seed = crate::routes::maximize::seed(params.seed)?;
     let m = model.clone();
     let images = upload.images;
     let (result, picture) = state

@@ -1,0 +1,347 @@
+//! A network being trained: the same module tree the server runs, with its
+//! parameters swapped for candle `Var`s, and a forward pass with the
+//! training-mode behaviour of PyTorch modules (batch-norm batch statistics
+//! and running-statistics updates, dropout).
+//!
+//! Frozen layers keep plain tensors, so no gradient reaches them and the
+//! optimiser never sees them; batch norms inside them run in eval mode, so
+//! not even their running statistics move: a frozen layer is bit-identical
+//! after training.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::graph::{Network, Node, Op};
+use crate::layers::softmax;
+
+use super::Rng;
+
+/// One trainable parameter: its `state_dict` name and its variable.
+#[derive(Clone)]
+pub struct Param {
+    /// `layer3.0.conv1.weight`.
+    pub name: String,
+    /// The variable the layers read.
+    pub var: Var,
+}
+
+/// The module tree with trainable parameters.
+pub struct TrainNet {
+    root: Node,
+    params: Vec<Param>,
+    /// Running statistics of trainable batch norms, updated in place.
+    buffers: HashMap<String, Var>,
+    /// Batches seen by each batch norm in training (PyTorch's
+    /// `num_batches_tracked`), saved with the checkpoint.
+    batches_tracked: i64,
+}
+
+/// Whether `name` lies inside one of the frozen layers.
+pub fn is_frozen(name: &str, freeze: &[String]) -> bool {
+    freeze
+        .iter()
+        .any(|f| name == f || name.starts_with(&format!("{f}.")))
+}
+
+impl TrainNet {
+    /// Makes every parameter outside `freeze` a variable.
+    pub fn new(network: &Network, freeze: &[String]) -> Result<Self> {
+        let mut root = network.root().clone();
+        let mut params = Vec::new();
+        let mut buffers = HashMap::new();
+        make_vars(&mut root, "", freeze, &mut params, &mut buffers)?;
+        Ok(Self {
+            root,
+            params,
+            buffers,
+            batches_tracked: 0,
+        })
+    }
+
+    /// The trainable parameters, in module order.
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// Running statistics of the trainable batch norms, by `state_dict` name.
+    pub fn buffers(&self) -> &HashMap<String, Var> {
+        &self.buffers
+    }
+
+    /// Batches trained so far (restored on resume).
+    pub fn batches_tracked(&self) -> i64 {
+        self.batches_tracked
+    }
+
+    /// Sets the batch count (on resume).
+    pub fn set_batches_tracked(&mut self, n: i64) {
+        self.batches_tracked = n;
+    }
+
+    /// The forward pass; `rng` is `Some` in training mode (dropout draws,
+    /// batch statistics), `None` for evaluation.
+    pub fn forward(&mut self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let training = rng.is_some();
+        if training {
+            self.batches_tracked += 1;
+        }
+        let mut ctx = Ctx {
+            rng,
+            buffers: &self.buffers,
+        };
+        forward(&self.root, x.clone(), &mut ctx, "input")
+    }
+
+    /// Every tensor of the `state_dict`, as PyTorch names it (frozen ones
+    /// included), ready to save as safetensors.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        collect(&self.root, &mut out);
+        let tracked =
+            Tensor::new(&[self.batches_tracked], &candle_core::Device::Cpu)?.reshape(())?;
+        let mut with_counters = Vec::with_capacity(out.len());
+        for (name, t) in out {
+            let is_bn_mean = name.ends_with(".running_mean");
+            let prefix = name.trim_end_matches(".running_mean").to_string();
+            with_counters.push((name, t.to_device(&candle_core::Device::Cpu)?.copy()?));
+            if is_bn_mean {
+                with_counters.push((format!("{prefix}.num_batches_tracked"), tracked.clone()));
+            }
+        }
+        Ok(with_counters)
+    }
+}
+
+struct Ctx<'a, 'r> {
+    rng: Option<&'r mut Rng>,
+    buffers: &'a HashMap<String, Var>,
+}
+
+fn join(prefix: &str, name: &Option<String>) -> String {
+    match name {
+        Some(n) => n.clone(),
+        None => prefix.to_string(),
+    }
+}
+
+fn var_of(t: &mut Tensor) -> Result<Var> {
+    let var = Var::from_tensor(t)?;
+    *t = var.as_tensor().clone();
+    Ok(var)
+}
+
+fn make_vars(
+    node: &mut Node,
+    scope: &str,
+    freeze: &[String],
+    params: &mut Vec<Param>,
+    buffers: &mut HashMap<String, Var>,
+) -> Result<()> {
+    let name = join(scope, &node.name);
+    let frozen = is_frozen(&name, freeze);
+    let mut push = |suffix: &str, t: &mut Tensor| -> Result<()> {
+        if !frozen {
+            params.push(Param {
+                name: format!("{name}.{suffix}"),
+                var: var_of(t)?,
+            });
+        }
+        Ok(())
+    };
+    match &mut node.op {
+        Op::Conv(c) => {
+            push("weight", &mut c.weight)?;
+            if let Some(b) = c.bias.as_mut() {
+                push("bias", b)?;
+            }
+        }
+        Op::Linear(l) => {
+            push("weight", &mut l.weight)?;
+            if let Some(b) = l.bias.as_mut() {
+                push("bias", b)?;
+            }
+        }
+        Op::BatchNorm(b) => {
+            if b.affine() {
+                push("weight", &mut b.weight)?;
+                push("bias", &mut b.bias)?;
+            }
+            if !frozen {
+                buffers.insert(format!("{name}.running_mean"), var_of(&mut b.running_mean)?);
+                buffers.insert(format!("{name}.running_var"), var_of(&mut b.running_var)?);
+            }
+        }
+        Op::Seq(children) => {
+            for c in children {
+                make_vars(c, &name, freeze, params, buffers)?;
+            }
+        }
+        Op::Residual { body, shortcut } => {
+            for c in body {
+                make_vars(c, &name, freeze, params, buffers)?;
+            }
+            if let Some(s) = shortcut {
+                make_vars(s, &name, freeze, params, buffers)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn collect(node: &Node, out: &mut Vec<(String, Tensor)>) {
+    let name = node.name.clone().unwrap_or_default();
+    match &node.op {
+        Op::Conv(c) => {
+            out.push((format!("{name}.weight"), c.weight.clone()));
+            if let Some(b) = &c.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        Op::Linear(l) => {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        }
+        Op::BatchNorm(b) => {
+            if b.affine() {
+                out.push((format!("{name}.weight"), b.weight.clone()));
+                out.push((format!("{name}.bias"), b.bias.clone()));
+            }
+            out.push((format!("{name}.running_mean"), b.running_mean.clone()));
+            out.push((format!("{name}.running_var"), b.running_var.clone()));
+        }
+        Op::Seq(children) => children.iter().for_each(|c| collect(c, out)),
+        Op::Residual { body, shortcut } => {
+            body.iter().for_each(|c| collect(c, out));
+            if let Some(s) = shortcut {
+                collect(s, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// PyTorch's `BatchNorm2d` momentum default.
+const BN_MOMENTUM: f64 = 0.1;
+
+fn forward(node: &Node, x: Tensor, ctx: &mut Ctx, scope: &str) -> Result<Tensor> {
+    let scope = node.name.as_deref().unwrap_or(scope);
+    let err = |source| Error::Forward {
+        layer: scope.to_string(),
+        source,
+    };
+    let y = match &node.op {
+        Op::BatchNorm(b) => {
+            let mean_name = format!("{scope}.running_mean");
+            match (ctx.rng.is_some(), ctx.buffers.get(&mean_name)) {
+                (true, Some(running_mean)) => {
+                    let running_var = &ctx.buffers[&format!("{scope}.running_var")];
+                    batch_norm_train(&x, b, running_mean, running_var).map_err(err)?
+                }
+                // Evaluation, or a frozen batch norm: the running statistics.
+                _ => batch_norm_eval(&x, b).map_err(err)?,
+            }
+        }
+        Op::Dropout { p, channelwise } => match ctx.rng.as_deref_mut() {
+            Some(rng) if *p > 0.0 => dropout(&x, *p, *channelwise, rng).map_err(err)?,
+            _ => x,
+        },
+        Op::Seq(children) => {
+            let mut h = x;
+            for child in children {
+                h = forward(child, h, ctx, scope)?;
+            }
+            h
+        }
+        Op::Residual { body, shortcut } => {
+            let mut h = x.clone();
+            for child in body {
+                h = forward(child, h, ctx, scope)?;
+            }
+            let s = match shortcut {
+                Some(s) => forward(s, x, ctx, scope)?,
+                None => x,
+            };
+            (h + s).and_then(|t| t.relu()).map_err(err)?
+        }
+        Op::Softmax => softmax(&x).map_err(err)?,
+        // Everything else behaves the same in training: the inference
+        // implementation of the node.
+        _ => crate::graph::forward_leaf(node, x)?,
+    };
+    Ok(y)
+}
+
+fn batch_norm_eval(x: &Tensor, b: &crate::layers::BatchNorm2d) -> candle_core::Result<Tensor> {
+    let c = b.weight.dim(0)?;
+    let scale = b.weight.div(&(&b.running_var + b.eps)?.sqrt()?)?;
+    let shift = b.bias.sub(&b.running_mean.mul(&scale)?)?;
+    x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+}
+
+/// Batch statistics for the output; the running statistics move by
+/// momentum 0.1 towards the batch mean and the *unbiased* batch variance,
+/// exactly as `torch.nn.BatchNorm2d` does.
+fn batch_norm_train(
+    x: &Tensor,
+    b: &crate::layers::BatchNorm2d,
+    running_mean: &Var,
+    running_var: &Var,
+) -> candle_core::Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let count = (n * h * w) as f64;
+    let mean = x.mean_keepdim(0)?.mean_keepdim(2)?.mean_keepdim(3)?; // [1, C, 1, 1]
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred
+        .sqr()?
+        .mean_keepdim(0)?
+        .mean_keepdim(2)?
+        .mean_keepdim(3)?;
+    let normed = centred.broadcast_div(&(var.clone() + b.eps)?.sqrt()?)?;
+    let y = normed
+        .broadcast_mul(&b.weight.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.bias.reshape((1, c, 1, 1))?)?;
+    let m = BN_MOMENTUM;
+    let batch_mean = mean.detach().flatten_all()?;
+    let unbiased = (var.detach().flatten_all()? * (count / (count - 1.0).max(1.0)))?;
+    running_mean.set(&((running_mean.as_tensor() * (1.0 - m))? + (batch_mean * m)?)?)?;
+    running_var.set(&((running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?)?;
+    Ok(y)
+}
+
+/// Inverted dropout: zero with probability `p`, scale the rest by 1/(1-p).
+fn dropout(x: &Tensor, p: f32, channelwise: bool, rng: &mut Rng) -> candle_core::Result<Tensor> {
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let dims = x.dims();
+    let mask_shape: Vec<usize> = if channelwise && dims.len() == 4 {
+        vec![dims[0], dims[1], 1, 1]
+    } else {
+        dims.to_vec()
+    };
+    let n: usize = mask_shape.iter().product();
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n)
+        .map(|_| if rng.uniform() as f32 >= p { keep } else { 0.0 })
+        .collect();
+    let mask = Tensor::from_vec(mask, mask_shape, x.device())?;
+    x.broadcast_mul(&mask)
+}
+
+/// Mean cross-entropy of logits against class indices (`nn.CrossEntropyLoss`).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
+    picked.mean_all()?.neg()
+}
+
+/// Argmax per row, as `u32` class indices.
+pub fn argmax(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1()
+}

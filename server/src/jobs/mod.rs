@@ -1,0 +1,413 @@
+//! Training jobs: the durable queue ([`store`]), the workers that run them,
+//! and the live events `GET /jobs/{id}/events` streams.
+//!
+//! Workers are plain threads, each training inside its own rayon pool of
+//! `--train-threads` threads, apart from the HTTP runtime and the compute
+//! pool that answers inspection requests, so inference stays responsive
+//! while a job trains.
+//!
+//! A job's life: `queued` (row inserted) → `running` (claimed atomically) →
+//! `succeeded` (model registered, then the row) | `failed` | `cancelled`.
+//! After every epoch the worker leaves resumable state in
+//! `<models>/.jobs/<id>/`; if the process dies, the next start puts
+//! `running` jobs back in the queue and they resume from their last epoch.
+
+pub mod plot;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use model_store::train::{self, Control, EpochRecord, Event, JobSpec, Outcome, Progress};
+use model_store::{LoadedModel, ModelDir, Registry};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use utoipa::ToSchema;
+
+use crate::openapi::{EpochSchema, ProgressSchema};
+use store::{JobRecord, JobStore, Status};
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobView {
+    /// Its id.
+    pub job_id: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub status: Status,
+    /// The model it trains.
+    pub model_name: String,
+    /// The dataset.
+    pub dataset: String,
+    /// Where it is (null before it starts).
+    #[schema(value_type = Option<ProgressSchema>)]
+    pub progress: Option<Progress>,
+    /// One line per completed epoch.
+    #[schema(value_type = Vec<EpochSchema>)]
+    pub history: Vec<EpochRecord>,
+    /// The registered model, once it succeeded.
+    pub model: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Unix seconds.
+    pub created_at: f64,
+    /// When a worker (last) started it.
+    pub started_at: Option<f64>,
+    /// When it ended.
+    pub finished_at: Option<f64>,
+    /// Starts, counting resumes after a crash.
+    pub attempts: u32,
+    /// A cancel was asked for.
+    pub cancel_requested: bool,
+    /// The job body.
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        let field = |k: &str| r.spec[k].as_str().unwrap_or_default().to_string();
+        JobView {
+            job_id: r.id.clone(),
+            status: r.status,
+            model_name: field("model_name"),
+            dataset: field("dataset"),
+            progress: r.progress.clone(),
+            history: r.history.clone(),
+            model: r.model.clone(),
+            error: r.error.clone(),
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            attempts: r.attempts,
+            cancel_requested: r.cancel_requested,
+            spec: r.spec.clone(),
+        }
+    }
+}
+
+/// What SSE subscribers hear.
+#[derive(Debug, Clone)]
+pub struct JobEvent {
+    /// `progress`, `epoch` or `state`.
+    pub kind: &'static str,
+    /// The job after the event.
+    pub job: JobView,
+}
+
+/// Where jobs read and write models and datasets.
+#[derive(Clone)]
+pub struct Context {
+    /// Loaded models (sources, and where results are registered).
+    pub registry: Arc<Registry>,
+    /// The models directory.
+    pub model_dir: ModelDir,
+    /// The datasets directory.
+    pub datasets: PathBuf,
+    /// Where training runs.
+    pub device: Device,
+}
+
+/// The job service: store, wake-ups, cancellation flags, event channels.
+pub struct Jobs {
+    /// The durable queue.
+    pub store: Arc<dyn JobStore>,
+    ctx: Context,
+    wake: (Mutex<bool>, Condvar),
+    shutdown: AtomicBool,
+    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+}
+
+impl Jobs {
+    /// The service over `store`; interrupted jobs go back to the queue.
+    pub fn new(store: Arc<dyn JobStore>, ctx: Context) -> Result<Arc<Self>, store::StoreError> {
+        let requeued = store.requeue_interrupted()?;
+        for id in &requeued {
+            tracing::warn!(job = %id, "job was running when the server stopped; queued to resume");
+        }
+        Ok(Arc::new(Self {
+            store,
+            ctx,
+            wake: (Mutex::new(false), Condvar::new()),
+            shutdown: AtomicBool::new(false),
+            cancels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The context jobs run in.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Starts `workers` worker threads, each training with `threads` threads.
+    pub fn start_workers(self: &Arc<Self>, workers: usize, threads: usize) {
+        for n in 0..workers.max(1) {
+            let jobs = self.clone();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads.max(1))
+                .thread_name(move |i| format!("train-{n}-{i}"))
+                .build();
+            let pool = match pool {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a training pool");
+                    return;
+                }
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("job-worker-{n}"))
+                .spawn(move || jobs.worker_loop(&pool));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a job worker");
+            }
+        }
+    }
+
+    /// Wakes a worker (a job was queued).
+    pub fn notify(&self) {
+        let (lock, cv) = &self.wake;
+        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Stops the workers: a running job is left `running` with its last
+    /// epoch on disk, and resumes at the next start.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Asks a running job to stop after its current batch.
+    pub fn cancel_running(&self, id: &str) {
+        if let Some(flag) = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+        {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// The event channel of a job (made on first use).
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<JobEvent> {
+        self.channel(id).subscribe()
+    }
+
+    fn channel(&self, id: &str) -> broadcast::Sender<JobEvent> {
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.to_string())
+            .or_insert_with(|| broadcast::channel(256).0)
+            .clone()
+    }
+
+    /// Tells subscribers; the final state also closes the channel.
+    pub fn publish(&self, id: &str, kind: &'static str) {
+        let Ok(Some(record)) = self.store.get(id) else {
+            return;
+        };
+        let job = JobView::from(&record);
+        let _ = self.channel(id).send(JobEvent { kind, job });
+        if record.status.is_final() {
+            self.channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+        }
+    }
+
+    fn worker_loop(&self, pool: &rayon::ThreadPool) {
+        while !self.shutdown.load(Ordering::SeqCst) {
+            match self.store.claim_next() {
+                Ok(Some(job)) => {
+                    let id = job.id.clone();
+                    self.publish(&id, "state");
+                    pool.install(|| self.run_job(job));
+                }
+                Ok(None) => {
+                    let (lock, cv) = &self.wake;
+                    let mut woken = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    if !*woken {
+                        woken = cv
+                            .wait_timeout(woken, Duration::from_millis(500))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|e| e.into_inner().0);
+                    }
+                    *woken = false;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "job store failed; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    fn snapshot_name(model: &str, epoch: usize) -> String {
+        format!("{model}@epoch-{epoch}")
+    }
+
+    /// Registers `weights` under `manifest`'s name: validated by loading,
+    /// written atomically, then served.
+    fn register(&self, manifest: &model_store::Manifest, weights: &[u8]) -> Result<(), String> {
+        let json = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
+        let model =
+            LoadedModel::from_bytes(&json, weights, &self.ctx.device).map_err(|e| e.to_string())?;
+        self.ctx
+            .model_dir
+            .save(model.name(), &json, weights)
+            .map_err(|e| e.to_string())?;
+        self.ctx.registry.remove(model.name());
+        self.ctx
+            .registry
+            .insert(model)
+            .map(|_| ())
+            .map_err(|name| format!("a model named '{name}' appeared meanwhile"))
+    }
+
+    fn unregister(&self, name: &str) {
+        self.ctx.registry.remove(name);
+        let _ = self.ctx.model_dir.delete(name);
+    }
+
+    fn run_job(&self, job: JobRecord) {
+        let id = job.id.clone();
+        let fail = |msg: String| {
+            tracing::warn!(job = %id, error = %msg, "job failed");
+            let _ = self.store.finish(&id, Status::Failed, None, Some(&msg));
+            self.publish(&id, "state");
+        };
+        let spec: JobSpec = match train::parse(&job.spec) {
+            Ok(s) => s,
+            Err(p) => return fail(p.join("; ")),
+        };
+        let work = self.ctx.model_dir.path().join(".jobs").join(&id);
+        // A crash between registering the model and recording success: the
+        // model is there, so the job succeeded.
+        if job.attempts > 1 && self.ctx.registry.get(&spec.model_name).is_some() && !work.exists() {
+            let _ = self
+                .store
+                .finish(&id, Status::Succeeded, Some(&spec.model_name), None);
+            self.publish(&id, "state");
+            return;
+        }
+        let models_dir = self.ctx.model_dir.path().to_path_buf();
+        let env = train::Env {
+            registry: &self.ctx.registry,
+            models_dir: &models_dir,
+            datasets_dir: &self.ctx.datasets,
+            device: &self.ctx.device,
+        };
+        let plan = match train::plan(&spec, &env) {
+            Ok(p) => p,
+            Err(problems) => return fail(problems.join("; ")),
+        };
+        tracing::info!(job = %id, model = %spec.model_name, dataset = %spec.dataset, attempt = job.attempts, "training");
+        let manifest = plan.manifest.clone();
+        let cancel = Arc::new(AtomicBool::new(job.cancel_requested));
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), cancel.clone());
+        let mut registered: Vec<String> = Vec::new();
+        let mut snapshot_error = None;
+        let mut on_event = |event: Event| -> Control {
+            match event {
+                Event::Step(p) => {
+                    let _ = self.store.progress(&id, p);
+                    self.publish(&id, "progress");
+                }
+                Event::Epoch(p, history) => {
+                    let _ = self.store.progress(&id, p);
+                    let _ = self.store.history(&id, history);
+                    if spec.epoch_snapshots {
+                        let epoch = p.epoch;
+                        let mut m = manifest.clone();
+                        m.name = Self::snapshot_name(&spec.model_name, epoch);
+                        m.extra.insert(
+                            "training".into(),
+                            serde_json::json!({"job_id": id, "epoch": epoch, "of": spec.epochs, "history": history}),
+                        );
+                        let result = std::fs::read(train::last_snapshot(&work))
+                            .map_err(|e| e.to_string())
+                            .and_then(|w| self.register(&m, &w));
+                        match result {
+                            Ok(()) => registered.push(m.name),
+                            Err(e) => snapshot_error = Some(e),
+                        }
+                    }
+                    self.publish(&id, "epoch");
+                }
+            }
+            if snapshot_error.is_some() {
+                Control::Stop
+            } else {
+                Control::Continue
+            }
+        };
+        let stop = || cancel.load(Ordering::SeqCst) || self.shutdown.load(Ordering::SeqCst);
+        let outcome = train::run(&spec, plan, &env, &work, &mut on_event, &stop);
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        let cleanup = |registered: &[String]| {
+            for name in registered {
+                self.unregister(name);
+            }
+            let _ = std::fs::remove_dir_all(&work);
+        };
+        match outcome {
+            Ok(Outcome::Finished {
+                weights, manifest, ..
+            }) => {
+                let result = train::safetensors_bytes(&weights)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| self.register(&manifest, &bytes));
+                match result {
+                    Ok(()) => {
+                        let _ =
+                            self.store
+                                .finish(&id, Status::Succeeded, Some(&spec.model_name), None);
+                        let _ = std::fs::remove_dir_all(&work);
+                        tracing::info!(job = %id, model = %spec.model_name, "job succeeded");
+                        self.publish(&id, "state");
+                    }
+                    Err(e) => {
+                        cleanup(&registered);
+                        fail(format!("could not register the trained model: {e}"));
+                    }
+                }
+            }
+            Ok(Outcome::Cancelled) if snapshot_error.is_some() => {
+                cleanup(&registered);
+                fail(format!(
+                    "could not register an epoch snapshot: {}",
+                    snapshot_error.unwrap_or_default()
+                ));
+            }
+            Ok(Outcome::Cancelled) if !cancel.load(Ordering::SeqCst) => {
+                // Shutting down: stays `running` with its last epoch on
+                // disk; the next start queues it again and it resumes.
+                tracing::info!(job = %id, "server stopping; the job will resume at the next start");
+            }
+            Ok(Outcome::Cancelled) => {
+                cleanup(&registered);
+                let _ = self.store.finish(&id, Status::Cancelled, None, None);
+                tracing::info!(job = %id, "job cancelled");
+                self.publish(&id, "state");
+            }
+            Err(e) => {
+                cleanup(&registered);
+                fail(e.to_string());
+            }
+        }
+    }
+}

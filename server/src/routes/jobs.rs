@@ -1,0 +1,522 @@
+//! Training over HTTP: queue a job, follow it (JSON, Server-Sent Events, a
+//! plot), cancel it; list datasets; evaluate a model.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use model_store::train::{self, Evaluation};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, ApiQuery};
+use crate::input::{ImageUpload, prepare_batch};
+use crate::jobs::store::CancelOutcome;
+use crate::jobs::{JobView, plot};
+use crate::openapi::{Binary, ImageErrors, LabelledImageForm, LookupErrors, Problem};
+use crate::routes::activations::png_response;
+use crate::state::AppState;
+
+/// `POST /jobs` → 202.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Queued {
+    /// The job's id.
+    pub job_id: String,
+    /// `queued`.
+    pub status: &'static str,
+}
+
+/// `GET /jobs`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobList {
+    /// Newest first.
+    pub jobs: Vec<JobView>,
+}
+
+/// A dataset (`model_store::train::data::DatasetInfo`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetView {
+    /// Name in job bodies.
+    pub name: String,
+    /// `mnist`, `cifar10` or `imagefolder`.
+    pub format: String,
+    /// `[C, H, W]`, when fixed.
+    pub shape: Option<[usize; 3]>,
+    /// Class names.
+    pub classes: Vec<String>,
+    /// Training images (ImageFolder: all, before the split).
+    pub train_size: usize,
+    /// Test images.
+    pub test_size: usize,
+}
+
+/// `GET /datasets`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DatasetList {
+    /// What jobs can train and evaluate on.
+    pub datasets: Vec<DatasetView>,
+}
+
+/// One class's scores.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClassScoresView {
+    /// Label.
+    pub label: String,
+    /// Of the images predicted as this class, the fraction that are.
+    pub precision: f64,
+    /// Of the images of this class, the fraction predicted so.
+    pub recall: f64,
+    /// Images of this class.
+    pub support: u64,
+}
+
+/// `POST /models/{model}/evaluate`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EvaluationView {
+    /// The model.
+    pub model: String,
+    /// The dataset, or `upload`.
+    pub dataset: String,
+    /// Fraction correct.
+    pub accuracy: f64,
+    /// Images evaluated.
+    pub count: usize,
+    /// `M[true][predicted]` counts, rows and columns in `classes` order.
+    pub confusion_matrix: Vec<Vec<u64>>,
+    /// Per class.
+    pub per_class: Vec<ClassScoresView>,
+    /// Class names.
+    pub classes: Vec<String>,
+}
+
+impl EvaluationView {
+    fn new(model: &str, dataset: &str, e: Evaluation) -> Self {
+        EvaluationView {
+            model: model.to_string(),
+            dataset: dataset.to_string(),
+            accuracy: e.accuracy,
+            count: e.count,
+            confusion_matrix: e.confusion_matrix,
+            per_class: e
+                .per_class
+                .into_iter()
+                .map(|c| ClassScoresView {
+                    label: c.label,
+                    precision: c.precision,
+                    recall: c.recall,
+                    support: c.support,
+                })
+                .collect(),
+            classes: e.classes,
+        }
+    }
+}
+
+/// The JSON body of `POST /models/{model}/evaluate`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluateBody {
+    /// A name from `GET /datasets`; its test split is used.
+    pub dataset: String,
+    /// Only the first N test images.
+    #[schema(minimum = 1)]
+    pub limit: Option<usize>,
+}
+
+/// Query of the evaluate endpoint.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EvaluateParams {
+    /// `json` (default) or `png` (the confusion matrix as a labelled heatmap).
+    #[param(pattern = "^(json|png)$", example = "json")]
+    pub format: Option<String>,
+}
+
+/// Jobs, datasets and evaluation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_jobs, submit))
+        .routes(routes!(get_job))
+        .routes(routes!(events))
+        .routes(routes!(cancel))
+        .routes(routes!(job_plot))
+        .routes(routes!(datasets))
+        .routes(routes!(evaluate))
+}
+
+fn job_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no job '{id}'; GET /jobs lists them"))
+}
+
+fn store_error(e: crate::jobs::store::StoreError) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// Queues a training run. The whole body is checked first (architecture,
+/// dataset, `freeze` layers, hyper-parameters); every problem is listed in
+/// one 422 and nothing is queued.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "training",
+    request_body(content = Object, content_type = "application/json", description = "The job: `model_name`, `architecture` (`\"cnn_a\"`, a zoo name or `{\"layers\": [...]}`) or `init_from`, `dataset`, `epochs`, `batch_size`, `optimizer` {`type`: sgd|adam|adamw, `lr`, `momentum`, `nesterov`, `weight_decay`, `betas`, `eps`}, `augment` {`random_crop_padding`, `horizontal_flip`}, `freeze`, `seed`, `l1`, `l2`, `lr_schedule` ({`type`: step, `step_size`, `gamma`} or {`type`: cosine, `eta_min`}), `train_limit`, `test_limit`, `test_fraction`, `input`, `epoch_snapshots`, `progress_every`.",
+        example = json!({"model_name": "my-cnn-a", "architecture": "cnn_a", "dataset": "mnist", "epochs": 1, "batch_size": 64, "optimizer": {"type": "adam", "lr": 0.001}, "seed": 13})),
+    responses(
+        (status = 202, description = "Queued; follow it at `Location`.", body = Queued, headers(("location" = String, description = "`/jobs/{id}`"))),
+        (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over `--max-body-bytes`.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not `application/json`.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The job has problems; `errors` lists each one.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn submit(
+    State(state): State<AppState>,
+    body: crate::extract::ApiJson<serde_json::Value>,
+) -> ApiResult<Response> {
+    let body = body.0;
+    let spec = train::parse(&body).map_err(ApiError::Invalid)?;
+    let jobs = state.jobs.clone();
+    // Planning reads the datasets directory and builds the network.
+    let spec_for_plan = spec.clone();
+    let problems = tokio::task::spawn_blocking(move || {
+        let ctx = jobs.context();
+        let models_dir = ctx.model_dir.path().to_path_buf();
+        let env = train::Env {
+            registry: &ctx.registry,
+            models_dir: &models_dir,
+            datasets_dir: &ctx.datasets,
+            device: &ctx.device,
+        };
+        train::plan(&spec_for_plan, &env).err()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(problems) = problems {
+        return Err(ApiError::Invalid(problems));
+    }
+    // A queued job with the same model name would clash when it finishes.
+    let clash = state
+        .jobs
+        .store
+        .list()
+        .map_err(store_error)?
+        .into_iter()
+        .any(|j| {
+            !j.status.is_final() && j.spec["model_name"].as_str() == Some(spec.model_name.as_str())
+        });
+    if clash {
+        return Err(ApiError::Invalid(vec![format!(
+            "model_name: job for '{}' is already queued or running",
+            spec.model_name
+        )]));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    state.jobs.store.insert(&id, &body).map_err(store_error)?;
+    state.jobs.notify();
+    tracing::info!(job = %id, model = %spec.model_name, "job queued");
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("/jobs/{id}")) {
+        headers.insert(header::LOCATION, v);
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        headers,
+        Json(Queued {
+            job_id: id,
+            status: "queued",
+        }),
+    )
+        .into_response())
+}
+
+/// Every job, newest first.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "training",
+    responses(
+        (status = 200, description = "The jobs.", body = JobList),
+        (status = 401, description = "Reads are protected (`--protect-reads`): send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn list_jobs(State(state): State<AppState>) -> ApiResult<Json<JobList>> {
+    let jobs = state.jobs.store.list().map_err(store_error)?;
+    Ok(Json(JobList {
+        jobs: jobs.iter().map(JobView::from).collect(),
+    }))
+}
+
+/// One job: status, progress and the per-epoch history.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    tag = "training",
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`.")),
+    responses((status = 200, description = "The job.", body = JobView), LookupErrors)
+)]
+async fn get_job(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<JobView>> {
+    let job = state
+        .jobs
+        .store
+        .get(&id)
+        .map_err(store_error)?
+        .ok_or_else(|| job_not_found(&id))?;
+    Ok(Json(JobView::from(&job)))
+}
+
+fn sse(kind: &str, job: &JobView) -> SseEvent {
+    SseEvent::default()
+        .event(kind)
+        .data(serde_json::to_string(job).unwrap_or_default())
+}
+
+/// Server-Sent Events: the current state at once, then a `progress` event
+/// per step batch, an `epoch` event per epoch, and the final `state`.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/events",
+    tag = "training",
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`.")),
+    responses(
+        (status = 200, description = "`text/event-stream`; each event's data is the job as `GET /jobs/{id}` shows it. The stream ends after the final state.", content_type = "text/event-stream", body = String),
+        LookupErrors,
+    )
+)]
+async fn events(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    // Subscribe before reading, so nothing falls between the two.
+    let rx = state.jobs.subscribe(&id);
+    let job = state
+        .jobs
+        .store
+        .get(&id)
+        .map_err(store_error)?
+        .ok_or_else(|| job_not_found(&id))?;
+    let first = JobView::from(&job);
+    let done = first.status.is_final();
+    let jobs = state.jobs.clone();
+    let stream = futures_util::stream::unfold(
+        (Some(first), rx, done, jobs, id),
+        |(first, mut rx, done, jobs, id)| async move {
+            if let Some(view) = first {
+                let ev = sse("state", &view);
+                return Some((Ok::<_, Infallible>(ev), (None, rx, done, jobs, id)));
+            }
+            if done {
+                return None;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(e) => {
+                        let last = e.kind == "state" && e.job.status.is_final();
+                        return Some((Ok(sse(e.kind, &e.job)), (None, rx, last, jobs, id)));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        let view = jobs
+                            .store
+                            .get(&id)
+                            .ok()
+                            .flatten()
+                            .map(|j| JobView::from(&j))?;
+                        return Some((Ok(sse("state", &view)), (None, rx, true, jobs, id)));
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+/// Cancels a queued job at once, or a running one after its current batch;
+/// a cancelled job registers nothing.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/cancel",
+    tag = "training",
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`.")),
+    responses(
+        (status = 202, description = "Cancelled, or asked to stop; the job as it is now.", body = JobView),
+        (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such job.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The job has already ended.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    match state.jobs.store.cancel(&id).map_err(store_error)? {
+        CancelOutcome::NotFound => return Err(job_not_found(&id)),
+        CancelOutcome::AlreadyFinal(s) => {
+            return Err(ApiError::Conflict(format!(
+                "job '{id}' has already ended ({})",
+                s.as_str()
+            )));
+        }
+        CancelOutcome::Cancelled => state.jobs.publish(&id, "state"),
+        CancelOutcome::Requested => state.jobs.cancel_running(&id),
+    }
+    let job = state
+        .jobs
+        .store
+        .get(&id)
+        .map_err(store_error)?
+        .ok_or_else(|| job_not_found(&id))?;
+    Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))).into_response())
+}
+
+/// Loss (per progress report) and train/test accuracy (per epoch) as a PNG.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/plot.png",
+    tag = "training",
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`.")),
+    responses((status = 200, description = "The training curves.", content_type = "image/png", body = Binary), LookupErrors)
+)]
+async fn job_plot(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Response> {
+    let job = state
+        .jobs
+        .store
+        .get(&id)
+        .map_err(store_error)?
+        .ok_or_else(|| job_not_found(&id))?;
+    let epochs = job.spec["epochs"].as_u64().unwrap_or(1) as usize;
+    let png = plot::training_curves(&job.curve, &job.history, epochs);
+    Ok(png_response(png))
+}
+
+/// The datasets jobs can train and evaluate on (`--datasets`).
+#[utoipa::path(
+    get,
+    path = "/datasets",
+    tag = "training",
+    responses(
+        (status = 200, description = "The datasets.", body = DatasetList),
+        (status = 401, description = "Reads are protected (`--protect-reads`): send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn datasets(State(state): State<AppState>) -> Json<DatasetList> {
+    let list = train::data::list(&state.jobs.context().datasets);
+    Json(DatasetList {
+        datasets: list
+            .into_iter()
+            .map(|d| DatasetView {
+                name: d.name,
+                format: d.format.to_string(),
+                shape: d.shape,
+                classes: d.classes,
+                train_size: d.train_size,
+                test_size: d.test_size,
+            })
+            .collect(),
+    })
+}
+
+/// Accuracy, per-class precision and recall, and the confusion matrix: on a
+/// dataset's test split (JSON body), or on uploaded images with labels
+/// (multipart `image` and `label` fields in order).
+#[utoipa::path(
+    post,
+    path = "/models/{model}/evaluate",
+    tag = "training",
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "cnn-a-mnist"), EvaluateParams),
+    request_body(content(
+        (EvaluateBody = "application/json", example = json!({"dataset": "mnist", "limit": 1000})),
+        (LabelledImageForm = "multipart/form-data"),
+    )),
+    responses(
+        (status = 200, description = "The scores, or with `format=png` the confusion matrix as a labelled heatmap.", content(
+            (EvaluationView = "application/json"), (Binary = "image/png"))),
+        ImageErrors,
+    )
+)]
+async fn evaluate(
+    State(state): State<AppState>,
+    ApiPath(model): ApiPath<String>,
+    ApiQuery(params): ApiQuery<EvaluateParams>,
+    req: Request,
+) -> ApiResult<Response> {
+    let model = state.model(&model)?;
+    let png = match params.format.as_deref() {
+        None | Some("json") => false,
+        Some("png") => true,
+        Some(f) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be json or png, got '{f}'"
+            )));
+        }
+    };
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let (dataset, evaluation) = if is_json {
+        let crate::extract::ApiJson(body) =
+            crate::extract::ApiJson::<EvaluateBody>::from_request(req, &state).await?;
+        if body.limit == Some(0) {
+            return Err(ApiError::Unprocessable("limit must be at least 1".into()));
+        }
+        let dir = state.jobs.context().datasets.clone();
+        let m = model.clone();
+        let name = body.dataset.clone();
+        let e = state
+            .compute
+            .run(move || Ok(train::evaluate(&m, &dir, &name, body.limit)?))
+            .await?;
+        (body.dataset, e)
+    } else {
+        let upload = ImageUpload::from_request(req, &state).await?;
+        if upload.labels.len() != upload.images.len() {
+            return Err(ApiError::BadRequest(format!(
+                "send one `label` field per `image` field (got {} images, {} labels)",
+                upload.images.len(),
+                upload.labels.len()
+            )));
+        }
+        let labels = upload
+            .labels
+            .iter()
+            .map(|l| crate::routes::gradcam::class_index(&model.classes, l).map(|i| i as u32))
+            .collect::<ApiResult<Vec<u32>>>()?;
+        let limits = model_store::preprocess::DecodeLimits {
+            max_pixels: state.settings.max_pixels,
+        };
+        let m = model.clone();
+        let predicted = state
+            .compute
+            .run(move || {
+                let x = prepare_batch(&m, &upload.images, limits)?;
+                let logits = m.logits(&x)?;
+                Ok(train::net::argmax(&logits).map_err(model_store::Error::from)?)
+            })
+            .await?;
+        (
+            "upload".to_string(),
+            train::score(&labels, &predicted, &model.classes),
+        )
+    };
+    if png {
+        return Ok(png_response(plot::confusion_png(&evaluation)));
+    }
+    Ok(Json(EvaluationView::new(model.name(), &dataset, evaluation)).into_response())
+}
