@@ -83,7 +83,7 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_JOBS_DB")]
     pub jobs_db: Option<PathBuf>,
 
-    /// Training jobs run at once.
+    /// Training jobs run at once (0: queue jobs but run none here).
     #[arg(long, env = "CONVSCOPE_TRAIN_WORKERS", default_value_t = 1)]
     pub train_workers: usize,
 

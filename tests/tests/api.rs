@@ -51,6 +51,7 @@ async fn the_bundled_models_directory_is_served_and_described() {
     for want in [
         "captum-cifar-net",
         "cnn-a-mnist",
+        "cnn-a-mnist-convscope",
         "mobilenet-v1-0.25-128",
         "resnet20-cifar10",
         "resnet32-cifar10",

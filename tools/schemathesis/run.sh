@@ -22,8 +22,11 @@ work=$(mktemp -d)
 cp -r models "$work/models"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # Short maximisations (--max-steps 16) keep a 2-core run quick; larger
-# `steps` values are then refused with 400, as documented.
-target/release/convscope serve --models "$work/models" --addr "127.0.0.1:$port" --max-steps 16 >"$work/server.log" 2>&1 &
+# `steps` values are then refused with 400, as documented. Jobs the run
+# queues (the documented example is a real MNIST job) are not trained:
+# --train-workers 0.
+target/release/convscope serve --models "$work/models" --addr "127.0.0.1:$port" --max-steps 16 \
+  --train-workers 0 >"$work/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do
@@ -36,9 +39,12 @@ CONVSCOPE_INPUT_ID=$(curl -sf --data-binary @data/cifar10/samples/test0000_cat.p
 export CONVSCOPE_INPUT_ID
 "$venv/bin/schemathesis" --config-file tools/schemathesis/schemathesis.toml run \
   "http://127.0.0.1:$port/openapi.json" \
+  --exclude-path '/jobs/{id}/events' \
   --checks all --exclude-checks positive_data_acceptance --max-examples "$examples" --workers 2 --seed 1 --request-timeout 120 \
   --phases examples,coverage,fuzzing,stateful \
   || { echo "schemathesis failed; the server's log ends:"; tail -40 "$work/server.log"; exit 1; }
+# GET /jobs/{id}/events is left out: it is a stream that lasts as long as
+# its job (tests/tests/training.rs follows one to the end).
 # positive_data_acceptance is off: a schema cannot say which bytes decode as
 # an image, nor that a GET needs `?input=`, so schema-valid requests without
 # a decodable image are rightly refused with 4xx.

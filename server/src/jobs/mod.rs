@@ -144,9 +144,10 @@ impl Jobs {
         &self.ctx
     }
 
-    /// Starts `workers` worker threads, each training with `threads` threads.
+    /// Starts `workers` worker threads, each training with `threads` threads
+    /// (none: this server queues and answers, other processes train).
     pub fn start_workers(self: &Arc<Self>, workers: usize, threads: usize) {
-        for n in 0..workers.max(1) {
+        for n in 0..workers {
             let jobs = self.clone();
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads.max(1))
