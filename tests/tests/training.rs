@@ -512,3 +512,102 @@ async fn predict_stays_responsive_while_a_job_trains() {
     wait_for(&app, id, Duration::from_secs(30), is_final).await;
     app.stop().await;
 }
+
+/// An ImageFolder dataset (one sub-folder per class) and a network given
+/// as `{"layers": [...]}`: bright squares vs bright discs on noise, 16×16.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_schedule() {
+    let datasets = tempfile::tempdir().unwrap();
+    let root = datasets.path().join("imagefolder/shapes");
+    let mut seed = 1u64;
+    let mut noise = || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 33) % 60) as u8
+    };
+    for (class, is_disc) in [("disc", true), ("square", false)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..40 {
+            let (cx, cy) = (5.0 + (i % 6) as f32, 5.0 + (i / 6 % 6) as f32);
+            let mut px = vec![0u8; 16 * 16];
+            for y in 0..16 {
+                for x in 0..16 {
+                    let (dx, dy) = (x as f32 - cx, y as f32 - cy);
+                    let inside = if is_disc {
+                        dx * dx + dy * dy <= 9.0
+                    } else {
+                        dx.abs() <= 3.0 && dy.abs() <= 3.0
+                    };
+                    px[y * 16 + x] = if inside { 200 } else { 0 } + noise();
+                }
+            }
+            std::fs::write(
+                root.join(class).join(format!("{i:02}.png")),
+                png(16, 16, 1, &px),
+            )
+            .unwrap();
+        }
+    }
+    let models = models_dir(&[]);
+    let mut settings = convscope::Settings::for_tests(models.path());
+    settings.datasets = datasets.path().to_path_buf();
+    let app = TestApp::spawn_with(settings).await;
+    let (_, listed) = app.get_json("/datasets").await;
+    let shapes = listed["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "shapes")
+        .unwrap_or_else(|| panic!("{listed}"))
+        .clone();
+    assert_eq!(shapes["classes"], json!(["disc", "square"]));
+    assert_eq!(shapes["format"], "imagefolder");
+    let layers = json!([
+        {"name": "conv1", "type": "conv2d", "in_channels": 1, "out_channels": 8, "kernel_size": 3, "padding": 1},
+        {"name": "bn1", "type": "batch_norm2d", "num_features": 8},
+        {"name": "relu1", "type": "relu"},
+        {"name": "pool1", "type": "max_pool2d", "kernel_size": 2},
+        {"name": "drop1", "type": "dropout2d", "p": 0.1},
+        {"name": "conv2", "type": "conv2d", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "padding": 1},
+        {"name": "relu2", "type": "relu"},
+        {"name": "gap", "type": "adaptive_avg_pool2d", "output_size": 1},
+        {"name": "flatten", "type": "flatten"},
+        {"name": "fc", "type": "linear", "in_features": 8, "out_features": 2}
+    ]);
+    let (status, queued) = submit(
+        &app,
+        &json!({"model_name": "shapes-net", "architecture": {"layers": layers}, "dataset": "shapes",
+                "input": {"channels": 1, "height": 16, "width": 16, "mean": [0.2], "std": [0.3]},
+                "epochs": 6, "batch_size": 8, "test_fraction": 0.25, "l2": 0.0001,
+                "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": true},
+                "lr_schedule": {"type": "cosine"}, "augment": {"horizontal_flip": true}, "seed": 5}),
+    )
+    .await;
+    assert_eq!(status, 202, "{queued}");
+    let id = queued["job_id"].as_str().unwrap();
+    let job = wait_for(&app, id, Duration::from_secs(120), is_final).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let history = job["history"].as_array().unwrap();
+    assert_eq!(history.len(), 6);
+    let last = history.last().unwrap();
+    // 20 test images (a quarter of each class); the shapes are easy.
+    assert!(
+        last["test_accuracy"].as_f64().unwrap() >= 0.9,
+        "{history:?}"
+    );
+    assert!(
+        last["loss"].as_f64().unwrap() < history[0]["loss"].as_f64().unwrap(),
+        "{history:?}"
+    );
+    // Six snapshots, one per epoch, and the model: all serve.
+    let (_, models_list) = app.get_json("/models").await;
+    assert_eq!(
+        models_list["models"].as_array().unwrap().len(),
+        7,
+        "{models_list}"
+    );
+    let (_, detail) = app.get_json("/models/shapes-net").await;
+    assert_eq!(detail["classes"], json!(["disc", "square"]));
+    app.stop().await;
+}
