@@ -135,6 +135,41 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
         ),
         4.0
     );
+    // Compute time per model and route: the three predictions that ran (the
+    // 404 computed nothing) and the activation that did.
+    assert_eq!(
+        value(
+            &after,
+            "convscope_model_compute_seconds_count",
+            &["model=\"resnet20-cifar10\"", route]
+        ) - value(
+            &before,
+            "convscope_model_compute_seconds_count",
+            &["model=\"resnet20-cifar10\"", route]
+        ),
+        3.0
+    );
+    assert!(
+        value(
+            &after,
+            "convscope_model_compute_seconds_sum",
+            &["model=\"resnet20-cifar10\"", route]
+        ) > 0.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "convscope_model_compute_seconds_count",
+            &["route=\"/models/{model}/activations/{layer}\""]
+        ),
+        1.0
+    );
+    assert!(
+        after
+            .iter()
+            .any(|(n, l, _)| n == "convscope_jobs" && l == "state=\"queued\"")
+    );
+    assert_eq!(value(&after, "convscope_job_queue_depth", &[]), 0.0);
     assert_eq!(value(&after, "convscope_inputs_cache_hits_total", &[]), 1.0);
     assert_eq!(
         value(&after, "convscope_inputs_cache_misses_total", &[]),
