@@ -273,30 +273,6 @@ pub enum LookupErrors {
     Timeout(Problem),
 }
 
-/// Statistics of one layer's output (the schema of
-/// `model_store::inspect::activations::LayerStats`, which stays free of
-/// HTTP dependencies).
-#[derive(ToSchema)]
-#[schema(as = LayerStats)]
-pub struct LayerStatsSchema {
-    /// Layer name.
-    pub name: String,
-    /// Output shape without the batch dimension.
-    pub shape: Vec<usize>,
-    /// Mean of all values.
-    pub mean: f64,
-    /// Population standard deviation (as `torch.std(unbiased=False)`).
-    pub std: f64,
-    /// Smallest value.
-    pub min: f32,
-    /// Largest value.
-    pub max: f32,
-    /// Fraction of values exactly zero.
-    pub zero_fraction: f64,
-    /// Channels whose every value is ≤ 0 for this input.
-    pub dead_channels: Vec<usize>,
-}
-
 /// A method of the Grad-CAM family, as pytorch-grad-cam defines it.
 #[derive(serde::Serialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -316,38 +292,4 @@ pub enum CamMethod {
     Eigencam,
     /// Score-CAM: masked forward passes (slow).
     Scorecam,
-}
-
-/// Where a job is (`model_store::train::Progress`).
-#[derive(ToSchema)]
-#[schema(as = Progress)]
-pub struct ProgressSchema {
-    /// Current epoch, 1-based.
-    pub epoch: usize,
-    /// Of this many.
-    pub epochs: usize,
-    /// Step within the epoch.
-    pub step: usize,
-    /// Steps per epoch.
-    pub steps: usize,
-    /// Of the whole job, 0-1.
-    pub fraction: f64,
-    /// Mean training loss of the epoch so far.
-    pub loss: f64,
-}
-
-/// One epoch of a job (`model_store::train::EpochRecord`).
-#[derive(ToSchema)]
-#[schema(as = EpochRecord)]
-pub struct EpochSchema {
-    /// 1-based.
-    pub epoch: usize,
-    /// Mean training loss over the epoch.
-    pub loss: f64,
-    /// Accuracy on the training batches as they were trained.
-    pub train_accuracy: f64,
-    /// Accuracy on the test split after the epoch.
-    pub test_accuracy: f64,
-    /// Wall time of the epoch.
-    pub seconds: f64,
 }

@@ -45,6 +45,7 @@ pub fn all_outputs(model: &LoadedModel, x: &Tensor) -> Result<Vec<(String, Tenso
 /// Summary statistics of one layer's output for one image (serialised as
 /// the API's per-layer row).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LayerStats {
     /// Layer name.
     pub name: String,

@@ -574,6 +574,7 @@ pub fn plan(spec: &JobSpec, env: &Env) -> std::result::Result<Plan, Vec<String>>
 
 /// One epoch's line of the log students know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EpochRecord {
     /// 1-based.
     pub epoch: usize,
@@ -589,6 +590,7 @@ pub struct EpochRecord {
 
 /// Where a job is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     /// Current epoch, 1-based.
     pub epoch: usize,
@@ -917,6 +919,7 @@ fn evaluate_net(
 
 /// Confusion matrix and per-class precision/recall of a loaded model.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Evaluation {
     /// Fraction correct.
     pub accuracy: f64,
@@ -932,6 +935,7 @@ pub struct Evaluation {
 
 /// One class's scores.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClassScores {
     /// Label.
     pub label: String,

@@ -28,7 +28,6 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use crate::openapi::{EpochSchema, ProgressSchema};
 use store::{JobRecord, JobStore, Status};
 
 /// A job as the API shows it.
@@ -43,10 +42,8 @@ pub struct JobView {
     /// The dataset.
     pub dataset: String,
     /// Where it is (null before it starts).
-    #[schema(value_type = Option<ProgressSchema>)]
     pub progress: Option<Progress>,
     /// One line per completed epoch.
-    #[schema(value_type = Vec<EpochSchema>)]
     pub history: Vec<EpochRecord>,
     /// The registered model, once it succeeded.
     pub model: Option<String>,

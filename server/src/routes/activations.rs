@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
-use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm, LayerStatsSchema};
+use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::render::{self, Canvas, Colormap, GridStyle, Tile};
 use crate::state::AppState;
 
@@ -109,7 +109,6 @@ pub struct SheetJson {
     /// The model.
     pub model: String,
     /// Every named layer in forward order.
-    #[schema(value_type = Vec<LayerStatsSchema>)]
     pub layers: Vec<LayerStats>,
 }
 

@@ -64,19 +64,6 @@ pub struct DatasetList {
     pub datasets: Vec<DatasetView>,
 }
 
-/// One class's scores.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ClassScoresView {
-    /// Label.
-    pub label: String,
-    /// Of the images predicted as this class, the fraction that are.
-    pub precision: f64,
-    /// Of the images of this class, the fraction predicted so.
-    pub recall: f64,
-    /// Images of this class.
-    pub support: u64,
-}
-
 /// `POST /models/{model}/evaluate`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EvaluationView {
@@ -84,39 +71,9 @@ pub struct EvaluationView {
     pub model: String,
     /// The dataset, or `upload`.
     pub dataset: String,
-    /// Fraction correct.
-    pub accuracy: f64,
-    /// Images evaluated.
-    pub count: usize,
-    /// `M[true][predicted]` counts, rows and columns in `classes` order.
-    pub confusion_matrix: Vec<Vec<u64>>,
-    /// Per class.
-    pub per_class: Vec<ClassScoresView>,
-    /// Class names.
-    pub classes: Vec<String>,
-}
-
-impl EvaluationView {
-    fn new(model: &str, dataset: &str, e: Evaluation) -> Self {
-        EvaluationView {
-            model: model.to_string(),
-            dataset: dataset.to_string(),
-            accuracy: e.accuracy,
-            count: e.count,
-            confusion_matrix: e.confusion_matrix,
-            per_class: e
-                .per_class
-                .into_iter()
-                .map(|c| ClassScoresView {
-                    label: c.label,
-                    precision: c.precision,
-                    recall: c.recall,
-                    support: c.support,
-                })
-                .collect(),
-            classes: e.classes,
-        }
-    }
+    /// Accuracy, confusion matrix (`M[true][predicted]`), per-class scores.
+    #[serde(flatten)]
+    pub evaluation: Evaluation,
 }
 
 /// The JSON body of `POST /models/{model}/evaluate`.
@@ -157,6 +114,15 @@ fn job_not_found(id: &str) -> ApiError {
 
 fn store_error(e: crate::jobs::store::StoreError) -> ApiError {
     ApiError::Internal(e.to_string())
+}
+
+fn find_job(state: &AppState, id: &str) -> ApiResult<crate::jobs::store::JobRecord> {
+    state
+        .jobs
+        .store
+        .get(id)
+        .map_err(store_error)?
+        .ok_or_else(|| job_not_found(id))
 }
 
 /// Queues a training run. The whole body is checked first (architecture,
@@ -266,12 +232,7 @@ async fn get_job(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<JobView>> {
-    let job = state
-        .jobs
-        .store
-        .get(&id)
-        .map_err(store_error)?
-        .ok_or_else(|| job_not_found(&id))?;
+    let job = find_job(&state, &id)?;
     Ok(Json(JobView::from(&job)))
 }
 
@@ -299,12 +260,7 @@ async fn events(
 ) -> ApiResult<Response> {
     // Subscribe before reading, so nothing falls between the two.
     let rx = state.jobs.subscribe(&id);
-    let job = state
-        .jobs
-        .store
-        .get(&id)
-        .map_err(store_error)?
-        .ok_or_else(|| job_not_found(&id))?;
+    let job = find_job(&state, &id)?;
     let first = JobView::from(&job);
     let done = first.status.is_final();
     let jobs = state.jobs.clone();
@@ -372,12 +328,7 @@ async fn cancel(
         CancelOutcome::Cancelled => state.jobs.publish(&id, "state"),
         CancelOutcome::Requested => state.jobs.cancel_running(&id),
     }
-    let job = state
-        .jobs
-        .store
-        .get(&id)
-        .map_err(store_error)?
-        .ok_or_else(|| job_not_found(&id))?;
+    let job = find_job(&state, &id)?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))).into_response())
 }
 
@@ -393,12 +344,7 @@ async fn job_plot(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    let job = state
-        .jobs
-        .store
-        .get(&id)
-        .map_err(store_error)?
-        .ok_or_else(|| job_not_found(&id))?;
+    let job = find_job(&state, &id)?;
     let epochs = job.spec["epochs"].as_u64().unwrap_or(1) as usize;
     let png = plot::training_curves(&job.curve, &job.history, epochs);
     Ok(png_response(png))
@@ -518,5 +464,10 @@ async fn evaluate(
     if png {
         return Ok(png_response(plot::confusion_png(&evaluation)));
     }
-    Ok(Json(EvaluationView::new(model.name(), &dataset, evaluation)).into_response())
+    Ok(Json(EvaluationView {
+        model: model.name().to_string(),
+        dataset,
+        evaluation,
+    })
+    .into_response())
 }
