@@ -103,7 +103,7 @@ pub fn training_curves(curve: &[[f64; 2]], history: &[EpochRecord], epochs: usiz
     loss.line(&mut c, &points, BLUE);
     let means: Vec<(f64, f64)> = history.iter().map(|h| (h.epoch as f64, h.loss)).collect();
     loss.line(&mut c, &means, ORANGE);
-    c.text(60, 270, "blue: running mean, orange: epoch mean", 300);
+    c.text(20, 272, "blue: epoch's running mean, orange: epoch mean", 400);
 
     let acc = Frame {
         x: 440,
@@ -133,7 +133,7 @@ pub fn training_curves(curve: &[[f64; 2]], history: &[EpochRecord], epochs: usiz
         .last()
         .map(|h| format!("test {:.2}%", h.test_accuracy * 100.0))
         .unwrap_or_default();
-    c.text(440, 270, &format!("blue: train, green: test  {last}"), 320);
+    c.text(440, 272, &format!("blue: train, green: test  {last}"), 320);
     c.png()
 }
 
@@ -156,6 +156,7 @@ pub fn confusion_png(e: &Evaluation) -> Vec<u8> {
         x0 + cell * k as u32,
     );
     c.text(x0, 20, "predicted ->", 200);
+    c.text(4, 20, "true", label_w);
     for (i, row) in e.confusion_matrix.iter().enumerate() {
         let total: u64 = row.iter().sum::<u64>().max(1);
         c.text(
