@@ -34,6 +34,26 @@ enum Command {
     /// with a progress bar; the model is written into the models directory.
     /// Interrupted, it resumes from its last epoch when run again.
     Train(TrainArgs),
+    /// Time the model-level cases of BENCHMARKS.md (forward passes,
+    /// Grad-CAM, the activation sheet, a training step); pin the threads
+    /// with RAYON_NUM_THREADS. tools/bench/forward.py times them in PyTorch.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Models directory (the bundled ResNet-20, MobileNet, CNN_A).
+    #[arg(long, env = "CONVSCOPE_MODELS", default_value = "models")]
+    models: std::path::PathBuf,
+    /// Timed iterations per case (after 3 warm-up ones).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Only the cases whose name contains this.
+    #[arg(long)]
+    only: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -66,6 +86,32 @@ async fn main() {
     }
     match command {
         Command::Openapi => print!("{}", convscope::openapi::document_json()),
+        Command::Bench(args) => {
+            let threads = candle_core::utils::get_num_threads();
+            match convscope::bench::run(&args.models, args.runs.max(1), args.only.as_deref()) {
+                Ok(timings) if args.json => {
+                    let out = serde_json::json!({"threads": threads, "runs": args.runs, "cases": timings});
+                    println!("{out:#}");
+                }
+                Ok(timings) => {
+                    println!("convscope {}, candle threads: {threads}, median of {} runs after 3 warm-up", env!("CARGO_PKG_VERSION"), args.runs);
+                    println!("{:<42} {:>10} {:>10} {:>12}", "case", "median ms", "p90 ms", "ms / image");
+                    for t in timings {
+                        println!(
+                            "{:<42} {:>10.2} {:>10.2} {:>12.2}",
+                            t.case,
+                            t.median_ms,
+                            t.p90_ms,
+                            t.median_ms / t.batch as f64
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("convscope bench: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::Train(args) => {
             if let Err(e) =
                 convscope::cli::train(&args.job, &args.models, &args.datasets, &args.device)
