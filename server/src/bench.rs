@@ -34,7 +34,12 @@ pub struct Timing {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-fn time(case: &str, batch: usize, runs: usize, mut f: impl FnMut() -> Result<(), Error>) -> Result<Timing, Error> {
+fn time(
+    case: &str,
+    batch: usize,
+    runs: usize,
+    mut f: impl FnMut() -> Result<(), Error>,
+) -> Result<Timing, Error> {
     for _ in 0..3 {
         f()?;
     }
@@ -78,62 +83,93 @@ fn resnet18() -> Result<LoadedModel, Error> {
     let root = model_store::arch::build(&parsed, &mut ck)?;
     let network = model_store::Network::new(root, (3, 224, 224))?;
     let weights = train::safetensors_bytes(&TrainNet::new(&network, &[])?.state_dict()?)?;
-    Ok(LoadedModel::from_bytes(manifest.as_bytes(), &weights, &Device::Cpu)?)
+    Ok(LoadedModel::from_bytes(
+        manifest.as_bytes(),
+        &weights,
+        &Device::Cpu,
+    )?)
 }
 
 fn bundled(models: &Path, name: &str) -> Result<LoadedModel, Error> {
-    Ok(LoadedModel::from_files(&models.join(format!("{name}.json")), &Device::Cpu)?)
+    Ok(LoadedModel::from_files(
+        &models.join(format!("{name}.json")),
+        &Device::Cpu,
+    )?)
 }
 
 /// Runs every case (or those whose name contains `only`).
 pub fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>, Error> {
     let wanted = |case: &str| only.is_none_or(|o| case.contains(o));
     let mut out = Vec::new();
-    let r18 = resnet18()?;
+    // ResNet-18's fresh initialisation takes a moment: only when asked for.
+    let r18 = if wanted("resnet18") {
+        Some(resnet18()?)
+    } else {
+        None
+    };
     let r20 = bundled(models, "resnet20-cifar10")?;
     let mobilenet = bundled(models, "mobilenet-v1-0.25-128")?;
     for (case, model, shape) in [
-        ("forward resnet18 224 b1", &r18, [1, 3, 224, 224]),
-        ("forward resnet18 224 b8", &r18, [8, 3, 224, 224]),
-        ("forward resnet20 32 b1", &r20, [1, 3, 32, 32]),
-        ("forward resnet20 32 b64", &r20, [64, 3, 32, 32]),
-        ("forward mobilenet 128 b1", &mobilenet, [1, 3, 128, 128]),
+        ("forward resnet18 224 b1", r18.as_ref(), [1, 3, 224, 224]),
+        ("forward resnet18 224 b8", r18.as_ref(), [8, 3, 224, 224]),
+        ("forward resnet20 32 b1", Some(&r20), [1, 3, 32, 32]),
+        ("forward resnet20 32 b64", Some(&r20), [64, 3, 32, 32]),
+        (
+            "forward mobilenet 128 b1",
+            Some(&mobilenet),
+            [1, 3, 128, 128],
+        ),
     ] {
-        if wanted(case) {
+        if let Some(model) = model.filter(|_| wanted(case)) {
             let x = random(&shape, 1)?;
             out.push(time(case, shape[0], runs, || {
-                model.network.predict(&x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+                model
+                    .network
+                    .predict(&x)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
                 Ok(())
             })?);
         }
     }
-    if wanted("gradcam resnet18 layer4.1") {
+    if let Some(r18) = r18.as_ref().filter(|_| wanted("gradcam resnet18 layer4.1")) {
         let x = random(&[1, 3, 224, 224], 2)?;
         let target = [grad_cam::Target {
             image: 0,
             class: None,
         }];
         out.push(time("gradcam resnet18 layer4.1", 1, runs, || {
-            grad_cam::grad_cam(&r18, &x, "layer4.1", &target, grad_cam::Method::GradCam)?;
+            grad_cam::grad_cam(r18, &x, "layer4.1", &target, grad_cam::Method::GradCam)?;
             Ok(())
         })?);
     }
     if wanted("activations resnet20 all layers + stats") {
         let x = random(&[1, 3, 32, 32], 3)?;
-        out.push(time("activations resnet20 all layers + stats", 1, runs, || {
-            for (name, t) in activations::all_outputs(&r20, &x)? {
-                activations::layer_stats(&name, &t.squeeze(0)?)?;
-            }
-            Ok(())
-        })?);
+        out.push(time(
+            "activations resnet20 all layers + stats",
+            1,
+            runs,
+            || {
+                for (name, t) in activations::all_outputs(&r20, &x)? {
+                    activations::layer_stats(&name, &t.squeeze(0)?)?;
+                }
+                Ok(())
+            },
+        )?);
     }
     if wanted("train step cnn_a b64 adam") {
         let cnn_a = bundled(models, "cnn-a-mnist")?;
         let mut net = TrainNet::new(&cnn_a.network, &[])?;
-        let spec: OptimizerSpec = serde_json::from_value(serde_json::json!({"type": "adam", "lr": 0.001}))?;
+        let spec: OptimizerSpec =
+            serde_json::from_value(serde_json::json!({"type": "adam", "lr": 0.001}))?;
         let mut opt = Optimizer::new(&spec);
         let x = random(&[64, 1, 28, 28], 4)?;
-        let y = Tensor::from_vec((0..64u32).map(|i| i % 10).collect::<Vec<_>>(), 64, &Device::Cpu)?;
+        let y = Tensor::from_vec(
+            (0..64u32).map(|i| i % 10).collect::<Vec<_>>(),
+            64,
+            &Device::Cpu,
+        )?;
         let mut rng = Rng::new(5);
         out.push(time("train step cnn_a b64 adam", 64, runs, || {
             let logits = net.forward(&x, Some(&mut rng))?;

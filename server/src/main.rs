@@ -94,8 +94,15 @@ async fn main() {
                     println!("{out:#}");
                 }
                 Ok(timings) => {
-                    println!("convscope {}, candle threads: {threads}, median of {} runs after 3 warm-up", env!("CARGO_PKG_VERSION"), args.runs);
-                    println!("{:<42} {:>10} {:>10} {:>12}", "case", "median ms", "p90 ms", "ms / image");
+                    println!(
+                        "convscope {}, candle threads: {threads}, median of {} runs after 3 warm-up",
+                        env!("CARGO_PKG_VERSION"),
+                        args.runs
+                    );
+                    println!(
+                        "{:<42} {:>10} {:>10} {:>12}",
+                        "case", "median ms", "p90 ms", "ms / image"
+                    );
                     for t in timings {
                         println!(
                             "{:<42} {:>10.2} {:>10.2} {:>12.2}",

@@ -103,7 +103,12 @@ pub fn training_curves(curve: &[[f64; 2]], history: &[EpochRecord], epochs: usiz
     loss.line(&mut c, &points, BLUE);
     let means: Vec<(f64, f64)> = history.iter().map(|h| (h.epoch as f64, h.loss)).collect();
     loss.line(&mut c, &means, ORANGE);
-    c.text(20, 272, "blue: epoch's running mean, orange: epoch mean", 400);
+    c.text(
+        20,
+        272,
+        "blue: epoch's running mean, orange: epoch mean",
+        400,
+    );
 
     let acc = Frame {
         x: 440,
