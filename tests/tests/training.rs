@@ -1,8 +1,9 @@
 //! Training jobs over real HTTP: a CNN_A run on real MNIST, evaluation,
 //! progress as JSON, Server-Sent Events and a plot, cancellation, frozen
 //! layers when fine-tuning ResNet-20 on real CIFAR-10 images, validation
-//! of bad bodies, and inference staying responsive while a job trains.
-//! (Crash and resume with a killed process: `server/tests/crash.rs`.)
+//! of bad bodies. (Inference while a job trains: `responsiveness.rs`, alone
+//! in its binary so no other test's training competes for the cores; crash
+//! and resume with a killed process: `server/tests/crash.rs`.)
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -462,57 +463,6 @@ async fn fine_tuning_resnet20_keeps_frozen_layers_bit_identical() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn predict_stays_responsive_while_a_job_trains() {
-    let dir = models_dir(&["resnet20-cifar10"]);
-    let app = TestApp::spawn(dir.path()).await;
-    let (png, _) = cifar_test(0..1).remove(0);
-    let time_predicts = || async {
-        let mut ms = Vec::new();
-        for _ in 0..25 {
-            let t = Instant::now();
-            let r = app
-                .post_images("/models/resnet20-cifar10/predict", &[&png])
-                .await;
-            assert_eq!(r.status(), 200);
-            let _ = r.bytes().await.unwrap();
-            ms.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        ms.sort_by(f64::total_cmp);
-        ms[ms.len() / 2]
-    };
-    let _ = time_predicts().await; // warm-up
-    let idle = time_predicts().await;
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "busy", "architecture": "cnn_a", "dataset": "mnist",
-                "progress_every": 1, "test_limit": 500}),
-    )
-    .await;
-    assert_eq!(status, 202);
-    let id = queued["job_id"].as_str().unwrap();
-    wait_for(&app, id, Duration::from_secs(60), |j| {
-        j["progress"]["step"].as_u64().unwrap_or(0) >= 2
-    })
-    .await;
-    let busy = time_predicts().await;
-    let (_, job) = app.get_json(&format!("/jobs/{id}")).await;
-    assert_eq!(job["status"], "running", "the job trained all along");
-    assert!(
-        busy <= 3.0 * idle.max(1.0),
-        "predict p50 {busy:.1} ms while training vs {idle:.1} ms idle"
-    );
-    let r = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    wait_for(&app, id, Duration::from_secs(30), is_final).await;
-    app.stop().await;
-}
-
 /// An ImageFolder dataset (one sub-folder per class) and a network given
 /// as `{"layers": [...]}`: bright squares vs bright discs on noise, 16×16.
 #[tokio::test(flavor = "multi_thread")]
@@ -609,5 +559,54 @@ async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_s
     );
     let (_, detail) = app.get_json("/models/shapes-net").await;
     assert_eq!(detail["classes"], json!(["disc", "square"]));
+    app.stop().await;
+
+    // Transfer learning with a new head: ResNet-20 (10 CIFAR classes) on the
+    // two shapes (resized to its 32×32 RGB input), everything frozen but
+    // the fresh 2-class head.
+    let models = models_dir(&["resnet20-cifar10"]);
+    let mut settings = convscope::Settings::for_tests(models.path());
+    settings.datasets = datasets.path().to_path_buf();
+    let app = TestApp::spawn_with(settings).await;
+    let (status, queued) = submit(
+        &app,
+        &json!({"model_name": "shapes-resnet", "init_from": "resnet20-cifar10", "dataset": "shapes",
+                "freeze": ["conv1", "bn1", "layer1", "layer2", "layer3"], "epochs": 3, "batch_size": 10,
+                "optimizer": {"type": "adam", "lr": 0.01}, "epoch_snapshots": false, "seed": 3}),
+    )
+    .await;
+    assert_eq!(status, 202, "{queued}");
+    let id = queued["job_id"].as_str().unwrap();
+    let job = wait_for(&app, id, Duration::from_secs(120), is_final).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let (_, detail) = app.get_json("/models/shapes-resnet").await;
+    assert_eq!(detail["classes"], json!(["disc", "square"]));
+    assert_eq!(detail["architecture"], "resnet20-cifar");
+    let head = detail["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "linear")
+        .unwrap();
+    assert_eq!(head["output_shape"], json!([2]));
+    let before = tensors(&repo().join("models/resnet20-cifar10.safetensors"));
+    let after = tensors(&models.path().join("shapes-resnet.safetensors"));
+    for (name, old) in &before {
+        if !name.starts_with("linear.") {
+            assert_eq!(&after[name], old, "frozen {name} changed");
+        }
+    }
+    assert_eq!(after["linear.weight"].len(), 2 * 64);
+    // Frozen features, a new head trained for 3 epochs: better than chance.
+    let acc = job["history"][2]["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.7, "{job}");
+    // The head cannot be frozen when it is new.
+    let (status, problem) = submit(
+        &app,
+        &json!({"model_name": "x", "init_from": "resnet20-cifar10", "dataset": "shapes", "freeze": ["linear"]}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert!(problem["errors"].to_string().contains("new"), "{problem}");
     app.stop().await;
 }
