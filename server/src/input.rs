@@ -34,6 +34,15 @@ const IMAGE_TYPES: &[&str] = &[
     "image/gif",
 ];
 
+/// Whether a request carries a body (a non-zero length, or chunks).
+pub fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim() != "0")
+        || headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+}
+
 /// The images of a request, undecoded, with optional labels.
 #[derive(Debug, Default)]
 pub struct ImageUpload {
@@ -55,15 +64,7 @@ impl FromRequest<AppState> for ImageUpload {
             .ok()
             .and_then(|q| q.0.input);
         if let Some(ids) = cached {
-            let has_body = req
-                .headers()
-                .get(axum::http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim() != "0")
-                || req
-                    .headers()
-                    .contains_key(axum::http::header::TRANSFER_ENCODING);
-            if has_body {
+            if has_body(req.headers()) {
                 return Err(ApiError::BadRequest(
                     "give the image either as ?input=<id> or in the body, not both".into(),
                 ));

@@ -98,6 +98,41 @@ impl TestApp {
         body
     }
 
+    /// `POST /jobs` with a JSON body: status and JSON answer.
+    pub async fn submit_job(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url("/jobs"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `GET /jobs/{id}` until `done` holds, panicking after `limit`.
+    pub async fn wait_for_job(
+        &self,
+        id: &str,
+        limit: std::time::Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let started = std::time::Instant::now();
+        loop {
+            let (status, job) = self.get_json(&format!("/jobs/{id}")).await;
+            assert_eq!(status, 200, "{job}");
+            if done(&job) {
+                return job;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "job {id} did not get there in {limit:?}: {job}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Asserts the server still answers `/healthz`.
     pub async fn assert_healthy(&self) {
         let (status, body) = self.get_json("/healthz").await;
@@ -111,6 +146,11 @@ impl Drop for TestApp {
             let _ = tx.send(());
         }
     }
+}
+
+/// Whether a job has ended (succeeded, failed or cancelled).
+pub fn job_is_final(job: &Value) -> bool {
+    ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
 }
 
 /// A temporary models directory holding copies of the named bundled models

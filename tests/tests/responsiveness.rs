@@ -5,41 +5,7 @@
 use std::time::{Duration, Instant};
 
 use convscope_tests::*;
-use serde_json::{Value, json};
-
-async fn submit(app: &TestApp, body: &Value) -> (u16, Value) {
-    let r = app
-        .client
-        .post(app.url("/jobs"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-async fn wait_for(
-    app: &TestApp,
-    id: &str,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let (status, job) = app.get_json(&format!("/jobs/{id}")).await;
-        assert_eq!(status, 200, "{job}");
-        if done(&job) {
-            return job;
-        }
-        assert!(started.elapsed() < limit, "job {id}: {job}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn is_final(job: &Value) -> bool {
-    ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn predict_stays_responsive_while_a_job_trains() {
@@ -62,15 +28,15 @@ async fn predict_stays_responsive_while_a_job_trains() {
     };
     let _ = time_predicts().await; // warm-up
     let idle = time_predicts().await;
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "busy", "architecture": "cnn_a", "dataset": "mnist",
+    let (status, queued) = app
+        .submit_job(
+            &json!({"model_name": "busy", "architecture": "cnn_a", "dataset": "mnist",
                 "progress_every": 1, "test_limit": 500}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 202);
     let id = queued["job_id"].as_str().unwrap();
-    wait_for(&app, id, Duration::from_secs(60), |j| {
+    app.wait_for_job(id, Duration::from_secs(60), |j| {
         j["progress"]["step"].as_u64().unwrap_or(0) >= 2
     })
     .await;
@@ -89,6 +55,7 @@ async fn predict_stays_responsive_while_a_job_trains() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    wait_for(&app, id, Duration::from_secs(30), is_final).await;
+    app.wait_for_job(id, Duration::from_secs(30), job_is_final)
+        .await;
     app.stop().await;
 }

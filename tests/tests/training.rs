@@ -11,44 +11,6 @@ use std::time::{Duration, Instant};
 use convscope_tests::*;
 use serde_json::{Value, json};
 
-async fn submit(app: &TestApp, body: &Value) -> (u16, Value) {
-    let r = app
-        .client
-        .post(app.url("/jobs"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-/// Polls the job until `done` says so (or panics after `limit`).
-async fn wait_for(
-    app: &TestApp,
-    id: &str,
-    limit: Duration,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let (status, job) = app.get_json(&format!("/jobs/{id}")).await;
-        assert_eq!(status, 200, "{job}");
-        if done(&job) {
-            return job;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "job {id} did not get there in {limit:?}: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn is_final(job: &Value) -> bool {
-    ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))
-}
-
 fn tensors(path: &std::path::Path) -> HashMap<String, Vec<f32>> {
     candle_core::safetensors::load(path, &candle_core::Device::Cpu)
         .unwrap()
@@ -321,7 +283,7 @@ async fn bad_job_bodies_are_refused_whole_and_nothing_is_queued() {
         ),
     ];
     for (body, expected) in cases {
-        let (status, problem) = submit(&app, &body).await;
+        let (status, problem) = app.submit_job(&body).await;
         assert_eq!(status, 422, "{body}: {problem}");
         let errors: Vec<&str> = problem["errors"]
             .as_array()
@@ -357,18 +319,19 @@ async fn bad_job_bodies_are_refused_whole_and_nothing_is_queued() {
 async fn a_cancelled_job_stops_within_a_batch_and_registers_nothing() {
     let dir = models_dir(&[]);
     let app = TestApp::spawn(dir.path()).await;
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "never", "architecture": "cnn_a", "dataset": "mnist",
+    let (status, queued) = app
+        .submit_job(
+            &json!({"model_name": "never", "architecture": "cnn_a", "dataset": "mnist",
                 "batch_size": 64, "progress_every": 1, "test_limit": 500}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 202, "{queued}");
     let id = queued["job_id"].as_str().unwrap().to_string();
-    let running = wait_for(&app, &id, Duration::from_secs(60), |j| {
-        j["progress"]["step"].as_u64().unwrap_or(0) >= 3
-    })
-    .await;
+    let running = app
+        .wait_for_job(&id, Duration::from_secs(60), |j| {
+            j["progress"]["step"].as_u64().unwrap_or(0) >= 3
+        })
+        .await;
     assert_eq!(running["status"], "running");
     let r = app
         .client
@@ -379,7 +342,9 @@ async fn a_cancelled_job_stops_within_a_batch_and_registers_nothing() {
     assert_eq!(r.status(), 202);
     let at_cancel: Value = r.json().await.unwrap();
     let step_at_cancel = at_cancel["progress"]["step"].as_u64().unwrap();
-    let job = wait_for(&app, &id, Duration::from_secs(30), is_final).await;
+    let job = app
+        .wait_for_job(&id, Duration::from_secs(30), job_is_final)
+        .await;
     assert_eq!(job["status"], "cancelled", "{job}");
     // Within one batch: at most the batch in flight finished after the request.
     let last_step = job["progress"]["step"].as_u64().unwrap();
@@ -411,18 +376,20 @@ async fn a_cancelled_job_stops_within_a_batch_and_registers_nothing() {
 async fn fine_tuning_resnet20_keeps_frozen_layers_bit_identical() {
     let dir = models_dir(&["resnet20-cifar10"]);
     let app = TestApp::spawn(dir.path()).await;
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "resnet20-ft", "init_from": "resnet20-cifar10",
+    let (status, queued) = app
+        .submit_job(
+            &json!({"model_name": "resnet20-ft", "init_from": "resnet20-cifar10",
                 "dataset": "cifar10-sample", "train_limit": 500, "batch_size": 50,
                 "freeze": ["conv1", "layer1", "layer2"],
                 "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005},
                 "augment": {"random_crop_padding": 4, "horizontal_flip": true}, "seed": 1}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(status, 202, "{queued}");
     let id = queued["job_id"].as_str().unwrap();
-    let job = wait_for(&app, id, Duration::from_secs(300), is_final).await;
+    let job = app
+        .wait_for_job(id, Duration::from_secs(300), job_is_final)
+        .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let before = tensors(&repo().join("models/resnet20-cifar10.safetensors"));
     let after = tensors(&dir.path().join("resnet20-ft.safetensors"));
@@ -525,9 +492,7 @@ async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_s
         {"name": "flatten", "type": "flatten"},
         {"name": "fc", "type": "linear", "in_features": 8, "out_features": 2}
     ]);
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "shapes-net", "architecture": {"layers": layers}, "dataset": "shapes",
+    let (status, queued) = app.submit_job(&json!({"model_name": "shapes-net", "architecture": {"layers": layers}, "dataset": "shapes",
                 "input": {"channels": 1, "height": 16, "width": 16, "mean": [0.2], "std": [0.3]},
                 "epochs": 6, "batch_size": 8, "test_fraction": 0.25, "l2": 0.0001,
                 "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": true},
@@ -536,7 +501,9 @@ async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_s
     .await;
     assert_eq!(status, 202, "{queued}");
     let id = queued["job_id"].as_str().unwrap();
-    let job = wait_for(&app, id, Duration::from_secs(120), is_final).await;
+    let job = app
+        .wait_for_job(id, Duration::from_secs(120), job_is_final)
+        .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let history = job["history"].as_array().unwrap();
     assert_eq!(history.len(), 6);
@@ -568,16 +535,16 @@ async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_s
     let mut settings = convscope::Settings::for_tests(models.path());
     settings.datasets = datasets.path().to_path_buf();
     let app = TestApp::spawn_with(settings).await;
-    let (status, queued) = submit(
-        &app,
-        &json!({"model_name": "shapes-resnet", "init_from": "resnet20-cifar10", "dataset": "shapes",
+    let (status, queued) = app.submit_job(&json!({"model_name": "shapes-resnet", "init_from": "resnet20-cifar10", "dataset": "shapes",
                 "freeze": ["conv1", "bn1", "layer1", "layer2", "layer3"], "epochs": 3, "batch_size": 10,
                 "optimizer": {"type": "adam", "lr": 0.01}, "epoch_snapshots": false, "seed": 3}),
     )
     .await;
     assert_eq!(status, 202, "{queued}");
     let id = queued["job_id"].as_str().unwrap();
-    let job = wait_for(&app, id, Duration::from_secs(120), is_final).await;
+    let job = app
+        .wait_for_job(id, Duration::from_secs(120), job_is_final)
+        .await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let (_, detail) = app.get_json("/models/shapes-resnet").await;
     assert_eq!(detail["classes"], json!(["disc", "square"]));
@@ -601,9 +568,7 @@ async fn an_image_folder_and_a_layer_list_train_with_sgd_nesterov_and_a_cosine_s
     let acc = job["history"][2]["test_accuracy"].as_f64().unwrap();
     assert!(acc >= 0.7, "{job}");
     // The head cannot be frozen when it is new.
-    let (status, problem) = submit(
-        &app,
-        &json!({"model_name": "x", "init_from": "resnet20-cifar10", "dataset": "shapes", "freeze": ["linear"]}),
+    let (status, problem) = app.submit_job(&json!({"model_name": "x", "init_from": "resnet20-cifar10", "dataset": "shapes", "freeze": ["linear"]}),
     )
     .await;
     assert_eq!(status, 422);

@@ -675,26 +675,9 @@ fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 
 /// Serialises named tensors as safetensors bytes (for the model store).
 pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let dir = std::env::temp_dir().join(format!(
-        "convscope-st-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let path = dir.join("w.safetensors");
-    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
-    candle_core::safetensors::save(&map, &path)?;
-    let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-        path: path.clone(),
-        source,
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    bytes
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::tensor::serialize(views, None)
+        .map_err(|e| Error::Candle(candle_core::Error::Msg(format!("safetensors: {e}"))))
 }
 
 /// Runs a planned job. `work` is the job's own directory (resumable state);

@@ -157,6 +157,8 @@ pub trait JobStore: Send + Sync {
     fn requeue_interrupted(&self) -> StoreResult<Vec<String>>;
     /// Jobs per state.
     fn counts(&self) -> StoreResult<Vec<(Status, u64)>>;
+    /// Whether a queued or running job will produce `model_name`.
+    fn has_active_job_for(&self, model_name: &str) -> StoreResult<bool>;
 }
 
 /// The migrations, in order; `user_version` says how many have run.
@@ -371,6 +373,14 @@ impl JobStore for SqliteStore {
         Ok(ids)
     }
 
+    fn has_active_job_for(&self, model_name: &str) -> StoreResult<bool> {
+        Ok(self.conn().query_row(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') AND json_extract(spec, '$.model_name') = ?1)",
+            [model_name],
+            |r| r.get::<_, bool>(0),
+        )?)
+    }
+
     fn counts(&self) -> StoreResult<Vec<(Status, u64)>> {
         let c = self.conn();
         let mut st = c.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
@@ -418,6 +428,11 @@ mod tests {
         let again = s.claim_next().unwrap().unwrap();
         assert_eq!((again.id.as_str(), again.attempts), ("a", 2));
         assert!(s.claim_next().unwrap().is_none());
+        assert!(!s.has_active_job_for("anything").unwrap());
+        s.insert("c", &serde_json::json!({"model_name": "m"}))
+            .unwrap();
+        assert!(s.has_active_job_for("m").unwrap());
+        assert!(!s.has_active_job_for("n").unwrap());
         let counts = s.counts().unwrap();
         assert!(counts.contains(&(Status::Running, 1)));
         assert!(counts.contains(&(Status::Cancelled, 1)));

@@ -172,12 +172,8 @@ async fn submit(
     let clash = state
         .jobs
         .store
-        .list()
-        .map_err(store_error)?
-        .into_iter()
-        .any(|j| {
-            !j.status.is_final() && j.spec["model_name"].as_str() == Some(spec.model_name.as_str())
-        });
+        .has_active_job_for(&spec.model_name)
+        .map_err(store_error)?;
     if clash {
         return Err(ApiError::Invalid(vec![format!(
             "model_name: job for '{}' is already queued or running",
@@ -258,7 +254,9 @@ async fn events(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    // Subscribe before reading, so nothing falls between the two.
+    // A 404 before subscribing (no channel for a job that does not exist),
+    // then subscribe and read again, so nothing falls between the two.
+    find_job(&state, &id)?;
     let rx = state.jobs.subscribe(&id);
     let job = find_job(&state, &id)?;
     let first = JobView::from(&job);

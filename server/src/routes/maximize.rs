@@ -137,15 +137,7 @@ async fn maximize_route(
 ) -> ApiResult<Response> {
     let model = state.model(&model)?;
     // The start image is optional: noise unless the request carries one.
-    let has_body = req
-        .headers()
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v != "0")
-        || req
-            .headers()
-            .contains_key(axum::http::header::TRANSFER_ENCODING);
-    let start = if params.input.is_some() || has_body {
+    let start = if params.input.is_some() || crate::input::has_body(req.headers()) {
         let upload = ImageUpload::from_request(req, &state).await?;
         if upload.images.len() != 1 {
             return Err(ApiError::BadRequest(
