@@ -89,6 +89,21 @@ pub fn looks_like_image(bytes: &[u8]) -> bool {
 
 /// The model input for one decoded image: `C·H·W` floats in CHW order.
 pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
+    let c = manifest.input.channels;
+    let px = pixels(img, manifest)?;
+    let plane = px.len() / c.max(1);
+    let (mean, std) = manifest.normalisation();
+    Ok(px
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (p as f32 / 255.0 - mean[i / plane]) / std[i / plane])
+        .collect())
+}
+
+/// The 8-bit pixels of the model input for one decoded image, CHW, before
+/// normalisation: channel conversion, resize and crop exactly as inference
+/// does them (training on an ImageFolder stores these).
+pub fn pixels(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<u8>> {
     let spec = &manifest.input;
     let (mut w, mut h) = img.dimensions();
     // Channel conversion first, on 8-bit data, as PIL's convert() does.
@@ -130,15 +145,9 @@ pub fn preprocess(img: &DynamicImage, manifest: &Manifest) -> Result<Vec<f32>> {
             manifest.name, spec.width, spec.height, spec.width, spec.height
         )));
     }
-    let (mean, std) = manifest.normalisation();
     let mut out = Vec::with_capacity(spec.channels * (w * h) as usize);
-    for (c, plane) in planes.iter().enumerate() {
-        out.extend(
-            plane
-                .as_raw()
-                .iter()
-                .map(|&p| (p as f32 / 255.0 - mean[c]) / std[c]),
-        );
+    for plane in &planes {
+        out.extend_from_slice(plane.as_raw());
     }
     Ok(out)
 }

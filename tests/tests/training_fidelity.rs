@@ -34,7 +34,7 @@ fn four_training_steps_match_pytorch_with_every_optimizer() {
     let weights = std::fs::read(dir.join("initial.safetensors")).unwrap();
     let model =
         LoadedModel::from_bytes(manifest.to_string().as_bytes(), &weights, &Device::Cpu).unwrap();
-    let mnist = data::open(&repo().join("data"), "mnist", (1, 28, 28), 0.2).unwrap();
+    let mnist = data::open(&repo().join("data"), "mnist", &model.manifest, 0.2).unwrap();
     let batcher = Batcher {
         channels: 1,
         mean: vec![0.1307],

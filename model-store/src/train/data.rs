@@ -18,6 +18,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::manifest::Manifest;
 
 use super::Rng;
 
@@ -311,14 +312,17 @@ fn folder_files(dir: &Path) -> Result<FolderFiles> {
     Ok((classes, files))
 }
 
-/// Loads an ImageFolder at the model's input size `(c, h, w)`; a seeded
-/// shuffle puts `test_fraction` of each class into the test split.
+/// Loads an ImageFolder, each image decoded, converted, resized and cropped
+/// exactly as inference does for `manifest`; a seeded shuffle puts
+/// `test_fraction` of each class into the test split.
 fn image_folder(
     name: &str,
     dir: &Path,
-    shape: (usize, usize, usize),
+    manifest: &Manifest,
     test_fraction: f64,
 ) -> Result<Dataset> {
+    let i = &manifest.input;
+    let shape = (i.channels, i.height, i.width);
     let (classes, files) = folder_files(dir)?;
     if classes.len() < 2 {
         return Err(bad_data(
@@ -326,7 +330,6 @@ fn image_folder(
             "an ImageFolder needs at least two class sub-folders",
         ));
     }
-    let (c, h, w) = shape;
     let mut train = Images {
         pixels: Vec::new(),
         labels: Vec::new(),
@@ -347,21 +350,10 @@ fn image_folder(
                 path: path.clone(),
                 source,
             })?;
-            let img = image::load_from_memory(&bytes)
-                .map_err(|e| bad_data(path, &format!("cannot decode: {e}")))?;
-            let img = img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle);
-            let px: Vec<u8> = if c == 1 {
-                img.to_luma8().into_raw()
-            } else {
-                let rgb = img.to_rgb8();
-                let mut planes = vec![0u8; 3 * h * w];
-                for (j, p) in rgb.pixels().enumerate() {
-                    for k in 0..3 {
-                        planes[k * h * w + j] = p[k];
-                    }
-                }
-                planes
-            };
+            let img = crate::preprocess::decode(&bytes, crate::preprocess::DecodeLimits::default())
+                .map_err(|e| bad_data(path, &e.to_string()))?;
+            let px = crate::preprocess::pixels(&img, manifest)
+                .map_err(|e| bad_data(path, &e.to_string()))?;
             let split = if i < n_test { &mut test } else { &mut train };
             split.pixels.extend(px);
             split.labels.push(label as u32);
@@ -465,13 +457,9 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
     out
 }
 
-/// Loads dataset `name` from `root`; ImageFolders are resized to `shape`.
-pub fn open(
-    root: &Path,
-    name: &str,
-    shape: (usize, usize, usize),
-    test_fraction: f64,
-) -> Result<Dataset> {
+/// Loads dataset `name` from `root`; ImageFolder images are preprocessed
+/// for `manifest` as inference would.
+pub fn open(root: &Path, name: &str, manifest: &Manifest, test_fraction: f64) -> Result<Dataset> {
     match name {
         "mnist" => mnist(&root.join("mnist")),
         "cifar10" => cifar(&root.join("cifar10"), false),
@@ -479,7 +467,7 @@ pub fn open(
         other => {
             let dir = root.join("imagefolder").join(other);
             if dir.is_dir() && !other.contains(['/', '\\']) && other != ".." {
-                image_folder(other, &dir, shape, test_fraction)
+                image_folder(other, &dir, manifest, test_fraction)
             } else {
                 Err(Error::Dataset(format!(
                     "no dataset '{other}'; GET /datasets lists them"

@@ -697,11 +697,10 @@ pub fn run(
         source,
     })?;
     let input = &plan.manifest.input;
-    let shape = (input.channels, input.height, input.width);
     let mut dataset: Dataset = data::open(
         env.datasets_dir,
         &spec.dataset,
-        shape,
+        &plan.manifest,
         spec.test_fraction.unwrap_or(0.2),
     )?;
     if let Some(n) = spec.train_limit {
@@ -979,8 +978,7 @@ pub fn evaluate(
     limit: Option<usize>,
 ) -> Result<Evaluation> {
     let input = &model.manifest.input;
-    let shape = (input.channels, input.height, input.width);
-    let mut ds = data::open(datasets_dir, dataset, shape, 0.2)?;
+    let mut ds = data::open(datasets_dir, dataset, &model.manifest, 0.2)?;
     if ds.test.shape.1 != input.height || ds.test.shape.2 != input.width {
         return Err(Error::Dataset(format!(
             "dataset '{dataset}' has {}x{} images but model '{}' takes {}x{}",

@@ -334,12 +334,9 @@ fn dropout(x: &Tensor, p: f32, channelwise: bool, rng: &mut Rng) -> candle_core:
     x.broadcast_mul(&mask)
 }
 
-/// Mean cross-entropy of logits against class indices (`nn.CrossEntropyLoss`).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.mean_all()?.neg()
-}
+/// Mean cross-entropy of logits against `u32` class indices
+/// (`nn.CrossEntropyLoss`): candle-nn's, which is PyTorch's definition.
+pub use candle_nn::loss::cross_entropy;
 
 /// Argmax per row, as `u32` class indices.
 pub fn argmax(logits: &Tensor) -> candle_core::Result<Vec<u32>> {
