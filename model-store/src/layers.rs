@@ -8,6 +8,8 @@ use candle_core::{D, DType, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+pub use crate::kernels::conv::Activation;
+use crate::kernels::conv::ConvOp;
 
 /// Per-position geometry that flows through the network with the shape: how
 /// many input pixels one output unit sees (`rf`) and how far apart, in input
@@ -261,20 +263,54 @@ impl Conv2d {
 
     /// Runs the convolution on an NCHW batch.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_fused(x, &self.weight, self.bias.as_ref(), Activation::Identity)
+    }
+
+    /// The convolution with `weight` and `bias` in place of its own (a
+    /// folded batch norm's) and `activation` applied in the same pass.
+    /// f32 on the CPU runs [`ConvOp`]; anything else takes candle's ops.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (_, _, kh, kw) = self.kernel();
         let s = (self.stride, self.stride);
         let d = (self.dilation, self.dilation);
-        let (t, b, l, r) = self.padding.resolve(h, w, (kh, kw), s, d);
+        let padding = self.padding.resolve(h, w, (kh, kw), s, d);
+        if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            let op = ConvOp {
+                stride: s,
+                dilation: d,
+                padding,
+                groups: self.groups,
+                activation,
+            };
+            // An empty bias means none.
+            let bias = match bias {
+                Some(b) => b.contiguous()?,
+                None => Tensor::zeros(0, DType::F32, x.device())?,
+            };
+            return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op);
+        }
+        let (t, b, l, r) = padding;
         let y = if t == b && l == r && t == l {
-            x.conv2d(&self.weight, t, self.stride, self.dilation, self.groups)?
+            x.conv2d(weight, t, self.stride, self.dilation, self.groups)?
         } else {
             let x = x.pad_with_zeros(2, t, b)?.pad_with_zeros(3, l, r)?;
-            x.conv2d(&self.weight, 0, self.stride, self.dilation, self.groups)?
+            x.conv2d(weight, 0, self.stride, self.dilation, self.groups)?
         };
-        match &self.bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?),
-            None => Ok(y),
+        let y = match bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
+            None => y,
+        };
+        match activation {
+            Activation::Identity => Ok(y),
+            Activation::Relu => y.relu(),
+            Activation::Relu6 => y.clamp(0f32, 6f32),
         }
     }
 

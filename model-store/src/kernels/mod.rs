@@ -2,4 +2,5 @@
 //! candle's stock ops fall short. Each is tested against a reference
 //! implementation on random shapes.
 
+pub mod conv;
 pub mod pool;
