@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::layers::{
-    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax,
+    Activation, AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax,
 };
 use crate::tap::Tap;
 
@@ -125,22 +125,16 @@ impl Node {
             Op::Linear(l) => l.forward(&x).map_err(ctx)?,
             Op::Softmax => softmax(&x).map_err(ctx)?,
             Op::Seq(children) => {
-                let mut h = x;
-                for child in children {
-                    h = child.forward(h, tap, scope)?;
-                    if tap.is_done() {
-                        return Ok(h);
-                    }
+                let (h, stopped) = forward_children(children, x, tap, scope)?;
+                if stopped {
+                    return Ok(h);
                 }
                 h
             }
             Op::Residual { body, shortcut } => {
-                let mut h = x.clone();
-                for child in body {
-                    h = child.forward(h, tap, scope)?;
-                    if tap.is_done() {
-                        return Ok(h);
-                    }
+                let (h, stopped) = forward_children(body, x.clone(), tap, scope)?;
+                if stopped {
+                    return Ok(h);
                 }
                 let s = match shortcut {
                     Some(s) => s.forward(x, tap, scope)?,
@@ -276,6 +270,110 @@ impl Node {
     }
 }
 
+/// Runs `children` in order; `true` when the tap asked to stop.
+fn forward_children(
+    children: &[Node],
+    x: Tensor,
+    tap: &mut dyn Tap,
+    scope: &str,
+) -> Result<(Tensor, bool)> {
+    let mut h = x;
+    let mut i = 0;
+    while i < children.len() {
+        match forward_fused(&children[i..], &h, tap, scope)? {
+            Some((y, used)) => {
+                h = y;
+                i += used;
+            }
+            None => {
+                h = children[i].forward(h, tap, scope)?;
+                i += 1;
+            }
+        }
+        if tap.is_done() {
+            return Ok((h, true));
+        }
+    }
+    Ok((h, false))
+}
+
+/// A convolution, then its folded batch norm and/or a ReLU(6), as one
+/// kernel, when the tap wants none of the outputs but the last. Returns the
+/// last one's output (reported to the tap) and how many nodes it covers;
+/// `None` when there is nothing to fuse.
+fn forward_fused(
+    nodes: &[Node],
+    x: &Tensor,
+    tap: &mut dyn Tap,
+    scope: &str,
+) -> Result<Option<(Tensor, usize)>> {
+    let Some(Op::Conv(conv)) = nodes.first().map(|n| &n.op) else {
+        return Ok(None);
+    };
+    let hidden = |n: &Node| n.name.as_deref().is_none_or(|name| !tap.wants(name));
+    if !hidden(&nodes[0]) {
+        return Ok(None);
+    }
+    let (mut weight, mut bias, mut used) = (&conv.weight, conv.bias.as_ref(), 1);
+    if let (Some(f), Some(Op::BatchNorm(_))) = (&conv.folded, nodes.get(1).map(|n| &n.op)) {
+        (weight, bias, used) = (&f.weight, Some(&f.bias), 2);
+    }
+    let mut activation = Activation::Identity;
+    if hidden(&nodes[used - 1]) {
+        match nodes.get(used).map(|n| &n.op) {
+            Some(Op::Relu) => (activation, used) = (Activation::Relu, used + 1),
+            Some(Op::Relu6) => (activation, used) = (Activation::Relu6, used + 1),
+            _ => {}
+        }
+    }
+    if used == 1 {
+        return Ok(None);
+    }
+    let node = &nodes[used - 1];
+    let y = conv
+        .forward_fused(x, weight, bias, activation)
+        .map_err(|source| Error::Forward {
+            layer: node.name.as_deref().unwrap_or(scope).to_string(),
+            source,
+        })?;
+    let y = match &node.name {
+        Some(name) => tap.on_output(name, y)?,
+        None => y,
+    };
+    Ok(Some((y, used)))
+}
+
+/// Folds every batch norm that directly follows a convolution into it
+/// ([`Conv2d::folded`]), for the fused predict path.
+fn fold_batch_norms(node: &mut Node) -> Result<()> {
+    match &mut node.op {
+        Op::Seq(children) => fold_children(children),
+        Op::Residual { body, shortcut } => {
+            fold_children(body)?;
+            match shortcut {
+                Some(s) => fold_batch_norms(s),
+                None => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+fn fold_children(children: &mut [Node]) -> Result<()> {
+    for i in 0..children.len() {
+        if let [a, b, ..] = &mut children[i..]
+            && let (Op::Conv(conv), Op::BatchNorm(bn)) = (&mut a.op, &b.op)
+        {
+            conv.folded = Some(bn.fold_into(conv).map_err(|source| Error::Forward {
+                layer: b.name.clone().unwrap_or_default(),
+                source,
+            })?);
+        }
+        fold_batch_norms(&mut children[i])?;
+    }
+    Ok(())
+}
+
 fn even_indices(n: usize, like: &Tensor) -> Result<Tensor> {
     let idx: Vec<u32> = (0..n as u32).step_by(2).collect();
     Ok(Tensor::new(idx.as_slice(), like.device())?)
@@ -319,7 +417,7 @@ pub struct Network {
 impl Network {
     /// Validates that the tree chains for a `[C, H, W]` input and ends in a
     /// flat vector, and computes the summary.
-    pub fn new(root: Node, input: (usize, usize, usize)) -> Result<Self> {
+    pub fn new(mut root: Node, input: (usize, usize, usize)) -> Result<Self> {
         let mut layers = Vec::new();
         let (geo, total_params, total_macs) =
             root.summarise(&Geo::input(input.0, input.1, input.2), &mut layers)?;
@@ -335,6 +433,7 @@ impl Network {
                 });
             }
         };
+        fold_batch_norms(&mut root)?;
         Ok(Self {
             root,
             input,

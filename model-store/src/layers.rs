@@ -209,6 +209,20 @@ pub struct Conv2d {
     pub groups: usize,
     /// How the input is padded.
     pub padding: Padding,
+    /// The batch norm that follows, folded in (set by [`crate::Network::new`];
+    /// the predict path uses it when nobody observes the two outputs).
+    pub folded: Option<Folded>,
+}
+
+/// A convolution with the eval batch norm after it folded in:
+/// `W' = W · s`, `b' = b · s + shift` per output channel, where
+/// `s = γ / sqrt(var + eps)` (PyTorch's `fuse_conv_bn_eval`).
+#[derive(Debug, Clone)]
+pub struct Folded {
+    /// `W'`, OIHW.
+    pub weight: Tensor,
+    /// `b'`, `[O]`.
+    pub bias: Tensor,
 }
 
 impl Conv2d {
@@ -253,6 +267,7 @@ impl Conv2d {
             dilation,
             groups,
             padding,
+            folded: None,
         })
     }
 
@@ -416,6 +431,20 @@ impl BatchNorm2d {
             running_mean: mean,
             running_var: var,
             eps,
+        })
+    }
+
+    /// This batch norm folded into `conv`, the convolution before it.
+    pub fn fold_into(&self, conv: &Conv2d) -> candle_core::Result<Folded> {
+        let scale = self.scale.reshape((self.channels, 1, 1, 1))?;
+        let shift = self.shift.flatten_all()?;
+        let bias = match &conv.bias {
+            Some(b) => (b * self.scale.flatten_all()?)?.add(&shift)?,
+            None => shift,
+        };
+        Ok(Folded {
+            weight: conv.weight.broadcast_mul(&scale)?,
+            bias,
         })
     }
 

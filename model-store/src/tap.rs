@@ -17,6 +17,13 @@ pub trait Tap {
     /// Sees a named layer's output; returns the tensor the network continues with.
     fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor>;
 
+    /// Whether the tap looks at (or replaces) `layer`'s output. When it
+    /// does not, the network may skip materialising it: a convolution, the
+    /// batch norm and the ReLU after it then run as one fused kernel.
+    fn wants(&self, _layer: &str) -> bool {
+        true
+    }
+
     /// When true, the network stops at the next layer boundary: whatever it
     /// returns then is not the model output. Lets an embedding request skip
     /// the layers after the one it wants.
@@ -31,6 +38,10 @@ pub struct NoTap;
 impl Tap for NoTap {
     fn on_output(&mut self, _layer: &str, output: Tensor) -> Result<Tensor> {
         Ok(output)
+    }
+
+    fn wants(&self, _layer: &str) -> bool {
+        false
     }
 }
 
@@ -87,6 +98,10 @@ impl Tap for Record {
             self.outputs.push((layer.to_string(), output.clone()));
         }
         Ok(output)
+    }
+
+    fn wants(&self, layer: &str) -> bool {
+        self.wanted.as_ref().is_none_or(|w| w.contains(layer))
     }
 
     fn is_done(&self) -> bool {

@@ -102,7 +102,12 @@ pub fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>
     let wanted = |case: &str| only.is_none_or(|o| case.contains(o));
     let mut out = Vec::new();
     // ResNet-18's fresh initialisation takes a moment: only when asked for.
-    let r18 = if wanted("resnet18") {
+    let r18_cases = [
+        "forward resnet18 224 b1",
+        "forward resnet18 224 b8",
+        "gradcam resnet18 layer4.1",
+    ];
+    let r18 = if r18_cases.iter().any(|c| wanted(c)) {
         Some(resnet18()?)
     } else {
         None

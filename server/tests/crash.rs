@@ -88,7 +88,7 @@ async fn a_job_killed_with_the_server_resumes_after_restart_and_finishes() {
         .post(format!("{}/jobs", first.base))
         .json(
             &json!({"model_name": "survivor", "architecture": "cnn_a", "dataset": "mnist",
-                      "epochs": 3, "batch_size": 64, "seed": 13, "train_limit": 3200,
+                      "epochs": 3, "batch_size": 64, "seed": 13, "train_limit": 6400,
                       "test_limit": 1000, "progress_every": 5}),
         )
         .send()

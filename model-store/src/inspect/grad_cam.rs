@@ -202,6 +202,10 @@ impl Tap for SwapTap {
         }
         Ok(output)
     }
+
+    fn wants(&self, layer: &str) -> bool {
+        layer == self.layer || self.pre_softmax.as_deref() == Some(layer)
+    }
 }
 
 /// Explains each target of the batch `x` at `layer` with `method`.

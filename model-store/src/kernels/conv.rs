@@ -792,7 +792,9 @@ mod tests {
         let (t, b, l, r) = op.padding;
         let eh = op.dilation.0 * (kh - 1) + 1;
         let ew = op.dilation.1 * (kw - 1) + 1;
-        symmetric(op) && (h + t + b - eh) % op.stride.0 == 0 && (wd + l + r - ew) % op.stride.1 == 0
+        symmetric(op)
+            && (h + t + b - eh).is_multiple_of(op.stride.0)
+            && (wd + l + r - ew).is_multiple_of(op.stride.1)
     }
 
     #[test]
@@ -846,7 +848,7 @@ mod tests {
                 b.clone()
             };
             // A loss that weighs every output differently.
-            let probe = rng.tensor(&reference(&op, &x, &w, &b).dims().to_vec());
+            let probe = rng.tensor(reference(&op, &x, &w, &b).dims());
             let grads = |y: Tensor| (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
             let ours = grads(xv.as_tensor().apply_op3(wv.as_tensor(), &bias, op).unwrap());
             let theirs = grads(reference(&op, xv.as_tensor(), wv.as_tensor(), &bias));
