@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use image::ImageEncoder;
 use model_store::checkpoint::Checkpoint;
 use model_store::inspect::{activations, grad_cam};
 use model_store::train::net::{TrainNet, cross_entropy};
@@ -163,6 +164,15 @@ pub fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>
             },
         )?);
     }
+    let http_cases = [
+        "predict http resnet20 1 client latency",
+        "predict http resnet20 server overhead",
+        "predict http resnet20 1 client, per request",
+        "predict http resnet20 32 clients, per request",
+    ];
+    if http_cases.iter().any(|c| wanted(c)) {
+        out.extend(http(models, runs)?);
+    }
     if wanted("train step cnn_a b64 adam") {
         let cnn_a = bundled(models, "cnn-a-mnist")?;
         let mut net = TrainNet::new(&cnn_a.network, &[])?;
@@ -184,5 +194,199 @@ pub fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>
             Ok(())
         })?);
     }
+    Ok(out)
+}
+
+/// A 32×32 RGB PNG of noise: the size a CIFAR-10 image is.
+fn png_32x32() -> Result<Vec<u8>, Error> {
+    let mut rng = Rng::new(6);
+    let pixels: Vec<u8> = (0..32 * 32 * 3)
+        .map(|_| (rng.normal().abs() * 80.0).min(255.0) as u8)
+        .collect();
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png).write_image(
+        &pixels,
+        32,
+        32,
+        image::ExtendedColorType::Rgb8,
+    )?;
+    Ok(png)
+}
+
+/// A keep-alive HTTP/1.1 connection that posts one body and reads the
+/// answer: the least a client can do, so the time measured is the server's.
+struct Connection {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    request: Vec<u8>,
+}
+
+impl Connection {
+    fn open(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> Result<Self, Error> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        Ok(Self {
+            reader: std::io::BufReader::new(stream),
+            request,
+        })
+    }
+
+    /// Status and body of one request.
+    fn post(&mut self) -> Result<(u16, Vec<u8>), Error> {
+        use std::io::{BufRead, Read, Write};
+        self.reader.get_mut().write_all(&self.request)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {line:?}"))?;
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line)?;
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body)?;
+        Ok((status, body))
+    }
+}
+
+/// `/predict` over loopback HTTP on the bundled ResNet-20 with the server's
+/// defaults (dynamic batching on): one client's latency and how much of it
+/// is not the compute (`elapsed_ms` in the answer is decode + forward), then
+/// requests per second with 1 and with 32 concurrent clients (reported as
+/// milliseconds per completed request; the clients share the cores with the
+/// server, as a load generator on the same machine would).
+fn http(models: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
+    // The server gets a runtime of its own on its own thread (the caller
+    // may be inside one already); it stops when the sender is dropped.
+    let jobs = tempfile::tempdir()?;
+    let mut settings = crate::settings::Settings::for_tests(models);
+    settings.train_workers = 0;
+    settings.jobs_db = Some(jobs.path().join("jobs.sqlite3"));
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let app = crate::startup::Application::build(settings)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = port_tx.send(app.port());
+            app.run_until(async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+        })
+    });
+    let Ok(port) = port_rx.recv() else {
+        return Err(match server.join() {
+            Ok(Err(e)) => e.into(),
+            _ => "the bench server did not start".into(),
+        });
+    };
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let png = png_32x32()?;
+    let path = "/models/resnet20-cifar10/predict";
+
+    let mut conn = Connection::open(addr, path, &png)?;
+    let (mut latency, mut overhead) = (Vec::new(), Vec::new());
+    for i in 0..20 + runs * 20 {
+        let t = Instant::now();
+        let (status, body) = conn.post()?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if status != 200 {
+            return Err(format!("/predict answered {status}").into());
+        }
+        let elapsed = serde_json::from_slice::<serde_json::Value>(&body)?["elapsed_ms"]
+            .as_f64()
+            .ok_or("no elapsed_ms")?;
+        if i >= 20 {
+            latency.push(ms);
+            overhead.push(ms - elapsed);
+        }
+    }
+    let summary = |case: &str, mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        Timing {
+            case: case.to_string(),
+            median_ms: v[v.len() / 2],
+            p90_ms: v[(v.len() - 1) * 9 / 10],
+            batch: 1,
+        }
+    };
+    let mut out = vec![
+        summary("predict http resnet20 1 client latency", latency),
+        summary("predict http resnet20 server overhead", overhead),
+    ];
+    for clients in [1usize, 32] {
+        let seconds = 5.0;
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let latencies = std::sync::Mutex::new(Vec::new());
+        let started = Instant::now();
+        std::thread::scope(|scope| -> Result<(), Error> {
+            let mut handles = Vec::new();
+            for _ in 0..clients {
+                let (png, done, latencies) = (&png, &done, &latencies);
+                handles.push(scope.spawn(move || -> Result<(), Error> {
+                    let mut conn = Connection::open(addr, path, png)?;
+                    let mut mine = Vec::new();
+                    while started.elapsed().as_secs_f64() < seconds {
+                        let t = Instant::now();
+                        let (status, _) = conn.post()?;
+                        if status != 200 {
+                            return Err(format!("/predict answered {status}").into());
+                        }
+                        mine.push(t.elapsed().as_secs_f64() * 1e3);
+                        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    latencies.lock().map_err(|_| "poisoned")?.extend(mine);
+                    Ok(())
+                }));
+            }
+            for h in handles {
+                h.join().map_err(|_| "a client panicked")??;
+            }
+            Ok(())
+        })?;
+        let wall = started.elapsed().as_secs_f64() * 1e3;
+        let n = done.into_inner().max(1);
+        let mut lat = latencies.into_inner().map_err(|_| "poisoned")?;
+        lat.sort_by(f64::total_cmp);
+        out.push(Timing {
+            case: format!(
+                "predict http resnet20 {clients} client{}, per request",
+                if clients == 1 { "" } else { "s" }
+            ),
+            median_ms: wall / n as f64,
+            p90_ms: lat
+                .get((lat.len().max(1) - 1) * 9 / 10)
+                .copied()
+                .unwrap_or(0.0),
+            batch: 1,
+        });
+    }
+    drop(stop);
+    let _ = server.join();
     Ok(out)
 }

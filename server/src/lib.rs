@@ -12,6 +12,7 @@
 //! - [`openapi`]: the OpenAPI 3.1 document, built with the router from the handlers.
 
 pub mod auth;
+pub mod batching;
 pub mod bench;
 pub mod cli;
 pub mod compute;

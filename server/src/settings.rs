@@ -57,6 +57,17 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_COMPUTE_QUEUE", default_value_t = 64)]
     pub compute_queue: usize,
 
+    /// Most images one dynamically batched `/predict` pass holds
+    /// (concurrent requests for the same model share a pass); 1 turns
+    /// batching off.
+    #[arg(long, env = "CONVSCOPE_PREDICT_BATCH", default_value_t = 32)]
+    pub predict_batch: usize,
+
+    /// Longest a `/predict` request waits for others to share its pass, in
+    /// milliseconds. 0: only requests already waiting join (no added latency).
+    #[arg(long, env = "CONVSCOPE_PREDICT_BATCH_DELAY_MS", default_value_t = 0.0, value_parser = parse_delay_ms)]
+    pub predict_batch_delay_ms: f64,
+
     /// API key: when set, registering and deleting models need
     /// `Authorization: Bearer <key>` (health, readiness and metrics never do).
     #[arg(long, env = "CONVSCOPE_API_KEY", hide_env_values = true)]
@@ -93,6 +104,14 @@ pub struct Settings {
     pub train_threads: Option<usize>,
 }
 
+/// A batching delay: finite, 0 to 1000 ms.
+fn parse_delay_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1000.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected milliseconds from 0 to 1000, got '{s}'")),
+    }
+}
+
 /// Largest `POST /models` upload by default: 1 GiB (VGG-19 is 548 MB).
 pub const DEFAULT_MAX_MODEL_BYTES: usize = 1024 * 1024 * 1024;
 
@@ -126,6 +145,8 @@ impl Settings {
             inputs_cache_bytes: 256 * 1024 * 1024,
             compute_slots: 2,
             compute_queue: 64,
+            predict_batch: 32,
+            predict_batch_delay_ms: 0.0,
             api_key: None,
             protect_reads: false,
             request_timeout_secs: 120,

@@ -50,17 +50,23 @@ impl Application {
             },
         )?;
         jobs.start_workers(settings.train_workers, settings.train_threads());
+        let compute = Compute::new(
+            settings.compute_slots,
+            settings.compute_queue,
+            std::time::Duration::from_secs(settings.request_timeout_secs.max(1)),
+        );
         let state = AppState {
             jobs,
             registry,
             model_dir,
             load_failures: Arc::new(RwLock::new(failed)),
             device,
-            compute: Compute::new(
-                settings.compute_slots,
-                settings.compute_queue,
-                std::time::Duration::from_secs(settings.request_timeout_secs.max(1)),
-            ),
+            batcher: Arc::new(crate::batching::Batcher::new(
+                compute.clone(),
+                settings.predict_batch,
+                std::time::Duration::from_secs_f64(settings.predict_batch_delay_ms.max(0.0) / 1e3),
+            )),
+            compute,
             store_lock: Arc::new(tokio::sync::Mutex::new(())),
             inputs: Arc::new(crate::inputs::InputCache::new(settings.inputs_cache_bytes)),
             metrics: Arc::new(crate::metrics::Metrics::default()),

@@ -23,6 +23,8 @@ pub struct AppState {
     pub device: Device,
     /// The bounded pool model work runs on.
     pub compute: Compute,
+    /// Dynamic batching of `/predict`.
+    pub batcher: Arc<crate::batching::Batcher>,
     /// Images uploaded once with `POST /inputs`, by content hash.
     pub inputs: Arc<InputCache>,
     /// Counters and histograms for `/metrics`.

@@ -133,15 +133,12 @@ async fn predict(
     };
     let started = Instant::now();
     let m = model.clone();
-    let logits = state
+    let x = state
         .compute
-        .run(move || {
-            let x = prepare_batch(&m, &upload.images, limits)?;
-            Ok(m.logits(&x)?
-                .to_vec2::<f32>()
-                .map_err(model_store::Error::from)?)
-        })
+        .run(move || prepare_batch(&m, &upload.images, limits))
         .await?;
+    // Concurrent requests for this model share one forward pass.
+    let logits = state.batcher.logits(model.clone(), x).await?;
     let predictions = logits
         .iter()
         .map(|row| Prediction {
