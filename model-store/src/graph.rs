@@ -143,7 +143,7 @@ impl Node {
                 if tap.is_done() {
                     return Ok(s);
                 }
-                (h + s).and_then(|t| t.relu()).map_err(ctx)?
+                crate::kernels::elementwise::add_relu(&h, &s).map_err(ctx)?
             }
             Op::ShortcutA { pad } => {
                 let (_, _, h, w) = x.dims4().map_err(ctx)?;
@@ -314,10 +314,10 @@ fn forward_fused(
     if !hidden(&nodes[0]) {
         return Ok(None);
     }
-    let (mut weight, mut bias, mut used) = (&conv.weight, conv.bias.as_ref(), 1);
-    if let (Some(f), Some(Op::BatchNorm(_))) = (&conv.folded, nodes.get(1).map(|n| &n.op)) {
-        (weight, bias, used) = (&f.weight, Some(&f.bias), 2);
-    }
+    let Some(prepared) = conv.prepared.as_deref() else {
+        return Ok(None);
+    };
+    let mut used = if prepared.folds_bn { 2 } else { 1 };
     let mut activation = Activation::Identity;
     if hidden(&nodes[used - 1]) {
         match nodes.get(used).map(|n| &n.op) {
@@ -331,7 +331,7 @@ fn forward_fused(
     }
     let node = &nodes[used - 1];
     let y = conv
-        .forward_fused(x, weight, bias, activation)
+        .forward_fused(x, prepared, activation)
         .map_err(|source| Error::Forward {
             layer: node.name.as_deref().unwrap_or(scope).to_string(),
             source,
@@ -343,15 +343,16 @@ fn forward_fused(
     Ok(Some((y, used)))
 }
 
-/// Folds every batch norm that directly follows a convolution into it
-/// ([`Conv2d::folded`]), for the fused predict path.
-fn fold_batch_norms(node: &mut Node) -> Result<()> {
+/// Prepares every convolution for the predict path ([`Conv2d::prepared`]),
+/// folding in the batch norm that directly follows it.
+fn prepare_convs(node: &mut Node) -> Result<()> {
     match &mut node.op {
-        Op::Seq(children) => fold_children(children),
+        Op::Conv(conv) => prepare(conv, None, &node.name),
+        Op::Seq(children) => prepare_children(children),
         Op::Residual { body, shortcut } => {
-            fold_children(body)?;
+            prepare_children(body)?;
             match shortcut {
-                Some(s) => fold_batch_norms(s),
+                Some(s) => prepare_convs(s),
                 None => Ok(()),
             }
         }
@@ -359,18 +360,27 @@ fn fold_batch_norms(node: &mut Node) -> Result<()> {
     }
 }
 
-fn fold_children(children: &mut [Node]) -> Result<()> {
+fn prepare_children(children: &mut [Node]) -> Result<()> {
     for i in 0..children.len() {
-        if let [a, b, ..] = &mut children[i..]
-            && let (Op::Conv(conv), Op::BatchNorm(bn)) = (&mut a.op, &b.op)
-        {
-            conv.folded = Some(bn.fold_into(conv).map_err(|source| Error::Forward {
-                layer: b.name.clone().unwrap_or_default(),
-                source,
-            })?);
+        match &mut children[i..] {
+            [a, b, ..] if matches!((&a.op, &b.op), (Op::Conv(_), Op::BatchNorm(_))) => {
+                if let (Op::Conv(conv), Op::BatchNorm(bn)) = (&mut a.op, &b.op) {
+                    prepare(conv, Some(bn), &a.name)?;
+                }
+            }
+            [a, ..] => prepare_convs(a)?,
+            [] => {}
         }
-        fold_batch_norms(&mut children[i])?;
     }
+    Ok(())
+}
+
+fn prepare(conv: &mut Conv2d, bn: Option<&BatchNorm2d>, name: &Option<String>) -> Result<()> {
+    let prepared = conv.prepare(bn).map_err(|source| Error::Forward {
+        layer: name.clone().unwrap_or_default(),
+        source,
+    })?;
+    conv.prepared = Some(std::sync::Arc::new(prepared));
     Ok(())
 }
 
@@ -433,7 +443,7 @@ impl Network {
                 });
             }
         };
-        fold_batch_norms(&mut root)?;
+        prepare_convs(&mut root)?;
         Ok(Self {
             root,
             input,

@@ -4,12 +4,15 @@
 //!
 //! Shapes here exclude the batch dimension: `[C, H, W]` or `[N]`.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 pub use crate::kernels::conv::Activation;
 use crate::kernels::conv::ConvOp;
+use crate::kernels::winograd::{self, WinogradOp};
 
 /// Per-position geometry that flows through the network with the shape: how
 /// many input pixels one output unit sees (`rf`) and how far apart, in input
@@ -209,20 +212,25 @@ pub struct Conv2d {
     pub groups: usize,
     /// How the input is padded.
     pub padding: Padding,
-    /// The batch norm that follows, folded in (set by [`crate::Network::new`];
-    /// the predict path uses it when nobody observes the two outputs).
-    pub folded: Option<Folded>,
+    /// The weights the predict path runs with (set by
+    /// [`crate::Network::new`]; cleared for training, which changes them).
+    pub prepared: Option<Arc<Prepared>>,
 }
 
-/// A convolution with the eval batch norm after it folded in:
-/// `W' = W · s`, `b' = b · s + shift` per output channel, where
-/// `s = γ / sqrt(var + eps)` (PyTorch's `fuse_conv_bn_eval`).
+/// A convolution made ready for inference once, at load: the batch norm
+/// after it folded in (`W' = W · s`, `b' = b · s + shift` per output
+/// channel with `s = γ / sqrt(var + eps)`, PyTorch's `fuse_conv_bn_eval`),
+/// and 3×3 stride-1 kernels transformed for Winograd.
 #[derive(Debug, Clone)]
-pub struct Folded {
-    /// `W'`, OIHW.
+pub struct Prepared {
+    /// `W` or `W'`, OIHW.
     pub weight: Tensor,
-    /// `b'`, `[O]`.
-    pub bias: Tensor,
+    /// `b` or `b'`, `[O]`.
+    pub bias: Option<Tensor>,
+    /// Whether the following batch norm is folded in.
+    pub folds_bn: bool,
+    /// `G W Gᵀ` per channel pair for Winograd F(2×2, 3×3), `[16][O][I]`.
+    pub winograd: Option<Arc<[f32]>>,
 }
 
 impl Conv2d {
@@ -267,7 +275,7 @@ impl Conv2d {
             dilation,
             groups,
             padding,
-            folded: None,
+            prepared: None,
         })
     }
 
@@ -278,17 +286,78 @@ impl Conv2d {
 
     /// Runs the convolution on an NCHW batch.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_fused(x, &self.weight, self.bias.as_ref(), Activation::Identity)
+        match self.prepared.as_deref() {
+            Some(p) if !p.folds_bn => self.forward_fused(x, p, Activation::Identity),
+            _ => self.run(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                None,
+                Activation::Identity,
+            ),
+        }
     }
 
-    /// The convolution with `weight` and `bias` in place of its own (a
-    /// folded batch norm's) and `activation` applied in the same pass.
-    /// f32 on the CPU runs [`ConvOp`]; anything else takes candle's ops.
+    /// The convolution with its prepared weights (when they fold a batch
+    /// norm, this is conv + batch norm) and `activation` in the same pass.
     pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        p: &Prepared,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        self.run(
+            x,
+            &p.weight,
+            p.bias.as_ref(),
+            p.winograd.as_ref(),
+            activation,
+        )
+    }
+
+    /// Makes the weights the predict path runs with, folding in `bn` when
+    /// it follows this convolution.
+    pub fn prepare(&self, bn: Option<&BatchNorm2d>) -> candle_core::Result<Prepared> {
+        let (weight, bias) = match bn {
+            Some(bn) => {
+                let f = bn.fold_into(self)?;
+                (f.weight, Some(f.bias))
+            }
+            None => (self.weight.clone(), self.bias.clone()),
+        };
+        let (o, i, kh, kw) = self.kernel();
+        let probe = ConvOp {
+            stride: (self.stride, self.stride),
+            dilation: (self.dilation, self.dilation),
+            padding: (0, 0, 0, 0),
+            groups: self.groups,
+            activation: Activation::Identity,
+        };
+        let winograd = (winograd::eligible(&probe, kh, kw)
+            && winograd::pays(&weight)
+            && weight.device().is_cpu()
+            && weight.dtype() == DType::F32)
+            .then(|| {
+                let w = weight.flatten_all()?.to_vec1::<f32>()?;
+                Ok::<_, candle_core::Error>(Arc::from(winograd::transform_weights(&w, o, i)))
+            })
+            .transpose()?;
+        Ok(Prepared {
+            weight,
+            bias,
+            folds_bn: bn.is_some(),
+            winograd,
+        })
+    }
+
+    /// f32 on the CPU runs [`ConvOp`] (or, given transformed weights,
+    /// [`WinogradOp`]); anything else takes candle's ops.
+    fn run(
         &self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
+        winograd: Option<&Arc<[f32]>>,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
@@ -309,7 +378,19 @@ impl Conv2d {
                 Some(b) => b.contiguous()?,
                 None => Tensor::zeros(0, DType::F32, x.device())?,
             };
-            return x.contiguous()?.apply_op3(&weight.contiguous()?, &bias, op);
+            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+            return match winograd {
+                Some(u) if winograd::eligible(&op, kh, kw) && winograd::pays(&weight) => x
+                    .apply_op3(
+                        &weight,
+                        &bias,
+                        WinogradOp {
+                            base: op,
+                            u: u.clone(),
+                        },
+                    ),
+                _ => x.apply_op3(&weight, &bias, op),
+            };
         }
         let (t, b, l, r) = padding;
         let y = if t == b && l == r && t == l {
@@ -374,6 +455,12 @@ impl Conv2d {
     }
 }
 
+/// A batch norm folded into a convolution's weight and bias.
+struct Folded {
+    weight: Tensor,
+    bias: Tensor,
+}
+
 /// `BatchNorm2d`. Inference uses the running statistics folded into a
 /// per-channel scale and shift; the raw tensors are kept for training
 /// (batch statistics, running-statistics updates) and for saving.
@@ -434,8 +521,9 @@ impl BatchNorm2d {
         })
     }
 
-    /// This batch norm folded into `conv`, the convolution before it.
-    pub fn fold_into(&self, conv: &Conv2d) -> candle_core::Result<Folded> {
+    /// This batch norm folded into `conv`, the convolution before it:
+    /// `(W', b')`.
+    fn fold_into(&self, conv: &Conv2d) -> candle_core::Result<Folded> {
         let scale = self.scale.reshape((self.channels, 1, 1, 1))?;
         let shift = self.shift.flatten_all()?;
         let bias = match &conv.bias {

@@ -35,12 +35,15 @@ pub struct Timing {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+/// Times `f` as the server runs model work: on a thread of the rayon pool
+/// (see [`crate::compute`]).
 fn time(
     case: &str,
     batch: usize,
     runs: usize,
-    mut f: impl FnMut() -> Result<(), Error>,
+    mut f: impl FnMut() -> Result<(), Error> + Send,
 ) -> Result<Timing, Error> {
+    let mut f = move || rayon::scope(|_| f());
     for _ in 0..3 {
         f()?;
     }

@@ -39,7 +39,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn apply(self, v: f32) -> f32 {
+    pub(super) fn apply(self, v: f32) -> f32 {
         match self {
             Self::Identity => v,
             Self::Relu => v.max(0.0),
@@ -75,20 +75,20 @@ pub struct ConvOp {
 
 /// Every size one call works with.
 #[derive(Debug, Clone, Copy)]
-struct Dims {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
+pub(super) struct Dims {
+    pub(super) n: usize,
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) o: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
     /// Input channels per group.
-    cg: usize,
+    pub(super) cg: usize,
     /// Output channels per group.
-    og: usize,
+    pub(super) og: usize,
 }
 
 impl Dims {
@@ -105,12 +105,12 @@ impl Dims {
 /// A read-only matrix view for [`matmul`]: element `(i, j)` is
 /// `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
+pub(super) struct Mat<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
 }
 
 impl Mat<'_> {
@@ -129,7 +129,7 @@ impl Mat<'_> {
 /// every element the strides reach lies inside the slices, which is what
 /// it needs to be sound.
 #[allow(unsafe_code)]
-fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, threads: usize) {
+pub(super) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, threads: usize) {
     assert_eq!(a.cols, b.rows, "matmul: inner sizes differ");
     assert!(
         a.fits() && b.fits(),
@@ -179,6 +179,26 @@ fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, threads: us
             parallelism,
         );
     }
+}
+
+thread_local! {
+    /// Per-thread working memory of [`ConvOp::forward_image_padded`], kept
+    /// between calls so a forward pass does not fault in fresh pages for
+    /// every layer. It grows to the largest layer seen on the thread.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on `n` floats of this thread's scratch memory (contents
+/// unspecified). A nested call (work stolen while `f` waits on the pool)
+/// finds the scratch taken and allocates its own.
+fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.take();
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    let result = f(&mut buf[..n]);
+    SCRATCH.set(buf);
+    result
 }
 
 /// For kernel column `kx`: the output columns `[ox0, ox1)` whose input
@@ -263,7 +283,7 @@ impl ConvOp {
         d.cg == 1 && d.og == 1
     }
 
-    fn dims(&self, x: &Layout, w: &Layout) -> Result<Dims> {
+    pub(super) fn dims(&self, x: &Layout, w: &Layout) -> Result<Dims> {
         let (n, c, h, wd) = x.shape().dims4()?;
         let (o, cg, kh, kw) = w.shape().dims4()?;
         let g = self.groups;
@@ -293,6 +313,16 @@ impl ConvOp {
             cg,
             og: o / g,
         })
+    }
+
+    /// One image, by the padded path (epilogue included) or the general one
+    /// (epilogue left to the caller).
+    fn image(&self, d: &Dims, x: &[f32], w: &[f32], bias: &[f32], out: &mut [f32], threads: usize) {
+        if self.padded_path(d) {
+            self.forward_image_padded(d, x, w, bias, out, threads);
+        } else {
+            self.forward_image(d, x, w, out, threads);
+        }
     }
 
     /// One image's output `[O, P]` from its input `[C, H, W]`, before the
@@ -339,6 +369,95 @@ impl ConvOp {
         }
     }
 
+    /// Stride 1 without groups: the im2col of a zero-padded copy of the
+    /// input, computed over every padded column. Each im2col row is then
+    /// one contiguous copy (`OH · Wp` values) instead of one per output row,
+    /// and the `kw − 1` extra columns per row are dropped by the epilogue
+    /// that adds the bias and applies the activation.
+    fn padded_path(&self, d: &Dims) -> bool {
+        self.stride == (1, 1) && self.groups == 1 && !self.pointwise(d) && !self.depthwise(d)
+    }
+
+    /// One image through [`Self::padded_path`], epilogue included.
+    fn forward_image_padded(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        let (t, b, l, r) = self.padding;
+        let (hp, wp) = (d.h + t + b, d.w + l + r);
+        let (dh, dw) = self.dilation;
+        let (k, p) = (d.k(), d.p());
+        let np = d.oh * wp;
+        // The last window of a plane reads this far past it (into columns
+        // the epilogue drops).
+        let tail = dw * (d.kw - 1);
+        let xp_len = d.c * hp * wp + tail;
+        with_scratch(xp_len + k * np + d.o * np, |buf| {
+            let (xp, rest) = buf.split_at_mut(xp_len);
+            let (col, tmp) = rest.split_at_mut(k * np);
+            xp.fill(0.0);
+            for c in 0..d.c {
+                for y in 0..d.h {
+                    let at = (c * hp + y + t) * wp + l;
+                    xp[at..at + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
+                }
+            }
+            let xp = &*xp;
+            let fill = |(row, dst): (usize, &mut [f32])| {
+                let (c, ky, kx) = (row / (d.kh * d.kw), row / d.kw % d.kh, row % d.kw);
+                let start = c * hp * wp + ky * dh * wp + kx * dw;
+                dst.copy_from_slice(&xp[start..start + np]);
+            };
+            if threads > 1 {
+                col.par_chunks_mut(np).enumerate().for_each(fill);
+            } else {
+                col.chunks_mut(np).enumerate().for_each(fill);
+            }
+            matmul(
+                tmp,
+                Mat {
+                    data: w,
+                    rows: d.o,
+                    cols: k,
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    data: col,
+                    rows: k,
+                    cols: np,
+                    rs: np,
+                    cs: 1,
+                },
+                false,
+                threads,
+            );
+            let tmp = &*tmp;
+            let finish = |(o, y): (usize, &mut [f32])| {
+                let bo = bias.get(o).copied().unwrap_or(0.0);
+                for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
+                    let src = &tmp[o * np + oy * wp..][..d.ow];
+                    for (v, s) in dst.iter_mut().zip(src) {
+                        *v = self.activation.apply(s + bo);
+                    }
+                }
+            };
+            if threads > 1 {
+                out[..d.o * p]
+                    .par_chunks_mut(p)
+                    .enumerate()
+                    .for_each(finish);
+            } else {
+                out[..d.o * p].chunks_mut(p).enumerate().for_each(finish);
+            }
+        });
+    }
+
     /// Depthwise: each output plane from its one input plane.
     fn forward_depthwise_plane(&self, d: &Dims, x: &[f32], w: &[f32], out: &mut [f32]) {
         out.fill(0.0);
@@ -382,14 +501,22 @@ impl ConvOp {
             out.par_chunks_mut(d.o * p)
                 .enumerate()
                 .for_each(|(img, y)| {
-                    self.forward_image(d, &x[img * in_image..(img + 1) * in_image], w, y, 1)
+                    self.image(d, &x[img * in_image..(img + 1) * in_image], w, bias, y, 1)
                 });
         } else {
             for (img, y) in out.chunks_mut(d.o * p).enumerate() {
-                self.forward_image(d, &x[img * in_image..(img + 1) * in_image], w, y, threads);
+                self.image(
+                    d,
+                    &x[img * in_image..(img + 1) * in_image],
+                    w,
+                    bias,
+                    y,
+                    threads,
+                );
             }
         }
-        if !bias.is_empty() || self.activation != Activation::Identity {
+        let done = self.padded_path(d) && !self.depthwise(d);
+        if !done && (!bias.is_empty() || self.activation != Activation::Identity) {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let b = bias.get(plane % d.o).copied().unwrap_or(0.0);
                 for v in y {
@@ -519,7 +646,11 @@ impl ConvOp {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = storage else {
         bail!("conv2d: the {what} must be f32");
     };

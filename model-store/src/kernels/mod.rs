@@ -3,4 +3,6 @@
 //! implementation on random shapes.
 
 pub mod conv;
+pub mod elementwise;
 pub mod pool;
+pub mod winograd;

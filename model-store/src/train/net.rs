@@ -152,8 +152,8 @@ fn make_vars(
     };
     match &mut node.op {
         Op::Conv(c) => {
-            // Training changes the weights: a folded copy would go stale.
-            c.folded = None;
+            // Training changes the weights: a prepared copy would go stale.
+            c.prepared = None;
             push("weight", &mut c.weight)?;
             if let Some(b) = c.bias.as_mut() {
                 push("bias", b)?;
