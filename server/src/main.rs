@@ -71,8 +71,31 @@ struct TrainArgs {
     device: String,
 }
 
-#[tokio::main]
-async fn main() {
+/// Keeps 64 MiB of freed memory in glibc's heap instead of giving it back
+/// to the kernel at once. Every tensor is a fresh allocation; without the
+/// pad, a training step's buffers are unmapped when freed and faulted in
+/// again, page by page, on the next step (CNN_A step: 24 ms -> 16 ms; RSS
+/// +40 MB). Called first thing, before any thread exists.
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; no other thread
+    // is allocating yet.
+    unsafe {
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+fn main() {
+    tune_allocator();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the async runtime starts")
+        .block_on(run());
+}
+
+async fn run() {
     let Cli {
         log_format,
         command,

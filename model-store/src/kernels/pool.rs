@@ -11,6 +11,7 @@
 //!   within that bound (`count_include_pad`) or within the input.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::layers::PoolKind;
 
@@ -77,37 +78,46 @@ impl PoolOp {
         }
     }
 
-    /// Runs `f(plane, out_index, window)` for every output cell.
-    fn for_each(
-        &self,
-        planes: usize,
-        h: usize,
-        w: usize,
-        mut f: impl FnMut(usize, usize, &Window),
-    ) {
+    /// Runs `f(out_index_in_plane, window)` for every output cell of one plane.
+    fn for_each_cell(&self, h: usize, w: usize, mut f: impl FnMut(usize, &Window)) {
         let (oh, ow) = self.out;
-        for p in 0..planes {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    f(p, (p * oh + oy) * ow + ox, &self.window(oy, ox, h, w));
-                }
+        let ((kh, kw), (sh, sw)) = (self.kernel, self.stride);
+        // Without padding and with every window inside the input (the
+        // usual `MaxPool2d(2)`), windows need no clipping.
+        let inside = self.padding == (0, 0)
+            && oh > 0
+            && ow > 0
+            && (oh - 1) * sh + kh <= h
+            && (ow - 1) * sw + kw <= w;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let win = if inside {
+                    Window {
+                        h0: oy * sh,
+                        h1: oy * sh + kh,
+                        w0: ox * sw,
+                        w1: ox * sw + kw,
+                        divisor: (kh * kw) as f32,
+                    }
+                } else {
+                    self.window(oy, ox, h, w)
+                };
+                f(oy * ow + ox, &win);
             }
         }
     }
 
-    fn forward_slice(&self, x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
-        let mut out = vec![0f32; planes * self.out.0 * self.out.1];
-        self.for_each(planes, h, w, |p, o, win| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
+    fn forward_plane(&self, plane: &[f32], out: &mut [f32], h: usize, w: usize) {
+        self.for_each_cell(h, w, |o, win| {
             out[o] = match self.kind {
                 PoolKind::Max => {
                     let mut best = f32::NEG_INFINITY;
-                    for y in win.h0..win.h1 {
+                    'scan: for y in win.h0..win.h1 {
                         for v in &plane[y * w + win.w0..y * w + win.w1] {
                             if *v > best || v.is_nan() {
                                 best = *v;
                                 if v.is_nan() {
-                                    break;
+                                    break 'scan;
                                 }
                             }
                         }
@@ -123,7 +133,50 @@ impl PoolOp {
                 }
             };
         });
+    }
+
+    /// Planes in parallel on the rayon pool.
+    fn forward_slice(&self, x: &[f32], planes: usize, h: usize, w: usize) -> Vec<f32> {
+        let per = self.out.0 * self.out.1;
+        let mut out = vec![0f32; planes * per];
+        if per == 0 || h * w == 0 {
+            return out;
+        }
+        out.par_chunks_mut(per)
+            .zip(x.par_chunks(h * w))
+            .with_min_len(PLANES_PER_TASK)
+            .for_each(|(o, plane)| self.forward_plane(plane, o, h, w));
         out
+    }
+
+    fn backward_plane(&self, x: &[f32], grad_out: &[f32], grad: &mut [f32], h: usize, w: usize) {
+        self.for_each_cell(h, w, |o, win| match self.kind {
+            PoolKind::Max => {
+                let mut best = (f32::NEG_INFINITY, None);
+                'scan: for y in win.h0..win.h1 {
+                    for xx in win.w0..win.w1 {
+                        let v = x[y * w + xx];
+                        if v > best.0 || v.is_nan() || best.1.is_none() {
+                            best = (v, Some(y * w + xx));
+                            if v.is_nan() {
+                                break 'scan;
+                            }
+                        }
+                    }
+                }
+                if let Some(i) = best.1 {
+                    grad[i] += grad_out[o];
+                }
+            }
+            PoolKind::Avg => {
+                let g = grad_out[o] / win.divisor;
+                for y in win.h0..win.h1 {
+                    for v in &mut grad[y * w + win.w0..y * w + win.w1] {
+                        *v += g;
+                    }
+                }
+            }
+        });
     }
 
     fn backward_slice(
@@ -135,39 +188,20 @@ impl PoolOp {
         w: usize,
     ) -> Vec<f32> {
         let mut grad = vec![0f32; x.len()];
-        self.for_each(planes, h, w, |p, o, win| {
-            let base = p * h * w;
-            match self.kind {
-                PoolKind::Max => {
-                    let mut best = (f32::NEG_INFINITY, None);
-                    'scan: for y in win.h0..win.h1 {
-                        for xx in win.w0..win.w1 {
-                            let v = x[base + y * w + xx];
-                            if v > best.0 || v.is_nan() || best.1.is_none() {
-                                best = (v, Some(base + y * w + xx));
-                                if v.is_nan() {
-                                    break 'scan;
-                                }
-                            }
-                        }
-                    }
-                    if let Some(i) = best.1 {
-                        grad[i] += grad_out[o];
-                    }
-                }
-                PoolKind::Avg => {
-                    let g = grad_out[o] / win.divisor;
-                    for y in win.h0..win.h1 {
-                        for v in &mut grad[base + y * w + win.w0..base + y * w + win.w1] {
-                            *v += g;
-                        }
-                    }
-                }
-            }
-        });
+        let per = self.out.0 * self.out.1;
+        if per == 0 || h * w == 0 || planes == 0 {
+            return grad;
+        }
+        grad.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(grad_out.par_chunks(per)))
+            .with_min_len(PLANES_PER_TASK)
+            .for_each(|(g, (xs, go))| self.backward_plane(xs, go, g, h, w));
         grad
     }
 }
+
+/// Planes one rayon task takes at least (a plane is often a few hundred values).
+const PLANES_PER_TASK: usize = 16;
 
 impl CustomOp1 for PoolOp {
     fn name(&self) -> &'static str {

@@ -371,10 +371,14 @@ impl Jobs {
                     .and_then(|bytes| self.register(&manifest, &bytes));
                 match result {
                     Ok(()) => {
+                        // The work directory goes first, so `succeeded` means
+                        // nothing is left behind; a crash in between is
+                        // recognised at the next start (model there, no work
+                        // directory: succeeded).
+                        let _ = std::fs::remove_dir_all(&work);
                         let _ =
                             self.store
                                 .finish(&id, Status::Succeeded, Some(&spec.model_name), None);
-                        let _ = std::fs::remove_dir_all(&work);
                         tracing::info!(job = %id, model = %spec.model_name, "job succeeded");
                         self.publish(&id, "state");
                     }
