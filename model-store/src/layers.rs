@@ -657,14 +657,21 @@ impl Pool2d {
                 self.kernel
             ),
         };
-        x.contiguous()?.apply_op1(crate::kernels::pool::PoolOp {
+        let op = crate::kernels::pool::PoolOp {
             kind: self.kind,
             kernel: self.kernel,
             stride: self.stride,
             padding: self.padding,
             out: (oh, ow),
             count_include_pad: self.count_include_pad,
-        })
+        };
+        if self.kind == PoolKind::Max && x.track_op() {
+            // Differentiated: remember where each maximum was.
+            return x
+                .contiguous()?
+                .apply_op1(crate::kernels::pool::MaxPoolWithIndices::new(op));
+        }
+        x.contiguous()?.apply_op1(op)
     }
 
     /// The same pooling as a composition of candle ops: −∞ or zero padding,

@@ -234,6 +234,146 @@ impl CustomOp1 for PoolOp {
     }
 }
 
+impl PoolOp {
+    /// `MaxPool2d(2)` with every window inside the input: the common case,
+    /// with its own loop.
+    fn is_2x2(&self, h: usize, w: usize) -> bool {
+        self.kind == PoolKind::Max
+            && self.kernel == (2, 2)
+            && self.stride == (2, 2)
+            && self.padding == (0, 0)
+            && 2 * self.out.0 <= h
+            && 2 * self.out.1 <= w
+    }
+}
+
+/// 2×2 stride-2 max pooling of one plane with the maxima's indices; the
+/// first maximum in row-major order wins and NaN propagates, as in the
+/// general loop and in PyTorch.
+fn max_2x2(plane: &[f32], w: usize, out: (usize, usize), o: &mut [f32], ix: &mut [u32]) {
+    let (oh, ow) = out;
+    for oy in 0..oh {
+        let (r0, r1) = (2 * oy * w, (2 * oy + 1) * w);
+        let (top, bottom) = (&plane[r0..r0 + 2 * ow], &plane[r1..r1 + 2 * ow]);
+        let (orow, irow) = (
+            &mut o[oy * ow..(oy + 1) * ow],
+            &mut ix[oy * ow..(oy + 1) * ow],
+        );
+        for ox in 0..ow {
+            let cands = [
+                (top[2 * ox], r0 + 2 * ox),
+                (top[2 * ox + 1], r0 + 2 * ox + 1),
+                (bottom[2 * ox], r1 + 2 * ox),
+                (bottom[2 * ox + 1], r1 + 2 * ox + 1),
+            ];
+            let (mut bv, mut bi) = cands[0];
+            for &(v, i) in &cands[1..] {
+                if !bv.is_nan() && (v > bv || v.is_nan()) {
+                    bv = v;
+                    bi = i;
+                }
+            }
+            orow[ox] = bv;
+            irow[ox] = bi as u32;
+        }
+    }
+}
+
+/// Max pooling that records each maximum's position during the forward
+/// pass (PyTorch's `max_pool2d_with_indices`), so the backward scatters
+/// the gradient without scanning the windows again. Used when the input is
+/// differentiated (training, saliency).
+#[derive(Debug)]
+pub struct MaxPoolWithIndices {
+    op: PoolOp,
+    /// Per output cell, the index of its maximum within its plane.
+    indices: std::sync::Mutex<Vec<u32>>,
+}
+
+impl MaxPoolWithIndices {
+    /// Wraps a max-pooling op.
+    pub fn new(op: PoolOp) -> Self {
+        Self {
+            op,
+            indices: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl CustomOp1 for MaxPoolWithIndices {
+    fn name(&self) -> &'static str {
+        "max-pool2d-with-indices"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let CpuStorage::F32(x) = storage else {
+            candle_core::bail!("pool2d: only f32 tensors are supported");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("pool2d: the input must be contiguous");
+        };
+        let x = &x[start..end];
+        let per = self.op.out.0 * self.op.out.1;
+        let mut out = vec![0f32; n * c * per];
+        let mut idx = vec![0u32; n * c * per];
+        if per > 0 && h * w > 0 {
+            out.par_chunks_mut(per)
+                .zip(idx.par_chunks_mut(per))
+                .zip(x.par_chunks(h * w))
+                .with_min_len(PLANES_PER_TASK)
+                .for_each(|((o, ix), plane)| {
+                    if self.op.is_2x2(h, w) {
+                        max_2x2(plane, w, self.op.out, o, ix);
+                        return;
+                    }
+                    self.op.for_each_cell(h, w, |cell, win| {
+                        let mut best = (f32::NEG_INFINITY, None);
+                        'scan: for y in win.h0..win.h1 {
+                            for xx in win.w0..win.w1 {
+                                let v = plane[y * w + xx];
+                                if v > best.0 || v.is_nan() || best.1.is_none() {
+                                    best = (v, Some(y * w + xx));
+                                    if v.is_nan() {
+                                        break 'scan;
+                                    }
+                                }
+                            }
+                        }
+                        o[cell] = best.0;
+                        ix[cell] = best.1.map_or(u32::MAX, |i| i as u32);
+                    });
+                });
+        }
+        *self.indices.lock().unwrap_or_else(|e| e.into_inner()) = idx;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((n, c, self.op.out.0, self.op.out.1)),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (n, c, h, w) = arg.dims4()?;
+        let g = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        let idx = self.indices.lock().unwrap_or_else(|e| e.into_inner());
+        let per = self.op.out.0 * self.op.out.1;
+        let mut grad = vec![0f32; n * c * h * w];
+        if per > 0 && h * w > 0 {
+            grad.par_chunks_mut(h * w)
+                .zip(g.par_chunks(per).zip(idx.par_chunks(per)))
+                .with_min_len(PLANES_PER_TASK)
+                .for_each(|(dst, (gs, is))| {
+                    for (gv, &i) in gs.iter().zip(is) {
+                        if let Some(d) = dst.get_mut(i as usize) {
+                            *d += gv;
+                        }
+                    }
+                });
+        }
+        Ok(Some(Tensor::from_vec(grad, (n, c, h, w), arg.device())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -398,6 +538,54 @@ mod tests {
             .map(|(i, _)| i)
             .collect();
         assert_eq!(hot, [5, 7, 13, 15]);
+    }
+
+    #[test]
+    fn the_2x2_loop_agrees_with_the_general_one_on_ties_and_nans() {
+        let mut rng = Rng(31);
+        for case in 0..50 {
+            let (h, w) = (2 + rng.below(9), 2 + rng.below(9));
+            // Few distinct values: many ties; some NaNs.
+            let v: Vec<f32> = (0..2 * h * w)
+                .map(|i| match rng.below(10) {
+                    0 if case % 3 == 0 => f32::NAN,
+                    k => (k % 3) as f32 + (i % 2) as f32 * 0.0,
+                })
+                .collect();
+            let pool =
+                Pool2d::new(PoolKind::Max, (2, 2), (2, 2), (0, 0), false, true, "t").unwrap();
+            let x =
+                Var::from_tensor(&Tensor::from_vec(v.clone(), (1, 2, h, w), &Device::Cpu).unwrap())
+                    .unwrap();
+            // Tracked input: the indexed op (2x2 loop); plain: the general loop.
+            let fast = pool.forward(x.as_tensor()).unwrap();
+            let general = pool.forward(&x.as_tensor().detach()).unwrap();
+            let (a, b) = (
+                fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                general.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert!(p == q || (p.is_nan() && q.is_nan()), "{p} vs {q}");
+            }
+            let grads = fast.sum_all().unwrap().backward().unwrap();
+            let g = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let reference = PoolOp {
+                kind: PoolKind::Max,
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+                out: (h / 2, w / 2),
+                count_include_pad: true,
+            }
+            .backward_slice(&v, &vec![1.0; 2 * (h / 2) * (w / 2)], 2, h, w);
+            assert_eq!(g, reference, "{h}x{w}");
+        }
     }
 
     #[test]
