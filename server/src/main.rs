@@ -154,9 +154,13 @@ async fn run() {
             }
         }
         Command::Train(args) => {
-            if let Err(e) =
+            // On a rayon worker, as the server's jobs train: the kernels'
+            // parallel loops then start warm.
+            let result = rayon::scope(|_| {
                 convscope::cli::train(&args.job, &args.models, &args.datasets, &args.device)
-            {
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = result {
                 eprintln!("convscope train: {e}");
                 std::process::exit(1);
             }
