@@ -78,6 +78,10 @@ pub enum Error {
     #[error("dataset: {0}")]
     Dataset(String),
 
+    /// A long computation passed its deadline and stopped.
+    #[error("stopped after {0:.1} s: past the deadline")]
+    DeadlineExceeded(f64),
+
     /// Any other candle failure (device selection, safetensors parsing).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -97,6 +97,9 @@ impl From<model_store::Error> for ApiError {
                 ApiError::Unprocessable(e.to_string())
             }
             E::UnknownLayer { .. } => ApiError::NotFound(e.to_string()),
+            E::DeadlineExceeded(_) => {
+                ApiError::Timeout(format!("{e} (--request-timeout-secs); try fewer steps"))
+            }
             E::Io { .. } | E::Forward { .. } | E::Candle(_) => ApiError::Internal(e.to_string()),
         }
     }

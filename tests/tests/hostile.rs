@@ -862,11 +862,12 @@ async fn a_full_queue_answers_503_with_retry_after_and_a_slow_request_504() {
     settings.compute_slots = 1;
     settings.compute_queue = 1;
     settings.request_timeout_secs = 1;
+    settings.max_steps = 50_000;
     let app = std::sync::Arc::new(TestApp::spawn_with(settings).await);
-    // Longer than a second of gradient ascent (1000 steps; 150 took under a
-    // second once the convolution got fast): 504, and the server stays up.
+    // Far longer than a second of gradient ascent (a step takes a few ms):
+    // 504, and the server stays up.
     let (s, body) = app
-        .get_json("/models/resnet20-cifar10/maximize?steps=1000")
+        .get_json("/models/resnet20-cifar10/maximize?steps=50000")
         .await;
     assert_eq!(s, 504, "{body}");
     assert!(
@@ -875,6 +876,28 @@ async fn a_full_queue_answers_503_with_retry_after_and_a_slow_request_504() {
             .unwrap()
             .contains("--request-timeout-secs")
     );
+    // The ascent stops at its deadline instead of computing on for nobody
+    // (50,000 steps would take minutes): the slot is free again soon.
+    let freed = std::time::Instant::now();
+    loop {
+        let metrics = app
+            .client
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metrics.contains("convscope_compute_running 0\n") {
+            break;
+        }
+        assert!(
+            freed.elapsed() < std::time::Duration::from_secs(5),
+            "the timed-out computation still holds its slot:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     // Many at once against one slot and a queue of one: the overflow gets 503 + Retry-After.
     let png = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
     let mut tasks = Vec::new();

@@ -46,6 +46,10 @@ pub struct Settings {
     pub jitter: usize,
     /// Weight of the total-variation penalty.
     pub tv_weight: f32,
+    /// When set, the run stops with [`crate::Error::DeadlineExceeded`] at
+    /// the first step past it: a server whose client has been answered 504
+    /// does not keep computing for nobody.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// The result of a run.
@@ -132,7 +136,13 @@ pub fn maximize(model: &LoadedModel, start: Option<&Tensor>, s: &Settings) -> Re
     let start_value = objective(model, &x0, &s.objective)?.to_scalar::<f32>()?;
     let var = Var::from_tensor(&x0)?;
     let mut curve = Vec::with_capacity(s.steps);
+    let began = std::time::Instant::now();
     for _ in 0..s.steps {
+        if s.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err(crate::Error::DeadlineExceeded(
+                began.elapsed().as_secs_f64(),
+            ));
+        }
         let (dy, dx) = if s.jitter > 0 {
             let span = 2 * s.jitter + 1;
             let r = |g: &mut Gaussian| (g.uniform() * span as f64) as i32 - s.jitter as i32;

@@ -218,6 +218,10 @@ async fn maximize_route(
         seed: seed(params.seed)?,
         jitter,
         tv_weight,
+        deadline: Some(
+            std::time::Instant::now()
+                + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1)),
+        ),
     };
     let limits = DecodeLimits {
         max_pixels: state.settings.max_pixels,
