@@ -259,22 +259,28 @@ fn max_2x2(plane: &[f32], w: usize, out: (usize, usize), o: &mut [f32], ix: &mut
             &mut o[oy * ow..(oy + 1) * ow],
             &mut ix[oy * ow..(oy + 1) * ow],
         );
-        for ox in 0..ow {
-            let cands = [
-                (top[2 * ox], r0 + 2 * ox),
-                (top[2 * ox + 1], r0 + 2 * ox + 1),
-                (bottom[2 * ox], r1 + 2 * ox),
-                (bottom[2 * ox + 1], r1 + 2 * ox + 1),
+        for (ox, (ov, iv)) in orow.iter_mut().zip(irow.iter_mut()).enumerate() {
+            let v = [
+                top[2 * ox],
+                top[2 * ox + 1],
+                bottom[2 * ox],
+                bottom[2 * ox + 1],
             ];
-            let (mut bv, mut bi) = cands[0];
-            for &(v, i) in &cands[1..] {
-                if !bv.is_nan() && (v > bv || v.is_nan()) {
-                    bv = v;
-                    bi = i;
-                }
+            let at = [r0 + 2 * ox, r0 + 2 * ox + 1, r1 + 2 * ox, r1 + 2 * ox + 1];
+            // Strict `>`: the first maximum wins. Branch-free selects.
+            let (mut bv, mut bi) = (v[0], 0);
+            for (k, &vk) in v.iter().enumerate().skip(1) {
+                let gt = vk > bv;
+                bv = if gt { vk } else { bv };
+                bi = if gt { k } else { bi };
             }
-            orow[ox] = bv;
-            irow[ox] = bi as u32;
+            // NaN propagates: the first NaN wins (rare; off the fast path).
+            if v.iter().any(|x| x.is_nan()) {
+                let k = v.iter().position(|x| x.is_nan()).unwrap_or(0);
+                (bv, bi) = (v[k], k);
+            }
+            *ov = bv;
+            *iv = at[bi] as u32;
         }
     }
 }

@@ -54,7 +54,8 @@ pub struct PredictResponse {
     pub model: String,
     /// One entry per image, in request order.
     pub predictions: Vec<Prediction>,
-    /// Decode, preprocessing and the forward pass, in milliseconds.
+    /// Decode, preprocessing and the forward pass (shared with concurrent
+    /// requests when batched, waiting for it included), in milliseconds.
     pub elapsed_ms: f64,
 }
 
