@@ -16,7 +16,7 @@
 //! nothing is kept for models that are gone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,18 +52,35 @@ pub struct Batcher {
     delay: Duration,
     queues: Arc<Mutex<HashMap<String, Queue>>>,
     next_id: AtomicU64,
+    /// Requests queued or computing across all queues, and their bound.
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+}
+
+/// Counts a request as pending until dropped (answered, or its client gone).
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Batcher {
     /// Batches of up to `max_images` (1 turns batching off), waiting at
-    /// most `delay` for more requests once one has arrived.
-    pub fn new(compute: Compute, max_images: usize, delay: Duration) -> Self {
+    /// most `delay` for more requests once one has arrived. At most
+    /// `max_waiting` requests (the compute queue's bound) wait beyond a
+    /// full batch; more get 503, so a flood cannot pile up decoded images.
+    pub fn new(compute: Compute, max_images: usize, delay: Duration, max_waiting: usize) -> Self {
+        let max_images = max_images.max(1);
         Self {
             compute,
-            max_images: max_images.max(1),
+            max_images,
             delay,
             queues: Arc::default(),
             next_id: AtomicU64::new(0),
+            pending: Arc::default(),
+            max_pending: max_waiting + max_images,
         }
     }
 
@@ -73,6 +90,13 @@ impl Batcher {
         let images = x.dim(0).map_err(model_store::Error::from)?;
         if self.max_images <= 1 || images >= self.max_images {
             return Ok(alone(&self.compute, model, x).await?.0);
+        }
+        let _guard = PendingGuard(Arc::clone(&self.pending));
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
+            return Err(ApiError::Busy(format!(
+                "{} predictions are queued for a batched pass; retry shortly",
+                self.max_pending
+            )));
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {

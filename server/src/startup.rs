@@ -65,6 +65,7 @@ impl Application {
                 compute.clone(),
                 settings.predict_batch,
                 std::time::Duration::from_secs_f64(settings.predict_batch_delay_ms.max(0.0) / 1e3),
+                settings.compute_queue,
             )),
             compute,
             store_lock: Arc::new(tokio::sync::Mutex::new(())),

@@ -933,3 +933,59 @@ async fn a_full_queue_answers_503_with_retry_after_and_a_slow_request_504() {
     );
     app.assert_healthy().await;
 }
+
+/// Concurrent predictions share batched passes, and a flood beyond the
+/// queue gets 503 + `Retry-After` instead of piling up decoded images; the
+/// answers that do come are the same as one at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_predictions_is_batched_and_bounded() {
+    let dir = models_dir(&["resnet20-cifar10"]);
+    let mut settings = convscope::Settings::for_tests(dir.path());
+    settings.compute_slots = 1;
+    settings.compute_queue = 4;
+    settings.predict_batch = 4;
+    let app = std::sync::Arc::new(TestApp::spawn_with(settings).await);
+    let png = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
+    let alone = app
+        .post_images_json("/models/resnet20-cifar10/predict", &[&png])
+        .await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (app, png) = (app.clone(), png.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = app
+                .post_images("/models/resnet20-cifar10/predict", &[&png])
+                .await;
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, retry, body)
+        }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for t in tasks {
+        let (status, retry, body) = t.await.unwrap();
+        match status {
+            200 => {
+                ok += 1;
+                let (a, b) = (
+                    &body["predictions"][0]["top_k"][0],
+                    &alone["predictions"][0]["top_k"][0],
+                );
+                assert_eq!(a["label"], b["label"]);
+                let (la, lb) = (a["logit"].as_f64().unwrap(), b["logit"].as_f64().unwrap());
+                assert!((la - lb).abs() <= 1e-4 * lb.abs().max(1.0), "{la} vs {lb}");
+            }
+            503 => {
+                busy += 1;
+                assert_eq!(retry.as_deref(), Some("1"), "{body}");
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok > 0 && busy > 0, "{ok} answered, {busy} turned away");
+    app.assert_healthy().await;
+}
