@@ -362,14 +362,10 @@ fn prepare_convs(node: &mut Node) -> Result<()> {
 
 fn prepare_children(children: &mut [Node]) -> Result<()> {
     for i in 0..children.len() {
-        match &mut children[i..] {
-            [a, b, ..] if matches!((&a.op, &b.op), (Op::Conv(_), Op::BatchNorm(_))) => {
-                if let (Op::Conv(conv), Op::BatchNorm(bn)) = (&mut a.op, &b.op) {
-                    prepare(conv, Some(bn), &a.name)?;
-                }
-            }
-            [a, ..] => prepare_convs(a)?,
-            [] => {}
+        let (head, rest) = children[i..].split_at_mut(1);
+        match (&mut head[0].op, rest.first().map(|n| &n.op)) {
+            (Op::Conv(conv), Some(Op::BatchNorm(bn))) => prepare(conv, Some(bn), &head[0].name)?,
+            _ => prepare_convs(&mut head[0])?,
         }
     }
     Ok(())

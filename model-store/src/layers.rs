@@ -320,8 +320,8 @@ impl Conv2d {
     pub fn prepare(&self, bn: Option<&BatchNorm2d>) -> candle_core::Result<Prepared> {
         let (weight, bias) = match bn {
             Some(bn) => {
-                let f = bn.fold_into(self)?;
-                (f.weight, Some(f.bias))
+                let (w, b) = bn.fold_into(self)?;
+                (w, Some(b))
             }
             None => (self.weight.clone(), self.bias.clone()),
         };
@@ -380,15 +380,14 @@ impl Conv2d {
             };
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);
             return match winograd {
-                Some(u) if winograd::eligible(&op, kh, kw) && winograd::pays(&weight) => x
-                    .apply_op3(
-                        &weight,
-                        &bias,
-                        WinogradOp {
-                            base: op,
-                            u: u.clone(),
-                        },
-                    ),
+                Some(u) if winograd::eligible(&op, kh, kw) => x.apply_op3(
+                    &weight,
+                    &bias,
+                    WinogradOp {
+                        base: op,
+                        u: u.clone(),
+                    },
+                ),
                 _ => x.apply_op3(&weight, &bias, op),
             };
         }
@@ -455,12 +454,6 @@ impl Conv2d {
     }
 }
 
-/// A batch norm folded into a convolution's weight and bias.
-struct Folded {
-    weight: Tensor,
-    bias: Tensor,
-}
-
 /// `BatchNorm2d`. Inference uses the running statistics folded into a
 /// per-channel scale and shift; the raw tensors are kept for training
 /// (batch statistics, running-statistics updates) and for saving.
@@ -523,17 +516,14 @@ impl BatchNorm2d {
 
     /// This batch norm folded into `conv`, the convolution before it:
     /// `(W', b')`.
-    fn fold_into(&self, conv: &Conv2d) -> candle_core::Result<Folded> {
+    fn fold_into(&self, conv: &Conv2d) -> candle_core::Result<(Tensor, Tensor)> {
         let scale = self.scale.reshape((self.channels, 1, 1, 1))?;
         let shift = self.shift.flatten_all()?;
         let bias = match &conv.bias {
             Some(b) => (b * self.scale.flatten_all()?)?.add(&shift)?,
             None => shift,
         };
-        Ok(Folded {
-            weight: conv.weight.broadcast_mul(&scale)?,
-            bias,
-        })
+        Ok((conv.weight.broadcast_mul(&scale)?, bias))
     }
 
     /// Whether `weight` and `bias` are learned (and in the checkpoint).

@@ -515,8 +515,8 @@ impl ConvOp {
                 );
             }
         }
-        let done = self.padded_path(d) && !self.depthwise(d);
-        if !done && (!bias.is_empty() || self.activation != Activation::Identity) {
+        // The padded path applied the bias and activation itself.
+        if !self.padded_path(d) && (!bias.is_empty() || self.activation != Activation::Identity) {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let b = bias.get(plane % d.o).copied().unwrap_or(0.0);
                 for v in y {
@@ -822,28 +822,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-
-    /// A small deterministic generator, so failures reproduce.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn tensor(&mut self, shape: &[usize]) -> Tensor {
-            let n = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| (self.next() >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-        }
-    }
+    use crate::kernels::testing::Cases as Rng;
 
     /// A random case: the op, input, weight and bias (maybe empty).
     fn case(rng: &mut Rng) -> (ConvOp, Tensor, Tensor, Tensor) {
@@ -930,7 +909,7 @@ mod tests {
 
     #[test]
     fn forward_matches_candle_on_random_shapes() {
-        let mut rng = Rng(3);
+        let mut rng = Rng::new(3);
         let mut checked = 0;
         while checked < 400 {
             let (op, x, w, b) = case(&mut rng);
@@ -950,7 +929,7 @@ mod tests {
     #[test]
     fn batches_and_threads_agree_with_one_image_at_a_time() {
         // A batch runs one image per task; one image runs gemm on the pool.
-        let mut rng = Rng(5);
+        let mut rng = Rng::new(5);
         for _ in 0..40 {
             let (op, x, w, b) = case(&mut rng);
             let n = x.dim(0).unwrap();
@@ -964,7 +943,7 @@ mod tests {
 
     #[test]
     fn backward_matches_candle_on_random_shapes() {
-        let mut rng = Rng(9);
+        let mut rng = Rng::new(9);
         let mut checked = 0;
         while checked < 150 {
             let (op, x, w, b) = case(&mut rng);
@@ -1010,7 +989,7 @@ mod tests {
         // Unequal strides or dilations, and strides that leave input
         // columns unused: check the forward against per-direction
         // subsampling of a stride-1 run, and the gradient numerically.
-        let mut rng = Rng(13);
+        let mut rng = Rng::new(13);
         let mut checked = 0;
         while checked < 40 {
             let (op, x, w, b) = case(&mut rng);
@@ -1075,7 +1054,7 @@ mod tests {
 
     #[test]
     fn only_the_gradients_asked_for_are_computed() {
-        let mut rng = Rng(17);
+        let mut rng = Rng::new(17);
         let x = Var::from_tensor(&rng.tensor(&[2, 4, 6, 6])).unwrap();
         let w = rng.tensor(&[3, 4, 3, 3]);
         let b = rng.tensor(&[3]);

@@ -385,27 +385,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
+    use crate::kernels::testing::Cases as Rng;
     use crate::layers::Pool2d;
-
-    /// A small deterministic generator, so failures reproduce.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn values(&mut self, n: usize) -> Vec<f32> {
-            (0..n)
-                .map(|_| (self.next() >> 11) as f32 / (1u64 << 53) as f32 * 4.0 - 2.0)
-                .collect()
-        }
-    }
 
     fn random_pool(rng: &mut Rng, kind: PoolKind) -> Pool2d {
         let k = (1 + rng.below(4), 1 + rng.below(4));
@@ -416,7 +397,7 @@ mod tests {
 
     #[test]
     fn forward_matches_the_padded_candle_composition_on_random_shapes() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for case in 0..300 {
             let kind = if case % 2 == 0 {
                 PoolKind::Max
@@ -426,8 +407,8 @@ mod tests {
             let pool = random_pool(&mut rng, kind);
             let (h, w) = (pool.kernel.0 + rng.below(9), pool.kernel.1 + rng.below(9));
             let (n, c) = (1 + rng.below(2), 1 + rng.below(3));
-            let x =
-                Tensor::from_vec(rng.values(n * c * h * w), (n, c, h, w), &Device::Cpu).unwrap();
+            let x = Tensor::from_vec(rng.values(n * c * h * w, 2.0), (n, c, h, w), &Device::Cpu)
+                .unwrap();
             let fast = pool
                 .forward(&x)
                 .unwrap()
@@ -454,14 +435,14 @@ mod tests {
 
     #[test]
     fn average_backward_matches_candle_where_candle_has_one() {
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         for _ in 0..30 {
             let k = 1 + rng.below(3);
             let pool =
                 Pool2d::new(PoolKind::Avg, (k, k), (k, k), (0, 0), false, true, "t").unwrap();
             let (h, w) = (k * (1 + rng.below(4)), k * (1 + rng.below(4)));
             let x = Var::from_tensor(
-                &Tensor::from_vec(rng.values(2 * h * w), (1, 2, h, w), &Device::Cpu).unwrap(),
+                &Tensor::from_vec(rng.values(2 * h * w, 2.0), (1, 2, h, w), &Device::Cpu).unwrap(),
             )
             .unwrap();
             let g = |y: Tensor| {
@@ -548,7 +529,7 @@ mod tests {
 
     #[test]
     fn the_2x2_loop_agrees_with_the_general_one_on_ties_and_nans() {
-        let mut rng = Rng(31);
+        let mut rng = Rng::new(31);
         for case in 0..50 {
             let (h, w) = (2 + rng.below(9), 2 + rng.below(9));
             // Few distinct values: many ties; some NaNs.
@@ -596,7 +577,7 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences_with_padding_and_overlap() {
-        let mut rng = Rng(23);
+        let mut rng = Rng::new(23);
         for case in 0..40 {
             let kind = if case % 2 == 0 {
                 PoolKind::Max
@@ -605,8 +586,8 @@ mod tests {
             };
             let pool = random_pool(&mut rng, kind);
             let (h, w) = (pool.kernel.0 + rng.below(4), pool.kernel.1 + rng.below(4));
-            let values = rng.values(h * w);
-            let weights = rng.values(1000);
+            let values = rng.values(h * w, 2.0);
+            let weights = rng.values(1000, 2.0);
             // loss = Σ weight_i · out_i, a linear read-out of the pooled map.
             let loss = |v: &[f32]| -> f64 {
                 let x = Tensor::from_vec(v.to_vec(), (1, 1, h, w), &Device::Cpu).unwrap();

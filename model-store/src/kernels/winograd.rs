@@ -258,27 +258,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::conv::Activation;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn tensor(&mut self, shape: &[usize]) -> Tensor {
-            let n = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| (self.next() >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0)
-                .collect();
-            Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-        }
-    }
+    use crate::kernels::testing::Cases as Rng;
 
     fn winograd(op: ConvOp, w: &Tensor) -> WinogradOp {
         let (o, c, _, _) = w.dims4().unwrap();
@@ -293,7 +273,7 @@ mod tests {
     /// batches, bias or none, every activation.
     #[test]
     fn matches_the_direct_convolution_on_random_shapes() {
-        let mut rng = Rng(21);
+        let mut rng = Rng::new(21);
         for case in 0..300 {
             let op = ConvOp {
                 stride: (1, 1),
@@ -329,7 +309,7 @@ mod tests {
 
     #[test]
     fn gradients_are_the_direct_convolutions() {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         let op = ConvOp {
             stride: (1, 1),
             dilation: (1, 1),
