@@ -14,7 +14,9 @@ examples=${1:-50}
 venv=${SCHEMATHESIS_VENV:-.venv-schemathesis}
 if [ ! -x "$venv/bin/schemathesis" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'schemathesis==4.32.5' 'openapi-spec-validator==0.9.0'
+  # hypothesis is pinned too: schemathesis accepts any later release, and
+  # a later one is a different test run.
+  "$venv/bin/pip" install -q 'schemathesis==4.32.5' 'hypothesis==6.170.17' 'openapi-spec-validator==0.9.0'
 fi
 "$venv/bin/openapi-spec-validator" openapi/openapi.json
 
@@ -40,9 +42,14 @@ export CONVSCOPE_INPUT_ID
 "$venv/bin/schemathesis" --config-file tools/schemathesis/schemathesis.toml run \
   "http://127.0.0.1:$port/openapi.json" \
   --exclude-path '/jobs/{id}/events' \
-  --checks all --exclude-checks positive_data_acceptance --max-examples "$examples" --workers 2 --seed 1 --request-timeout 120 \
+  --checks all --exclude-checks positive_data_acceptance --max-examples "$examples" --workers 1 --seed 1 --request-timeout 120 \
   --phases examples,coverage,fuzzing,stateful \
   || { echo "schemathesis failed; the server's log ends:"; tail -40 "$work/server.log"; exit 1; }
+# One worker: with two, hypothesis builds ASTs on two threads at once, and
+# CPython 3.11 keeps the AST constructor's recursion depth in state shared
+# by threads, so it can fail with "AST constructor recursion depth
+# mismatch" (python/cpython#106905, pytest-dev/pytest#10763). That failed
+# one CI run with no fault in the server. One worker takes about 20 s.
 # GET /jobs/{id}/events is left out: it is a stream that lasts as long as
 # its job (tests/tests/training.rs follows one to the end).
 # positive_data_acceptance is off: a schema cannot say which bytes decode as
