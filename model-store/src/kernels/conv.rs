@@ -11,6 +11,9 @@
 //!   for the padding), multiplies with [`gemm`] straight into the NCHW
 //!   output, then adds the bias and applies ReLU/ReLU6 in one pass;
 //!   1×1 stride-1 unpadded convolutions skip the im2col entirely;
+//! - stride-1 ungrouped convolutions on a CPU with AVX-512 skip it too:
+//!   [`direct`] reads the windows of a zero-padded copy of the input in
+//!   place, with the bias and activation applied in its registers;
 //! - depthwise convolutions (one input and one output channel per group)
 //!   have their own direct kernel;
 //! - the backward masks the gradient by the fused activation, then computes
@@ -24,6 +27,7 @@
 //! [`crate::layers::Conv2d::forward`]); the randomized tests below hold this
 //! kernel to that reference.
 
+use super::direct;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -317,9 +321,21 @@ impl ConvOp {
 
     /// One image, by the padded path (epilogue included) or the general one
     /// (epilogue left to the caller).
-    fn image(&self, d: &Dims, x: &[f32], w: &[f32], bias: &[f32], out: &mut [f32], threads: usize) {
+    /// `packed` is the weight in [`direct::pack`]'s order when the direct
+    /// kernel takes the padded path.
+    #[allow(clippy::too_many_arguments)]
+    fn image(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        packed: Option<&[f32]>,
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
         if self.padded_path(d) {
-            self.forward_image_padded(d, x, w, bias, out, threads);
+            self.forward_image_padded(d, x, w, packed, bias, out, threads);
         } else {
             self.forward_image(d, x, w, out, threads);
         }
@@ -378,12 +394,15 @@ impl ConvOp {
         self.stride == (1, 1) && self.groups == 1 && !self.pointwise(d) && !self.depthwise(d)
     }
 
-    /// One image through [`Self::padded_path`], epilogue included.
+    /// One image through [`Self::padded_path`], epilogue included: the
+    /// product by [`direct`] when `packed` is given, else by im2col + gemm.
+    #[allow(clippy::too_many_arguments)]
     fn forward_image_padded(
         &self,
         d: &Dims,
         x: &[f32],
         w: &[f32],
+        packed: Option<&[f32]>,
         bias: &[f32],
         out: &mut [f32],
         threads: usize,
@@ -392,25 +411,95 @@ impl ConvOp {
         let (hp, wp) = (d.h + t + b, d.w + l + r);
         let (dh, dw) = self.dilation;
         let (k, p) = (d.k(), d.p());
-        let np = d.oh * wp;
-        // The last window of a plane reads this far past it (into columns
-        // the epilogue drops).
-        let tail = dw * (d.kw - 1);
+        // Rows a whole number of vectors wide go straight into `out`; other
+        // widths are computed at every padded position (rounded up to whole
+        // vectors, the extra ones reading zeros) and cropped, like gemm's.
+        let straight = packed.is_some() && d.ow.is_multiple_of(direct::LANES);
+        let np = match packed {
+            Some(_) => (d.oh * wp).next_multiple_of(direct::LANES),
+            None => d.oh * wp,
+        };
+        // The last window of a plane reads this far past it (into
+        // positions that are dropped).
+        let tail = dw * (d.kw - 1) + (np - d.oh * wp);
         let xp_len = d.c * hp * wp + tail;
-        with_scratch(xp_len + k * np + d.o * np, |buf| {
+        let col_len = if packed.is_some() { 0 } else { k * np };
+        let tmp_len = if straight { 0 } else { d.o * np };
+        let offset = |row: usize| {
+            let (c, ky, kx) = (row / (d.kh * d.kw), row / d.kw % d.kh, row % d.kw);
+            c * hp * wp + ky * dh * wp + kx * dw
+        };
+        with_scratch(xp_len + col_len + tmp_len, |buf| {
             let (xp, rest) = buf.split_at_mut(xp_len);
-            let (col, tmp) = rest.split_at_mut(k * np);
-            xp.fill(0.0);
-            for c in 0..d.c {
-                for y in 0..d.h {
-                    let at = (c * hp + y + t) * wp + l;
-                    xp[at..at + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
+            let (col, tmp) = rest.split_at_mut(col_len);
+            for (c, plane) in xp[..d.c * hp * wp].chunks_exact_mut(hp * wp).enumerate() {
+                plane[..t * wp].fill(0.0);
+                for (y, row) in plane[t * wp..(t + d.h) * wp]
+                    .chunks_exact_mut(wp)
+                    .enumerate()
+                {
+                    row[..l].fill(0.0);
+                    row[l..l + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
+                    row[l + d.w..].fill(0.0);
                 }
+                plane[(t + d.h) * wp..].fill(0.0);
             }
+            xp[d.c * hp * wp..].fill(0.0);
             let xp = &*xp;
+            if let Some(packed) = packed {
+                let offsets: Vec<usize> = (0..k).map(offset).collect();
+                let (vectors, target, ld): (Vec<(usize, usize)>, &mut [f32], usize) = if straight {
+                    let per_row = d.ow / direct::LANES;
+                    let v = (0..d.oh * per_row)
+                        .map(|i| {
+                            let (oy, j) = (i / per_row, i % per_row * direct::LANES);
+                            (oy * wp + j, oy * d.ow + j)
+                        })
+                        .collect();
+                    (v, &mut out[..d.o * p], p)
+                } else {
+                    let v = (0..np).step_by(direct::LANES).map(|q| (q, q)).collect();
+                    (v, &mut *tmp, np)
+                };
+                let run = |(blk, dst): (usize, &mut [f32])| {
+                    let o0 = blk * direct::MR;
+                    let rows = (d.o - o0).min(direct::MR);
+                    let mut b = [0f32; direct::MR];
+                    if !bias.is_empty() {
+                        b[..rows].copy_from_slice(&bias[o0..o0 + rows]);
+                    }
+                    let block = &packed[blk * k * direct::MR..][..k * direct::MR];
+                    direct::block(
+                        block,
+                        &offsets,
+                        xp,
+                        &vectors,
+                        dst,
+                        ld,
+                        rows,
+                        &b,
+                        self.activation,
+                    );
+                };
+                if threads > 1 {
+                    target
+                        .par_chunks_mut(direct::MR * ld)
+                        .enumerate()
+                        .for_each(run);
+                } else {
+                    target.chunks_mut(direct::MR * ld).enumerate().for_each(run);
+                }
+                if !straight {
+                    for (o, y) in out[..d.o * p].chunks_exact_mut(p).enumerate() {
+                        for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
+                            dst.copy_from_slice(&tmp[o * np + oy * wp..][..d.ow]);
+                        }
+                    }
+                }
+                return;
+            }
             let fill = |(row, dst): (usize, &mut [f32])| {
-                let (c, ky, kx) = (row / (d.kh * d.kw), row / d.kw % d.kh, row % d.kw);
-                let start = c * hp * wp + ky * dh * wp + kx * dw;
+                let start = offset(row);
                 dst.copy_from_slice(&xp[start..start + np]);
             };
             if threads > 1 {
@@ -487,9 +576,18 @@ impl ConvOp {
     }
 
     fn forward(&self, d: &Dims, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f32> {
+        self.forward_by(d, x, w, bias, direct::available())
+    }
+
+    /// The forward pass, with the padded path's product by [`direct`] when
+    /// `direct` is set (the caller checked [`direct::available`]) and by
+    /// im2col + gemm otherwise.
+    fn forward_by(&self, d: &Dims, x: &[f32], w: &[f32], bias: &[f32], direct: bool) -> Vec<f32> {
         let (p, threads) = (d.p(), rayon::current_num_threads());
         let mut out = vec![0f32; d.n * d.o * p];
         let in_image = d.c * d.h * d.w;
+        let packed = (direct && self.padded_path(d)).then(|| direct::pack(w, d.o, d.k()));
+        let packed = packed.as_deref();
         if self.depthwise(d) {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let (img, ch) = (plane / d.o, plane % d.o);
@@ -501,7 +599,8 @@ impl ConvOp {
             out.par_chunks_mut(d.o * p)
                 .enumerate()
                 .for_each(|(img, y)| {
-                    self.image(d, &x[img * in_image..(img + 1) * in_image], w, bias, y, 1)
+                    let x = &x[img * in_image..(img + 1) * in_image];
+                    self.image(d, x, w, packed, bias, y, 1)
                 });
         } else {
             for (img, y) in out.chunks_mut(d.o * p).enumerate() {
@@ -509,6 +608,7 @@ impl ConvOp {
                     d,
                     &x[img * in_image..(img + 1) * in_image],
                     w,
+                    packed,
                     bias,
                     y,
                     threads,
@@ -924,6 +1024,69 @@ mod tests {
             );
             checked += 1;
         }
+    }
+
+    #[test]
+    fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
+        // Stride 1, one group: the padded path, on channel counts on both
+        // sides of the kernel's 8-channel blocks and widths that are (16,
+        // 32) and are not whole vectors, so both of its output layouts run.
+        let mut rng = Rng::new(17);
+        let mut straight = 0;
+        for case in 0..120 {
+            let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
+            let dil = 1 + rng.below(2);
+            let pad = (rng.below(3), rng.below(3), rng.below(3), rng.below(3));
+            let op = ConvOp {
+                stride: (1, 1),
+                dilation: (dil, dil),
+                padding: pad,
+                groups: 1,
+                activation: [Activation::Identity, Activation::Relu, Activation::Relu6]
+                    [rng.below(3)],
+            };
+            let ew = dil * (kw - 1) + 1;
+            // An output width of 16 or 32 half the time.
+            let w = if case % 2 == 0 {
+                [16, 32][rng.below(2)] + ew - 1 - (pad.2 + pad.3)
+            } else {
+                ew + rng.below(40)
+            };
+            let h = dil * (kh - 1) + 1 + rng.below(12);
+            // Two or more outputs: one input and one output is depthwise.
+            let (n, c, o) = (1 + rng.below(3), 1 + rng.below(6), 2 + rng.below(19));
+            let x = rng.tensor(&[n, c, h, w]);
+            let wt = rng.tensor(&[o, c, kh, kw]);
+            let b = if rng.below(2) == 0 {
+                rng.tensor(&[o])
+            } else {
+                Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu).unwrap()
+            };
+            let what = format!("{op:?} x{:?} w{:?}", x.dims(), wt.dims());
+            let expected = reference(&op, &x, &wt, &b);
+            let d = op.dims(x.layout(), wt.layout()).unwrap();
+            assert!(op.padded_path(&d) || (kh == 1 && kw == 1), "{what}");
+            straight += usize::from(d.ow.is_multiple_of(direct::LANES));
+            let (xs, ws, bs) = (
+                to_vec(&x).unwrap(),
+                to_vec(&wt).unwrap(),
+                to_vec(&b).unwrap(),
+            );
+            let ways: &[bool] = if direct::available() {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &by_direct in ways {
+                let y = op.forward_by(&d, &xs, &ws, &bs, by_direct);
+                let y = Tensor::from_vec(y, expected.dims(), &Device::Cpu).unwrap();
+                close(&y, &expected, &format!("{what}, direct {by_direct}"));
+            }
+        }
+        assert!(
+            straight >= 50,
+            "only {straight} cases wrote rows straight out"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! implementation on random shapes.
 
 pub mod conv;
+mod direct;
 pub mod elementwise;
 pub mod pool;
 pub mod winograd;

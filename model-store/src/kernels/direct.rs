@@ -1,0 +1,204 @@
+//! A direct stride-1 convolution over a zero-padded input, for CPUs with
+//! AVX-512: no im2col matrix and no packing of it.
+//!
+//! On the padded input `xp` (`[C, Hp, Wp]`, flattened), the output at
+//! padded position `q` (`oy · Wp + ox`, with the `Wp − OW` columns past
+//! each row's end computed and later dropped) is
+//! `Σ_r w[o, r] · xp[offset[r] + q]`, where row `r` is one
+//! `(channel, ky, kx)` and `offset[r] = c·Hp·Wp + ky·dh·Wp + kx·dw`. This is
+//! the im2col product with the im2col matrix never written: each of its
+//! rows is a shifted window of `xp`, read in place. On ResNet-20's layers
+//! (16–64 channels, 8×8–32×32) building that matrix, and gemm packing it
+//! again, cost about a third of the forward pass; here the inner loop
+//! loads three vectors of 16 positions, broadcasts eight weights and
+//! issues 24 fused multiply-adds, which keeps the FMA units busy with the
+//! inputs read from L1.
+//!
+//! [`available`] says whether this CPU runs it; elsewhere the caller keeps
+//! im2col + gemm (`conv.rs`).
+
+use super::conv::Activation;
+
+/// Output channels per register tile.
+pub(super) const MR: usize = 8;
+/// Vectors of 16 positions per register tile.
+const NV: usize = 3;
+/// Positions per vector.
+pub(super) const LANES: usize = 16;
+
+/// Whether this CPU has the instructions the kernel uses.
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Weights `[O, K]` (row-major) in the kernel's order: blocks of [`MR`]
+/// output channels, each `[K][MR]`, the last block padded with zero rows.
+pub(super) fn pack(w: &[f32], o: usize, k: usize) -> Vec<f32> {
+    let blocks = o.div_ceil(MR);
+    let mut packed = vec![0f32; blocks * k * MR];
+    for (oc, row) in w.chunks_exact(k).take(o).enumerate() {
+        let block = &mut packed[oc / MR * k * MR..][..k * MR];
+        for (r, &v) in row.iter().enumerate() {
+            block[r * MR + oc % MR] = v;
+        }
+    }
+    packed
+}
+
+/// One block of output channels: for each `(src, dst)` in `vectors`,
+/// `out[i · ld + dst + j] = act(bias[i] + Σ_r block[r][i] ·
+/// xp[offsets[r] + src + j])` for `j` in `0..16` and the block's `rows`
+/// (≤ [`MR`]) channels. `block` is one `[K][MR]` block of [`pack`], `bias`
+/// the block's [`MR`] biases (zeros for none).
+///
+/// Panics unless every read and write lies inside its slice; the caller
+/// must have checked [`available`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn block(
+    block: &[f32],
+    offsets: &[usize],
+    xp: &[f32],
+    vectors: &[(usize, usize)],
+    out: &mut [f32],
+    ld: usize,
+    rows: usize,
+    bias: &[f32; MR],
+    activation: Activation,
+) {
+    let k = offsets.len();
+    assert_eq!(block.len(), k * MR, "direct conv: packed block size");
+    assert!(
+        rows <= MR && rows > 0,
+        "direct conv: {rows} rows in a block"
+    );
+    let reach = offsets.iter().max().copied().unwrap_or(0) + LANES;
+    assert!(
+        vectors.iter().all(
+            |&(src, dst)| src + reach <= xp.len() && (rows - 1) * ld + dst + LANES <= out.len()
+        ),
+        "direct conv: a vector reaches past the padded input or the output"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(available(), "direct conv: the CPU lacks AVX-512F");
+        for tile_vectors in vectors.chunks(NV) {
+            // SAFETY: AVX-512F is present (asserted above); the asserts
+            // bound every load (`src + offsets[r] + 16 ≤ xp.len()`), every
+            // weight read (`r·MR + i < k·MR`, `block.len() = k·MR`) and
+            // every store (`i·ld + dst + 16 ≤ (rows − 1)·ld + dst + 16 ≤
+            // out.len()`).
+            #[allow(unsafe_code)]
+            unsafe {
+                match tile_vectors.len() {
+                    3 => tile::<3>(
+                        block,
+                        offsets,
+                        xp,
+                        tile_vectors,
+                        out,
+                        ld,
+                        rows,
+                        bias,
+                        activation,
+                    ),
+                    2 => tile::<2>(
+                        block,
+                        offsets,
+                        xp,
+                        tile_vectors,
+                        out,
+                        ld,
+                        rows,
+                        bias,
+                        activation,
+                    ),
+                    _ => tile::<1>(
+                        block,
+                        offsets,
+                        xp,
+                        tile_vectors,
+                        out,
+                        ld,
+                        rows,
+                        bias,
+                        activation,
+                    ),
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (xp, vectors, out, ld, bias, activation);
+        panic!("direct conv: not available on this architecture");
+    }
+}
+
+/// One register tile: `rows` output channels × `V` vectors, with the bias
+/// and activation applied as [`Activation::apply`] does (a NaN stays NaN
+/// except under ReLU, which maps it to 0 like `f32::max`).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile<const V: usize>(
+    block: &[f32],
+    offsets: &[usize],
+    xp: &[f32],
+    vectors: &[(usize, usize)],
+    out: &mut [f32],
+    ld: usize,
+    rows: usize,
+    bias: &[f32; MR],
+    activation: Activation,
+) {
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    // SAFETY: the caller (`block`) bounds every offset as documented
+    // there; AVX-512F is enabled on this function and checked by it.
+    unsafe {
+        let mut src = [xp.as_ptr(); V];
+        for (s, &(at, _)) in src.iter_mut().zip(vectors) {
+            *s = s.add(at);
+        }
+        let w = block.as_ptr();
+        let mut acc: [[__m512; V]; MR] = [[_mm512_setzero_ps(); V]; MR];
+        for (r, &off) in offsets.iter().enumerate() {
+            let mut xv: [__m512; V] = [_mm512_setzero_ps(); V];
+            for (slot, s) in xv.iter_mut().zip(&src) {
+                *slot = _mm512_loadu_ps(s.add(off));
+            }
+            let wr = w.add(r * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*wr.add(i));
+                for (a, &xv) in row.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(b, xv, *a);
+                }
+            }
+        }
+        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+        let dst = out.as_mut_ptr();
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            let b = _mm512_set1_ps(bias[i]);
+            for (a, &(_, at)) in row.iter().zip(vectors) {
+                let y = _mm512_add_ps(*a, b);
+                // maxps/minps return their second operand when either is
+                // NaN.
+                let y = match activation {
+                    Activation::Identity => y,
+                    Activation::Relu => _mm512_max_ps(y, zero),
+                    Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, y)),
+                };
+                _mm512_storeu_ps(dst.add(i * ld + at), y);
+            }
+        }
+    }
+}
