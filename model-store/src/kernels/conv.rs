@@ -185,23 +185,32 @@ pub(super) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, 
     }
 }
 
+/// The geometry of a padded input whose zero borders a scratch buffer
+/// holds (see [`Padded::key`]).
+type ScratchKey = [usize; 8];
+
 thread_local! {
     /// Per-thread working memory of [`ConvOp::forward_image_padded`], kept
     /// between calls so a forward pass does not fault in fresh pages for
-    /// every layer. It grows to the largest layer seen on the thread.
-    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// every layer, with the key of the padded input at its start. It grows
+    /// to the largest layer seen on the thread.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Option<ScratchKey>)> =
+        const { std::cell::Cell::new((Vec::new(), None)) };
 }
 
-/// Runs `f` on `n` floats of this thread's scratch memory (contents
-/// unspecified). A nested call (work stolen while `f` waits on the pool)
-/// finds the scratch taken and allocates its own.
-fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.take();
+/// Runs `f` on `n` floats of this thread's scratch memory, and whether its
+/// start already holds the zero borders of the padded input `key` names
+/// (set by the last call on this thread with that key; `f` must leave them
+/// zero, writing only inside them). Other contents are unspecified. A
+/// nested call (work stolen while `f` waits on the pool) finds the scratch
+/// taken and allocates its own.
+fn with_scratch<R>(n: usize, key: ScratchKey, f: impl FnOnce(&mut [f32], bool) -> R) -> R {
+    let (mut buf, held) = SCRATCH.take();
     if buf.len() < n {
         buf.resize(n, 0.0);
     }
-    let result = f(&mut buf[..n]);
-    SCRATCH.set(buf);
+    let result = f(&mut buf[..n], held == Some(key));
+    SCRATCH.set((buf, Some(key)));
     result
 }
 
@@ -272,6 +281,172 @@ fn col2im_row(d: &Dims, op: &ConvOp, row: &[f32], r: usize, dx: &mut [f32]) {
     }
 }
 
+/// How one call computes its images.
+enum Plan {
+    /// [`ConvOp::padded_path`].
+    Padded(Padded),
+    /// im2col (unless pointwise), then gemm, or [`direct`] when given.
+    General(Option<Direct>),
+}
+
+/// The padded path's geometry for one call, worked out once for all its
+/// images: the zero-padded input's size, each im2col row's offset into it,
+/// and for [`direct`] the packed weight and the vectors it computes.
+struct Padded {
+    hp: usize,
+    wp: usize,
+    /// Positions computed per output channel: `OH · Wp`, rounded up to
+    /// whole vectors for [`direct`].
+    np: usize,
+    /// The padded input plus the tail the last windows read.
+    xp_len: usize,
+    /// Where im2col row `(c, ky, kx)` starts in the padded input.
+    offsets: Vec<usize>,
+    direct: Option<Direct>,
+}
+
+/// What [`direct`] needs for one call: the packed weight, where each of
+/// the `K` rows of the (virtual) im2col matrix starts in the source it
+/// reads, and which vectors of it to compute.
+struct Direct {
+    packed: Vec<f32>,
+    offsets: Vec<usize>,
+    /// `(source position, output position)` of each vector's first value.
+    vectors: Vec<(usize, usize)>,
+    /// Whether `vectors` index the output itself (rather than a buffer of
+    /// every padded position, cropped after).
+    straight: bool,
+}
+
+impl Direct {
+    /// For the general path, on one group: the im2col matrix `[K, P]` (or
+    /// the input itself, for a pointwise convolution) read row by row, the
+    /// output written in place. Needs `P` to be whole vectors.
+    fn general(d: &Dims, w: &[f32]) -> Self {
+        let (k, p) = (d.k(), d.p());
+        Self {
+            packed: direct::pack(w, d.o, k),
+            offsets: (0..k).map(|r| r * p).collect(),
+            vectors: (0..p).step_by(direct::LANES).map(|q| (q, q)).collect(),
+            straight: true,
+        }
+    }
+
+    /// `target[o · ld + …] = act(bias[o] + Σ_r w[o, r] · src[offsets[r] +
+    /// …])` for every output channel, the blocks of [`direct::MR`]
+    /// channels spread over the pool when `threads > 1`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        d: &Dims,
+        src: &[f32],
+        target: &mut [f32],
+        ld: usize,
+        bias: &[f32],
+        activation: Activation,
+        threads: usize,
+    ) {
+        let k = self.offsets.len();
+        let run = |(blk, dst): (usize, &mut [f32])| {
+            let o0 = blk * direct::MR;
+            let rows = (d.o - o0).min(direct::MR);
+            let mut b = [0f32; direct::MR];
+            if !bias.is_empty() {
+                b[..rows].copy_from_slice(&bias[o0..o0 + rows]);
+            }
+            let block = &self.packed[blk * k * direct::MR..][..k * direct::MR];
+            direct::block(
+                block,
+                &self.offsets,
+                src,
+                &self.vectors,
+                dst,
+                ld,
+                rows,
+                &b,
+                activation,
+            );
+        };
+        let target = &mut target[..d.o * ld];
+        if threads > 1 {
+            target
+                .par_chunks_mut(direct::MR * ld)
+                .enumerate()
+                .for_each(run);
+        } else {
+            target.chunks_mut(direct::MR * ld).enumerate().for_each(run);
+        }
+    }
+}
+
+impl Padded {
+    fn new(op: &ConvOp, d: &Dims, w: &[f32], direct: bool) -> Self {
+        let (t, b, l, r) = op.padding;
+        let (hp, wp) = (d.h + t + b, d.w + l + r);
+        let (dh, dw) = op.dilation;
+        let np = if direct {
+            (d.oh * wp).next_multiple_of(direct::LANES)
+        } else {
+            d.oh * wp
+        };
+        // The last window of a plane reads this far past it (into
+        // positions that are dropped).
+        let xp_len = d.c * hp * wp + dw * (d.kw - 1) + (np - d.oh * wp);
+        let offsets: Vec<usize> = (0..d.k())
+            .map(|row| {
+                let (c, ky, kx) = (row / (d.kh * d.kw), row / d.kw % d.kh, row % d.kw);
+                c * hp * wp + ky * dh * wp + kx * dw
+            })
+            .collect();
+        let direct = direct.then(|| {
+            let straight = d.ow.is_multiple_of(direct::LANES);
+            let vectors = if straight {
+                let per_row = d.ow / direct::LANES;
+                (0..d.oh * per_row)
+                    .map(|i| {
+                        let (oy, j) = (i / per_row, i % per_row * direct::LANES);
+                        (oy * wp + j, oy * d.ow + j)
+                    })
+                    .collect()
+            } else {
+                (0..np).step_by(direct::LANES).map(|q| (q, q)).collect()
+            };
+            Direct {
+                packed: direct::pack(w, d.o, d.k()),
+                offsets: offsets.clone(),
+                vectors,
+                straight,
+            }
+        });
+        Self {
+            hp,
+            wp,
+            np,
+            xp_len,
+            offsets,
+            direct,
+        }
+    }
+
+    /// Floats of scratch one image takes: the padded input, then the
+    /// im2col matrix (gemm only) and the uncropped output (unless written
+    /// straight out).
+    fn scratch(&self, d: &Dims) -> usize {
+        match &self.direct {
+            Some(dir) if dir.straight => self.xp_len,
+            Some(_) => self.xp_len + d.o * self.np,
+            None => self.xp_len + d.k() * self.np + d.o * self.np,
+        }
+    }
+
+    /// What identifies the padded input's zero borders: a thread's next
+    /// image with the same key finds them still zero in its scratch.
+    fn key(&self, op: &ConvOp, d: &Dims) -> ScratchKey {
+        let (t, _, l, _) = op.padding;
+        [d.c, d.h, d.w, t, l, self.hp, self.wp, self.xp_len]
+    }
+}
+
 impl ConvOp {
     /// A 1×1, stride-1, unpadded convolution: the input is its own im2col.
     fn pointwise(&self, d: &Dims) -> bool {
@@ -319,32 +494,60 @@ impl ConvOp {
         })
     }
 
-    /// One image, by the padded path (epilogue included) or the general one
-    /// (epilogue left to the caller).
-    /// `packed` is the weight in [`direct::pack`]'s order when the direct
-    /// kernel takes the padded path.
+    /// One image, by the plan's path.
     #[allow(clippy::too_many_arguments)]
     fn image(
         &self,
         d: &Dims,
         x: &[f32],
         w: &[f32],
-        packed: Option<&[f32]>,
+        plan: &Plan,
         bias: &[f32],
         out: &mut [f32],
         threads: usize,
     ) {
-        if self.padded_path(d) {
-            self.forward_image_padded(d, x, w, packed, bias, out, threads);
-        } else {
-            self.forward_image(d, x, w, out, threads);
+        match plan {
+            Plan::Padded(padded) => self.forward_image_padded(d, x, w, padded, bias, out, threads),
+            Plan::General(gemmless) => {
+                self.forward_image(d, x, w, gemmless.as_ref(), bias, out, threads)
+            }
         }
     }
 
     /// One image's output `[O, P]` from its input `[C, H, W]`, before the
     /// bias and activation. `threads` goes to gemm.
-    fn forward_image(&self, d: &Dims, x: &[f32], w: &[f32], out: &mut [f32], threads: usize) {
+    ///
+    /// With `gemmless` (one group, whole vectors of positions), the product
+    /// is [`direct`]'s instead of gemm's, epilogue included.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_image(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        gemmless: Option<&Direct>,
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
         let (k, p) = (d.k(), d.p());
+        if let Some(dir) = gemmless {
+            if self.pointwise(d) {
+                dir.run(d, x, out, p, bias, self.activation, threads);
+            } else {
+                // This path writes no padded input: no key matches it.
+                with_scratch(k * p, [usize::MAX; 8], |col, _| {
+                    let fill = |(r, row): (usize, &mut [f32])| im2col_row(d, self, x, r, row);
+                    if threads > 1 {
+                        col.par_chunks_mut(p).enumerate().for_each(fill);
+                    } else {
+                        col.chunks_mut(p).enumerate().for_each(fill);
+                    }
+                    dir.run(d, col, out, p, bias, self.activation, threads);
+                });
+            }
+            return;
+        }
         let mut col = Vec::new();
         for g in 0..self.groups {
             let xg = &x[g * d.cg * d.h * d.w..(g + 1) * d.cg * d.h * d.w];
@@ -395,111 +598,52 @@ impl ConvOp {
     }
 
     /// One image through [`Self::padded_path`], epilogue included: the
-    /// product by [`direct`] when `packed` is given, else by im2col + gemm.
+    /// product by [`direct`] when the plan has it, else by im2col + gemm.
     #[allow(clippy::too_many_arguments)]
     fn forward_image_padded(
         &self,
         d: &Dims,
         x: &[f32],
         w: &[f32],
-        packed: Option<&[f32]>,
+        plan: &Padded,
         bias: &[f32],
         out: &mut [f32],
         threads: usize,
     ) {
-        let (t, b, l, r) = self.padding;
-        let (hp, wp) = (d.h + t + b, d.w + l + r);
-        let (dh, dw) = self.dilation;
+        let (t, _, l, _) = self.padding;
+        let (hp, wp, np) = (plan.hp, plan.wp, plan.np);
         let (k, p) = (d.k(), d.p());
-        // Rows a whole number of vectors wide go straight into `out`; other
-        // widths are computed at every padded position (rounded up to whole
-        // vectors, the extra ones reading zeros) and cropped, like gemm's.
-        let straight = packed.is_some() && d.ow.is_multiple_of(direct::LANES);
-        let np = match packed {
-            Some(_) => (d.oh * wp).next_multiple_of(direct::LANES),
-            None => d.oh * wp,
-        };
-        // The last window of a plane reads this far past it (into
-        // positions that are dropped).
-        let tail = dw * (d.kw - 1) + (np - d.oh * wp);
-        let xp_len = d.c * hp * wp + tail;
-        let col_len = if packed.is_some() { 0 } else { k * np };
-        let tmp_len = if straight { 0 } else { d.o * np };
-        let offset = |row: usize| {
-            let (c, ky, kx) = (row / (d.kh * d.kw), row / d.kw % d.kh, row % d.kw);
-            c * hp * wp + ky * dh * wp + kx * dw
-        };
-        with_scratch(xp_len + col_len + tmp_len, |buf| {
-            let (xp, rest) = buf.split_at_mut(xp_len);
-            let (col, tmp) = rest.split_at_mut(col_len);
-            for (c, plane) in xp[..d.c * hp * wp].chunks_exact_mut(hp * wp).enumerate() {
-                plane[..t * wp].fill(0.0);
-                for (y, row) in plane[t * wp..(t + d.h) * wp]
-                    .chunks_exact_mut(wp)
-                    .enumerate()
-                {
-                    row[..l].fill(0.0);
-                    row[l..l + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
-                    row[l + d.w..].fill(0.0);
-                }
-                plane[(t + d.h) * wp..].fill(0.0);
+        with_scratch(plan.scratch(d), plan.key(self, d), |buf, zeroed| {
+            let (xp, rest) = buf.split_at_mut(plan.xp_len);
+            if !zeroed {
+                xp.fill(0.0);
             }
-            xp[d.c * hp * wp..].fill(0.0);
-            let xp = &*xp;
-            if let Some(packed) = packed {
-                let offsets: Vec<usize> = (0..k).map(offset).collect();
-                let (vectors, target, ld): (Vec<(usize, usize)>, &mut [f32], usize) = if straight {
-                    let per_row = d.ow / direct::LANES;
-                    let v = (0..d.oh * per_row)
-                        .map(|i| {
-                            let (oy, j) = (i / per_row, i % per_row * direct::LANES);
-                            (oy * wp + j, oy * d.ow + j)
-                        })
-                        .collect();
-                    (v, &mut out[..d.o * p], p)
-                } else {
-                    let v = (0..np).step_by(direct::LANES).map(|q| (q, q)).collect();
-                    (v, &mut *tmp, np)
-                };
-                let run = |(blk, dst): (usize, &mut [f32])| {
-                    let o0 = blk * direct::MR;
-                    let rows = (d.o - o0).min(direct::MR);
-                    let mut b = [0f32; direct::MR];
-                    if !bias.is_empty() {
-                        b[..rows].copy_from_slice(&bias[o0..o0 + rows]);
-                    }
-                    let block = &packed[blk * k * direct::MR..][..k * direct::MR];
-                    direct::block(
-                        block,
-                        &offsets,
-                        xp,
-                        &vectors,
-                        dst,
-                        ld,
-                        rows,
-                        &b,
-                        self.activation,
-                    );
-                };
-                if threads > 1 {
-                    target
-                        .par_chunks_mut(direct::MR * ld)
-                        .enumerate()
-                        .for_each(run);
-                } else {
-                    target.chunks_mut(direct::MR * ld).enumerate().for_each(run);
+            for c in 0..d.c {
+                for y in 0..d.h {
+                    let at = (c * hp + y + t) * wp + l;
+                    xp[at..at + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
                 }
-                if !straight {
+            }
+            let xp = &*xp;
+            if let Some(dir) = &plan.direct {
+                let (target, ld) = if dir.straight {
+                    (&mut out[..d.o * p], p)
+                } else {
+                    (&mut rest[..d.o * np], np)
+                };
+                dir.run(d, xp, target, ld, bias, self.activation, threads);
+                if !dir.straight {
                     for (o, y) in out[..d.o * p].chunks_exact_mut(p).enumerate() {
                         for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
-                            dst.copy_from_slice(&tmp[o * np + oy * wp..][..d.ow]);
+                            dst.copy_from_slice(&rest[o * np + oy * wp..][..d.ow]);
                         }
                     }
                 }
                 return;
             }
+            let (col, tmp) = rest.split_at_mut(k * np);
             let fill = |(row, dst): (usize, &mut [f32])| {
-                let start = offset(row);
+                let start = plan.offsets[row];
                 dst.copy_from_slice(&xp[start..start + np]);
             };
             if threads > 1 {
@@ -586,8 +730,13 @@ impl ConvOp {
         let (p, threads) = (d.p(), rayon::current_num_threads());
         let mut out = vec![0f32; d.n * d.o * p];
         let in_image = d.c * d.h * d.w;
-        let packed = (direct && self.padded_path(d)).then(|| direct::pack(w, d.o, d.k()));
-        let packed = packed.as_deref();
+        let plan = if self.padded_path(d) {
+            Plan::Padded(Padded::new(self, d, w, direct))
+        } else {
+            let gemmless =
+                direct && self.groups == 1 && !self.depthwise(d) && p.is_multiple_of(direct::LANES);
+            Plan::General(gemmless.then(|| Direct::general(d, w)))
+        };
         if self.depthwise(d) {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let (img, ch) = (plane / d.o, plane % d.o);
@@ -600,7 +749,7 @@ impl ConvOp {
                 .enumerate()
                 .for_each(|(img, y)| {
                     let x = &x[img * in_image..(img + 1) * in_image];
-                    self.image(d, x, w, packed, bias, y, 1)
+                    self.image(d, x, w, &plan, bias, y, 1)
                 });
         } else {
             for (img, y) in out.chunks_mut(d.o * p).enumerate() {
@@ -608,15 +757,18 @@ impl ConvOp {
                     d,
                     &x[img * in_image..(img + 1) * in_image],
                     w,
-                    packed,
+                    &plan,
                     bias,
                     y,
                     threads,
                 );
             }
         }
-        // The padded path applied the bias and activation itself.
-        if !self.padded_path(d) && (!bias.is_empty() || self.activation != Activation::Identity) {
+        // The padded path and the direct kernel applied the bias and
+        // activation themselves.
+        if matches!(plan, Plan::General(None))
+            && (!bias.is_empty() || self.activation != Activation::Identity)
+        {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let b = bias.get(plane % d.o).copied().unwrap_or(0.0);
                 for v in y {
@@ -1028,31 +1180,54 @@ mod tests {
 
     #[test]
     fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
-        // Stride 1, one group: the padded path, on channel counts on both
-        // sides of the kernel's 8-channel blocks and widths that are (16,
-        // 32) and are not whole vectors, so both of its output layouts run.
+        // One group, on channel counts on both sides of the kernel's
+        // 8-channel blocks. Stride 1 takes the padded path, with output
+        // widths that are whole vectors (16, 32: written straight out) and
+        // that are not (cropped); other strides and 1×1 kernels take the
+        // general path, which runs the kernel when the positions per image
+        // are whole vectors.
         let mut rng = Rng::new(17);
-        let mut straight = 0;
-        for case in 0..120 {
-            let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
+        let (mut straight, mut cropped, mut general) = (0, 0, 0);
+        for case in 0..240 {
+            let pointwise = case % 8 == 7;
+            let (kh, kw) = if pointwise {
+                (1, 1)
+            } else {
+                (1 + rng.below(4), 1 + rng.below(4))
+            };
+            let s = if pointwise {
+                1
+            } else {
+                [1, 1, 2, 3][rng.below(4)]
+            };
             let dil = 1 + rng.below(2);
-            let pad = (rng.below(3), rng.below(3), rng.below(3), rng.below(3));
+            let pad = if pointwise {
+                (0, 0, 0, 0)
+            } else {
+                (rng.below(3), rng.below(3), rng.below(3), rng.below(3))
+            };
             let op = ConvOp {
-                stride: (1, 1),
+                stride: (s, s),
                 dilation: (dil, dil),
                 padding: pad,
                 groups: 1,
                 activation: [Activation::Identity, Activation::Relu, Activation::Relu6]
                     [rng.below(3)],
             };
-            let ew = dil * (kw - 1) + 1;
-            // An output width of 16 or 32 half the time.
-            let w = if case % 2 == 0 {
-                [16, 32][rng.below(2)] + ew - 1 - (pad.2 + pad.3)
+            let (eh, ew) = (dil * (kh - 1) + 1, dil * (kw - 1) + 1);
+            // An output width of 16 or 32 half the time, any other else.
+            let ow = if case % 2 == 0 {
+                [16, 32][rng.below(2)]
             } else {
-                ew + rng.below(40)
+                1 + rng.below(40)
             };
-            let h = dil * (kh - 1) + 1 + rng.below(12);
+            let oh = 1 + rng.below(12);
+            // The input that gives that output (at least 1 wide).
+            let w = ((ow - 1) * s + ew).saturating_sub(pad.2 + pad.3).max(1);
+            let h = ((oh - 1) * s + eh).saturating_sub(pad.0 + pad.1).max(1);
+            if h + pad.0 + pad.1 < eh || w + pad.2 + pad.3 < ew {
+                continue;
+            }
             // Two or more outputs: one input and one output is depthwise.
             let (n, c, o) = (1 + rng.below(3), 1 + rng.below(6), 2 + rng.below(19));
             let x = rng.tensor(&[n, c, h, w]);
@@ -1065,8 +1240,15 @@ mod tests {
             let what = format!("{op:?} x{:?} w{:?}", x.dims(), wt.dims());
             let expected = reference(&op, &x, &wt, &b);
             let d = op.dims(x.layout(), wt.layout()).unwrap();
-            assert!(op.padded_path(&d) || (kh == 1 && kw == 1), "{what}");
-            straight += usize::from(d.ow.is_multiple_of(direct::LANES));
+            if op.padded_path(&d) {
+                if d.ow.is_multiple_of(direct::LANES) {
+                    straight += 1;
+                } else {
+                    cropped += 1;
+                }
+            } else if d.p().is_multiple_of(direct::LANES) {
+                general += 1;
+            }
             let (xs, ws, bs) = (
                 to_vec(&x).unwrap(),
                 to_vec(&wt).unwrap(),
@@ -1084,8 +1266,8 @@ mod tests {
             }
         }
         assert!(
-            straight >= 50,
-            "only {straight} cases wrote rows straight out"
+            straight >= 40 && cropped >= 40 && general >= 20,
+            "too few cases of a path: {straight} straight, {cropped} cropped, {general} general"
         );
     }
 
