@@ -313,6 +313,7 @@ struct Direct {
     offsets: Vec<usize>,
     /// `(source position, output position)` of each vector's first value.
     vectors: Vec<(usize, usize)>,
+    lanes: direct::Lanes,
     /// Whether `vectors` index the output itself (rather than a buffer of
     /// every padded position, cropped after).
     straight: bool,
@@ -328,6 +329,7 @@ impl Direct {
             packed: direct::pack(w, d.o, k),
             offsets: (0..k).map(|r| r * p).collect(),
             vectors: (0..p).step_by(direct::LANES).map(|q| (q, q)).collect(),
+            lanes: direct::Lanes::Contiguous,
             straight: true,
         }
     }
@@ -359,6 +361,7 @@ impl Direct {
                 block,
                 &self.offsets,
                 src,
+                self.lanes,
                 &self.vectors,
                 dst,
                 ld,
@@ -399,22 +402,35 @@ impl Padded {
             })
             .collect();
         let direct = direct.then(|| {
-            let straight = d.ow.is_multiple_of(direct::LANES);
-            let vectors = if straight {
+            let (lanes, vectors) = if d.ow.is_multiple_of(direct::LANES) {
+                // Whole vectors per output row, written straight out.
                 let per_row = d.ow / direct::LANES;
-                (0..d.oh * per_row)
+                let vectors = (0..d.oh * per_row)
                     .map(|i| {
                         let (oy, j) = (i / per_row, i % per_row * direct::LANES);
                         (oy * wp + j, oy * d.ow + j)
                     })
-                    .collect()
+                    .collect();
+                (direct::Lanes::Contiguous, vectors)
+            } else if d.ow == direct::LANES / 2 && d.oh.is_multiple_of(2) {
+                // Rows of 8 (CIFAR nets' last stage): two rows per vector,
+                // also written straight out.
+                let vectors = (0..d.oh)
+                    .step_by(2)
+                    .map(|oy| (oy * wp, oy * d.ow))
+                    .collect();
+                (direct::Lanes::Split(wp), vectors)
             } else {
-                (0..np).step_by(direct::LANES).map(|q| (q, q)).collect()
+                // Every padded position, cropped after.
+                let vectors = (0..np).step_by(direct::LANES).map(|q| (q, q)).collect();
+                (direct::Lanes::Contiguous, vectors)
             };
+            let straight = d.ow.is_multiple_of(direct::LANES) || lanes != direct::Lanes::Contiguous;
             Direct {
                 packed: direct::pack(w, d.o, d.k()),
                 offsets: offsets.clone(),
                 vectors,
+                lanes,
                 straight,
             }
         });
@@ -1182,12 +1198,13 @@ mod tests {
     fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
         // One group, on channel counts on both sides of the kernel's
         // 8-channel blocks. Stride 1 takes the padded path, with output
-        // widths that are whole vectors (16, 32: written straight out) and
-        // that are not (cropped); other strides and 1×1 kernels take the
+        // widths that are whole vectors (16, 32: written straight out), 8
+        // (two rows per vector, straight out when the rows pair up) and
+        // others (cropped); other strides and 1×1 kernels take the
         // general path, which runs the kernel when the positions per image
         // are whole vectors.
         let mut rng = Rng::new(17);
-        let (mut straight, mut cropped, mut general) = (0, 0, 0);
+        let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
         for case in 0..240 {
             let pointwise = case % 8 == 7;
             let (kh, kw) = if pointwise {
@@ -1215,9 +1232,9 @@ mod tests {
                     [rng.below(3)],
             };
             let (eh, ew) = (dil * (kh - 1) + 1, dil * (kw - 1) + 1);
-            // An output width of 16 or 32 half the time, any other else.
+            // An output width of 8, 16 or 32 half the time, any other else.
             let ow = if case % 2 == 0 {
-                [16, 32][rng.below(2)]
+                [8, 16, 32][rng.below(3)]
             } else {
                 1 + rng.below(40)
             };
@@ -1243,6 +1260,8 @@ mod tests {
             if op.padded_path(&d) {
                 if d.ow.is_multiple_of(direct::LANES) {
                     straight += 1;
+                } else if d.ow == 8 && d.oh.is_multiple_of(2) {
+                    split += 1;
                 } else {
                     cropped += 1;
                 }
@@ -1266,8 +1285,9 @@ mod tests {
             }
         }
         assert!(
-            straight >= 40 && cropped >= 40 && general >= 20,
-            "too few cases of a path: {straight} straight, {cropped} cropped, {general} general"
+            straight >= 30 && split >= 10 && cropped >= 40 && general >= 20,
+            "too few cases of a path: {straight} straight, {split} split, {cropped} cropped, \
+             {general} general"
         );
     }
 

@@ -31,6 +31,7 @@ pub(super) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -52,11 +53,24 @@ pub(super) fn pack(w: &[f32], o: usize, k: usize) -> Vec<f32> {
     packed
 }
 
+/// Where a vector's 16 values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Lanes {
+    /// 16 consecutive values.
+    Contiguous,
+    /// 8 consecutive values, then 8 more this far after the first (two
+    /// output rows of 8, which lie one after the other in the output but
+    /// one padded row apart in the input).
+    Split(usize),
+}
+
 /// One block of output channels: for each `(src, dst)` in `vectors`,
 /// `out[i · ld + dst + j] = act(bias[i] + Σ_r block[r][i] ·
-/// xp[offsets[r] + src + j])` for `j` in `0..16` and the block's `rows`
-/// (≤ [`MR`]) channels. `block` is one `[K][MR]` block of [`pack`], `bias`
-/// the block's [`MR`] biases (zeros for none).
+/// xp[offsets[r] + src + j'])` for `j` in `0..16` and the block's `rows`
+/// (≤ [`MR`]) channels, where `j' = j` for [`Lanes::Contiguous`] and
+/// `j' = j` for `j < 8`, `pitch + j − 8` after it for [`Lanes::Split`].
+/// `block` is one `[K][MR]` block of [`pack`], `bias` the block's [`MR`]
+/// biases (zeros for none).
 ///
 /// Panics unless every read and write lies inside its slice; the caller
 /// must have checked [`available`].
@@ -65,6 +79,7 @@ pub(super) fn block(
     block: &[f32],
     offsets: &[usize],
     xp: &[f32],
+    lanes: Lanes,
     vectors: &[(usize, usize)],
     out: &mut [f32],
     ld: usize,
@@ -78,7 +93,11 @@ pub(super) fn block(
         rows <= MR && rows > 0,
         "direct conv: {rows} rows in a block"
     );
-    let reach = offsets.iter().max().copied().unwrap_or(0) + LANES;
+    let reach = offsets.iter().max().copied().unwrap_or(0)
+        + match lanes {
+            Lanes::Contiguous => LANES,
+            Lanes::Split(pitch) => pitch + LANES / 2,
+        };
     assert!(
         vectors.iter().all(
             |&(src, dst)| src + reach <= xp.len() && (rows - 1) * ld + dst + LANES <= out.len()
@@ -87,49 +106,37 @@ pub(super) fn block(
     );
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(available(), "direct conv: the CPU lacks AVX-512F");
-        for tile_vectors in vectors.chunks(NV) {
-            // SAFETY: AVX-512F is present (asserted above); the asserts
-            // bound every load (`src + offsets[r] + 16 ≤ xp.len()`), every
-            // weight read (`r·MR + i < k·MR`, `block.len() = k·MR`) and
-            // every store (`i·ld + dst + 16 ≤ (rows − 1)·ld + dst + 16 ≤
-            // out.len()`).
+        assert!(available(), "direct conv: the CPU lacks AVX-512 F or DQ");
+        let pitch = match lanes {
+            Lanes::Contiguous => 0,
+            Lanes::Split(pitch) => pitch,
+        };
+        let mut rest = vectors;
+        while !rest.is_empty() {
+            // Tiles of three vectors; four left go as two and two, since a
+            // one-vector tile issues as many loads as multiply-adds.
+            let take = if rest.len() == 4 {
+                2
+            } else {
+                rest.len().min(NV)
+            };
+            let (v, next) = rest.split_at(take);
+            rest = next;
+            // SAFETY: AVX-512 F and DQ are present (asserted above); the asserts
+            // bound every load (`src + offsets[r] + 16 ≤ xp.len()`, or
+            // `src + offsets[r] + pitch + 8` for split lanes), every weight
+            // read (`r·MR + i < k·MR`, `block.len() = k·MR`) and every store
+            // (`i·ld + dst + 16 ≤ (rows − 1)·ld + dst + 16 ≤ out.len()`).
             #[allow(unsafe_code)]
             unsafe {
-                match tile_vectors.len() {
-                    3 => tile::<3>(
-                        block,
-                        offsets,
-                        xp,
-                        tile_vectors,
-                        out,
-                        ld,
-                        rows,
-                        bias,
-                        activation,
-                    ),
-                    2 => tile::<2>(
-                        block,
-                        offsets,
-                        xp,
-                        tile_vectors,
-                        out,
-                        ld,
-                        rows,
-                        bias,
-                        activation,
-                    ),
-                    _ => tile::<1>(
-                        block,
-                        offsets,
-                        xp,
-                        tile_vectors,
-                        out,
-                        ld,
-                        rows,
-                        bias,
-                        activation,
-                    ),
+                let (b, o, x, a) = (block, offsets, xp, activation);
+                match (v.len(), pitch) {
+                    (3, 0) => tile::<3, false>(b, o, x, 0, v, out, ld, rows, bias, a),
+                    (2, 0) => tile::<2, false>(b, o, x, 0, v, out, ld, rows, bias, a),
+                    (_, 0) => tile::<1, false>(b, o, x, 0, v, out, ld, rows, bias, a),
+                    (3, _) => tile::<3, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
+                    (2, _) => tile::<2, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
+                    _ => tile::<1, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
                 }
             }
         }
@@ -141,16 +148,18 @@ pub(super) fn block(
     }
 }
 
-/// One register tile: `rows` output channels × `V` vectors, with the bias
-/// and activation applied as [`Activation::apply`] does (a NaN stays NaN
-/// except under ReLU, which maps it to 0 like `f32::max`).
+/// One register tile: `rows` output channels × `V` vectors (each two
+/// halves `pitch` apart when `SPLIT`), with the bias and activation applied
+/// as [`Activation::apply`] does (a NaN stays NaN except under ReLU, which
+/// maps it to 0 like `f32::max`).
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile<const V: usize>(
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn tile<const V: usize, const SPLIT: bool>(
     block: &[f32],
     offsets: &[usize],
     xp: &[f32],
+    pitch: usize,
     vectors: &[(usize, usize)],
     out: &mut [f32],
     ld: usize,
@@ -159,11 +168,13 @@ unsafe fn tile<const V: usize>(
     activation: Activation,
 ) {
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_max_ps, _mm512_min_ps,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+        __m512, _mm256_loadu_ps, _mm512_add_ps, _mm512_castps256_ps512, _mm512_fmadd_ps,
+        _mm512_loadu_ps, _mm512_mask_broadcast_f32x8, _mm512_max_ps, _mm512_min_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _mm512_storeu_ps,
     };
     // SAFETY: the caller (`block`) bounds every offset as documented
-    // there; AVX-512F is enabled on this function and checked by it.
+    // there, and checked that the CPU has the AVX-512 F and DQ (for
+    // `_mm512_insertf32x8`) instructions this function is compiled for.
     unsafe {
         let mut src = [xp.as_ptr(); V];
         for (s, &(at, _)) in src.iter_mut().zip(vectors) {
@@ -174,7 +185,13 @@ unsafe fn tile<const V: usize>(
         for (r, &off) in offsets.iter().enumerate() {
             let mut xv: [__m512; V] = [_mm512_setzero_ps(); V];
             for (slot, s) in xv.iter_mut().zip(&src) {
-                *slot = _mm512_loadu_ps(s.add(off));
+                let at = s.add(off);
+                *slot = if SPLIT {
+                    let low = _mm512_castps256_ps512(_mm256_loadu_ps(at));
+                    _mm512_mask_broadcast_f32x8(low, 0xFF00, _mm256_loadu_ps(at.add(pitch)))
+                } else {
+                    _mm512_loadu_ps(at)
+                };
             }
             let wr = w.add(r * MR);
             for (i, row) in acc.iter_mut().enumerate() {
