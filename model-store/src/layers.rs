@@ -11,7 +11,7 @@ use candle_core::{D, DType, Tensor};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 pub use crate::kernels::conv::Activation;
-use crate::kernels::conv::ConvOp;
+use crate::kernels::conv::{self, ConvOp, PackedConvOp};
 use crate::kernels::winograd::{self, WinogradOp};
 
 /// Per-position geometry that flows through the network with the shape: how
@@ -231,6 +231,9 @@ pub struct Prepared {
     pub folds_bn: bool,
     /// `G W Gᵀ` per channel pair for Winograd F(2×2, 3×3), `[16][O][I]`.
     pub winograd: Option<Arc<[f32]>>,
+    /// `W` or `W'` packed for the direct kernel (one group, on a CPU that
+    /// runs it), so no call packs it again.
+    pub packed: Option<Arc<[f32]>>,
 }
 
 impl Conv2d {
@@ -306,13 +309,7 @@ impl Conv2d {
         p: &Prepared,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
-        self.run(
-            x,
-            &p.weight,
-            p.bias.as_ref(),
-            p.winograd.as_ref(),
-            activation,
-        )
+        self.run(x, &p.weight, p.bias.as_ref(), Some(p), activation)
     }
 
     /// Makes the weights the predict path runs with, folding in `bn` when
@@ -342,22 +339,34 @@ impl Conv2d {
                 Ok::<_, candle_core::Error>(Arc::from(winograd::transform_weights(&w, o, i)))
             })
             .transpose()?;
+        let packed = (self.groups == 1
+            && winograd.is_none()
+            && weight.device().is_cpu()
+            && weight.dtype() == DType::F32)
+            .then(|| {
+                let w = weight.flatten_all()?.to_vec1::<f32>()?;
+                Ok::<_, candle_core::Error>(conv::pack_weights(&w, o, i * kh * kw))
+            })
+            .transpose()?
+            .flatten();
         Ok(Prepared {
             weight,
             bias,
             folds_bn: bn.is_some(),
             winograd,
+            packed,
         })
     }
 
-    /// f32 on the CPU runs [`ConvOp`] (or, given transformed weights,
-    /// [`WinogradOp`]); anything else takes candle's ops.
+    /// f32 on the CPU runs [`ConvOp`] (or, given prepared weights that
+    /// have them, [`WinogradOp`] or [`PackedConvOp`]); anything else takes
+    /// candle's ops. `prepared` made `weight`, when given.
     fn run(
         &self,
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
-        winograd: Option<&Arc<[f32]>>,
+        prepared: Option<&Prepared>,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
@@ -379,13 +388,23 @@ impl Conv2d {
                 None => Tensor::zeros(0, DType::F32, x.device())?,
             };
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-            return match winograd {
-                Some(u) if winograd::eligible(&op, kh, kw) => x.apply_op3(
+            let winograd = prepared.and_then(|p| p.winograd.as_ref());
+            let packed = prepared.and_then(|p| p.packed.as_ref());
+            return match (winograd, packed) {
+                (Some(u), _) if winograd::eligible(&op, kh, kw) => x.apply_op3(
                     &weight,
                     &bias,
                     WinogradOp {
                         base: op,
                         u: u.clone(),
+                    },
+                ),
+                (_, Some(packed)) => x.apply_op3(
+                    &weight,
+                    &bias,
+                    PackedConvOp {
+                        base: op,
+                        packed: packed.clone(),
                     },
                 ),
                 _ => x.apply_op3(&weight, &bias, op),
