@@ -1,5 +1,5 @@
 //! The model zoo: one builder per family, each producing the same
-//! [`Node`](crate::graph::Node) tree with PyTorch module paths as names.
+//! [`crate::graph::Node`] tree with PyTorch module paths as names.
 
 mod mobilenet;
 mod resnet_cifar;

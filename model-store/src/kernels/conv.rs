@@ -11,9 +11,13 @@
 //!   for the padding), multiplies with [`gemm`] straight into the NCHW
 //!   output, then adds the bias and applies ReLU/ReLU6 in one pass;
 //!   1×1 stride-1 unpadded convolutions skip the im2col entirely;
-//! - stride-1 ungrouped convolutions on a CPU with AVX-512 skip it too:
-//!   [`direct`] reads the windows of a zero-padded copy of the input in
-//!   place, with the bias and activation applied in its registers;
+//! - on a CPU with AVX-512, one-group convolutions take the direct kernel
+//!   of `direct.rs` instead of gemm: at stride 1 it reads the windows of a
+//!   zero-padded copy of the input in place (no im2col at all); otherwise,
+//!   when the positions per image are whole vectors of 16, it reads the
+//!   im2col rows where gemm would pack them again. The bias and activation
+//!   are applied in its registers; the predict path packs the weights once
+//!   at load ([`pack_weights`], [`PackedConvOp`]);
 //! - depthwise convolutions (one input and one output channel per group)
 //!   have their own direct kernel;
 //! - the backward masks the gradient by the fused activation, then computes

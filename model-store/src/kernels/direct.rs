@@ -1,27 +1,35 @@
-//! A direct stride-1 convolution over a zero-padded input, for CPUs with
-//! AVX-512: no im2col matrix and no packing of it.
+//! A direct convolution kernel for CPUs with AVX-512: the product of the
+//! weights `[O, K]` with an im2col matrix `[K, positions]` that is read in
+//! place, never packed.
 //!
-//! On the padded input `xp` (`[C, Hp, Wp]`, flattened), the output at
-//! padded position `q` (`oy · Wp + ox`, with the `Wp − OW` columns past
-//! each row's end computed and later dropped) is
-//! `Σ_r w[o, r] · xp[offset[r] + q]`, where row `r` is one
-//! `(channel, ky, kx)` and `offset[r] = c·Hp·Wp + ky·dh·Wp + kx·dw`. This is
-//! the im2col product with the im2col matrix never written: each of its
-//! rows is a shifted window of `xp`, read in place. On ResNet-20's layers
-//! (16–64 channels, 8×8–32×32) building that matrix, and gemm packing it
-//! again, cost about a third of the forward pass; here the inner loop
-//! loads three vectors of 16 positions, broadcasts eight weights and
-//! issues 24 fused multiply-adds, which keeps the FMA units busy with the
-//! inputs read from L1.
+//! Row `r` of the im2col matrix starts at `offsets[r]` in a source slice.
+//! For a stride-1 convolution the source is a zero-padded copy of the input
+//! (`[C, Hp, Wp]`) and row `(c, ky, kx)` is the window at
+//! `c·Hp·Wp + ky·dh·Wp + kx·dw`: the output at `(oy, ox)` reads it at
+//! `oy·Wp + ox`, so the im2col matrix is never written. Otherwise
+//! (strided, dilated 1×1…) the source is an im2col matrix built by
+//! `conv.rs`, read row by row where gemm would pack it again. On
+//! ResNet-20's layers (16–64 channels, 8×8–32×32) building and packing
+//! that matrix cost about a third of the forward pass.
 //!
-//! [`available`] says whether this CPU runs it; elsewhere the caller keeps
-//! im2col + gemm (`conv.rs`).
+//! Each register tile is 8 output channels × 3 vectors of 16 positions (24
+//! accumulators): per im2col row it loads the three vectors, broadcasts 8
+//! weights (packed `[K][8]` per block of channels, [`pack`]) and issues 24
+//! fused multiply-adds, which keeps both FMA pipes busy on operands from
+//! L1. The bias and activation are applied in registers before the store.
+//! A vector is 16 consecutive positions, or ([`Lanes::Split`]) two output
+//! rows of 8 that are consecutive in the output but a padded row apart in
+//! the input.
+//!
+//! [`available`] says whether this CPU runs it; elsewhere `conv.rs` keeps
+//! im2col + gemm.
 
 use super::conv::Activation;
 
 /// Output channels per register tile.
 pub(super) const MR: usize = 8;
 /// Vectors of 16 positions per register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const NV: usize = 3;
 /// Positions per vector.
 pub(super) const LANES: usize = 16;

@@ -1,0 +1,69 @@
+"""`convscope bench` and tools/bench/forward.py, alternated for several
+rounds, then one table: per case, the median over rounds of each side's
+median (ms per call: a whole batch where one is timed), the ratio of those, and the lowest and highest ratio of a single
+round. This VM drifts by 10-20% over minutes; alternating puts both sides
+in the same drift, and the range shows how far one round can stray.
+
+    cargo build --release
+    /root/venv/bin/python tools/bench/side_by_side.py --rounds 3 --threads 2 --runs 30
+"""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LINE = re.compile(r"^(?P<case>\S.*?)\s{2,}(?P<median>[\d.]+)\s+(?P<p90>[\d.]+)\s+(?P<per>[\d.]+)$")
+
+
+def cases(text):
+    """`case -> (median ms, ms per image)` from either tool's table."""
+    out = {}
+    for line in text.splitlines():
+        m = LINE.match(line.strip())
+        if m:
+            out[m["case"].strip()] = (float(m["median"]), float(m["per"]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--convscope", default=str(ROOT / "target" / "release" / "convscope"))
+    args = ap.parse_args()
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    ours_cmd = [args.convscope, "bench", "--runs", str(args.runs)]
+    torch_cmd = [sys.executable, str(ROOT / "tools" / "bench" / "forward.py"),
+                 "--threads", str(args.threads), "--runs", str(args.runs)]
+    rounds = []
+    for r in range(args.rounds):
+        ours = subprocess.run(ours_cmd, env=env, capture_output=True, text=True, check=True).stdout
+        theirs = subprocess.run(torch_cmd, capture_output=True, text=True, check=True).stdout
+        rounds.append((cases(ours), cases(theirs)))
+        print(f"round {r + 1} of {args.rounds} done", file=sys.stderr)
+    print(f"{args.rounds} rounds, convscope then PyTorch in each; {args.threads} threads; "
+          f"each side's median of {args.runs} runs per round")
+    print(f"{'case':44} {'convscope':>10} {'PyTorch':>10} {'ratio':>7}  {'round ratios':>13}")
+    for case in rounds[0][0]:
+        ours = [r[0][case] for r in rounds if case in r[0]]
+        theirs = [r[1][case] for r in rounds if case in r[1]]
+        if len(theirs) != len(ours):
+            med = statistics.median(o[0] for o in ours)
+            print(f"{case:44} {med:10.2f} {'-':>10}")
+            continue
+        # Per call (a whole batch where one is timed): the printed
+        # per-image column has too few digits for small times.
+        o = statistics.median(x[0] for x in ours)
+        t = statistics.median(x[0] for x in theirs)
+        ratios = [a[0] / b[0] for a, b in zip(ours, theirs)]
+        print(f"{case:44} {o:10.2f} {t:10.2f} {o / t:6.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
