@@ -303,7 +303,7 @@ fn packed_weights(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Arc<[f32]
 /// forward's multiply-adds on small nets (6% of ResNet-20's), so the
 /// predict path does it once.
 pub fn pack_weights(w: &[f32], o: usize, k: usize) -> Option<Arc<[f32]>> {
-    direct::available().then(|| Arc::from(direct::pack(w, o, k)))
+    (direct::available() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
 }
 
 /// [`ConvOp`] with its weight already packed by [`pack_weights`]; the
@@ -866,6 +866,9 @@ impl ConvOp {
         let (p, threads) = (d.p(), rayon::current_num_threads());
         let mut out = vec![0f32; d.n * d.o * p];
         let in_image = d.c * d.h * d.w;
+        // Without input channels there is nothing to multiply: gemm's
+        // path writes the bias alone.
+        let direct = direct && d.k() > 0;
         let plan = if self.padded_path(d) {
             Plan::Padded(Padded::new(self, d, w, direct, packed))
         } else {
@@ -1437,6 +1440,34 @@ mod tests {
                 "{what}"
             );
             checked += 1;
+        }
+    }
+
+    #[test]
+    fn no_input_channels_give_the_bias() {
+        // Reachable from a manifest; every path must answer, not panic.
+        for (stride, kernel) in [(1, 3), (2, 3), (1, 1)] {
+            let op = ConvOp {
+                stride: (stride, stride),
+                dilation: (1, 1),
+                padding: (1, 1, 1, 1),
+                groups: 1,
+                activation: Activation::Identity,
+            };
+            let x = Tensor::zeros((2, 0, 8, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let w = Tensor::zeros(
+                (3, 0, kernel, kernel),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let b = Tensor::new(&[1f32, -2.0, 3.0], &Device::Cpu).unwrap();
+            let y = x.apply_op3(&w, &b, op).unwrap();
+            let values = to_vec(&y).unwrap();
+            let plane = values.len() / 6;
+            for (i, v) in values.iter().enumerate() {
+                assert_eq!(*v, [1f32, -2.0, 3.0][i / plane % 3], "{op:?}");
+            }
         }
     }
 

@@ -50,6 +50,9 @@ pub(super) fn available() -> bool {
 /// Weights `[O, K]` (row-major) in the kernel's order: blocks of [`MR`]
 /// output channels, each `[K][MR]`, the last block padded with zero rows.
 pub(super) fn pack(w: &[f32], o: usize, k: usize) -> Vec<f32> {
+    if k == 0 {
+        return Vec::new();
+    }
     let blocks = o.div_ceil(MR);
     let mut packed = vec![0f32; blocks * k * MR];
     for (oc, row) in w.chunks_exact(k).take(o).enumerate() {
@@ -101,24 +104,36 @@ pub(super) fn block(
         rows <= MR && rows > 0,
         "direct conv: {rows} rows in a block"
     );
-    let reach = offsets.iter().max().copied().unwrap_or(0)
-        + match lanes {
+    // Checked sums: a wrapped bound would pass the asserts and let the
+    // kernel read or write anywhere.
+    let reach = offsets
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .checked_add(match lanes {
             Lanes::Contiguous => LANES,
-            Lanes::Split(pitch) => pitch + LANES / 2,
-        };
+            Lanes::Split(pitch) => pitch.saturating_add(LANES / 2),
+        });
+    let last_row = (rows - 1).checked_mul(ld);
+    let fits = |&(src, dst): &(usize, usize)| {
+        let read = reach.and_then(|r| r.checked_add(src));
+        let write = dst.checked_add(LANES);
+        read.is_some_and(|r| r <= xp.len())
+            && write.is_some_and(|w| w <= ld)
+            && write
+                .zip(last_row)
+                .and_then(|(w, l)| w.checked_add(l))
+                .is_some_and(|w| w <= out.len())
+    };
     assert!(
-        vectors.iter().all(
-            |&(src, dst)| src + reach <= xp.len() && (rows - 1) * ld + dst + LANES <= out.len()
-        ),
-        "direct conv: a vector reaches past the padded input or the output"
+        vectors.iter().all(fits),
+        "direct conv: a vector reaches past the padded input, its output row or the output"
     );
+    assert!(lanes != Lanes::Split(0), "direct conv: split lanes 0 apart");
     #[cfg(target_arch = "x86_64")]
     {
         assert!(available(), "direct conv: the CPU lacks AVX-512 F or DQ");
-        let pitch = match lanes {
-            Lanes::Contiguous => 0,
-            Lanes::Split(pitch) => pitch,
-        };
         let mut rest = vectors;
         while !rest.is_empty() {
             // Tiles of three vectors; four left go as two and two, since a
@@ -130,21 +145,29 @@ pub(super) fn block(
             };
             let (v, next) = rest.split_at(take);
             rest = next;
-            // SAFETY: AVX-512 F and DQ are present (asserted above); the asserts
-            // bound every load (`src + offsets[r] + 16 ≤ xp.len()`, or
-            // `src + offsets[r] + pitch + 8` for split lanes), every weight
-            // read (`r·MR + i < k·MR`, `block.len() = k·MR`) and every store
-            // (`i·ld + dst + 16 ≤ (rows − 1)·ld + dst + 16 ≤ out.len()`).
+            // SAFETY: AVX-512 F and DQ are present (asserted above); the
+            // asserts bound, without overflow, every load (`src +
+            // offsets[r] + 16 ≤ xp.len()`, or `src + offsets[r] + pitch + 8`
+            // for split lanes, whose variant is chosen by `lanes`), every
+            // weight read (`r·MR + i < k·MR`, `block.len() = k·MR`) and every
+            // store (`i·ld + dst + 16 ≤ (rows − 1)·ld + dst + 16 ≤
+            // out.len()`).
             #[allow(unsafe_code)]
             unsafe {
                 let (b, o, x, a) = (block, offsets, xp, activation);
-                match (v.len(), pitch) {
-                    (3, 0) => tile::<3, false>(b, o, x, 0, v, out, ld, rows, bias, a),
-                    (2, 0) => tile::<2, false>(b, o, x, 0, v, out, ld, rows, bias, a),
-                    (_, 0) => tile::<1, false>(b, o, x, 0, v, out, ld, rows, bias, a),
-                    (3, _) => tile::<3, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
-                    (2, _) => tile::<2, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
-                    _ => tile::<1, true>(b, o, x, pitch, v, out, ld, rows, bias, a),
+                match (v.len(), lanes) {
+                    (3, Lanes::Contiguous) => {
+                        tile::<3, false>(b, o, x, 0, v, out, ld, rows, bias, a)
+                    }
+                    (2, Lanes::Contiguous) => {
+                        tile::<2, false>(b, o, x, 0, v, out, ld, rows, bias, a)
+                    }
+                    (_, Lanes::Contiguous) => {
+                        tile::<1, false>(b, o, x, 0, v, out, ld, rows, bias, a)
+                    }
+                    (3, Lanes::Split(p)) => tile::<3, true>(b, o, x, p, v, out, ld, rows, bias, a),
+                    (2, Lanes::Split(p)) => tile::<2, true>(b, o, x, p, v, out, ld, rows, bias, a),
+                    (_, Lanes::Split(p)) => tile::<1, true>(b, o, x, p, v, out, ld, rows, bias, a),
                 }
             }
         }
@@ -182,7 +205,8 @@ unsafe fn tile<const V: usize, const SPLIT: bool>(
     };
     // SAFETY: the caller (`block`) bounds every offset as documented
     // there, and checked that the CPU has the AVX-512 F and DQ (for
-    // `_mm512_insertf32x8`) instructions this function is compiled for.
+    // `_mm512_mask_broadcast_f32x8`) instructions this function is
+    // compiled for.
     unsafe {
         let mut src = [xp.as_ptr(); V];
         for (s, &(at, _)) in src.iter_mut().zip(vectors) {
