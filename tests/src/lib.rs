@@ -71,6 +71,24 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET: the body as text (`/metrics`).
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        r.text().await.unwrap()
+    }
+
+    /// `POST /jobs/{id}/cancel`: status and JSON answer.
+    pub async fn cancel_job(&self, id: &str) -> (u16, Value) {
+        let r = self
+            .client
+            .post(self.url(&format!("/jobs/{id}/cancel")))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
     /// POST images as repeated multipart `image` fields.
     pub async fn post_images<I: AsRef<[u8]>>(&self, path: &str, images: &[I]) -> reqwest::Response {
         let mut form = reqwest::multipart::Form::new();

@@ -880,15 +880,7 @@ async fn a_full_queue_answers_503_with_retry_after_and_a_slow_request_504() {
     // (50,000 steps would take minutes): the slot is free again soon.
     let freed = std::time::Instant::now();
     loop {
-        let metrics = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.get_text("/metrics").await;
         if metrics.contains("convscope_compute_running 0\n") {
             break;
         }

@@ -48,13 +48,8 @@ async fn predict_stays_responsive_while_a_job_trains() {
         busy <= 3.0 * idle.max(1.0),
         "predict p50 {busy:.1} ms while training vs {idle:.1} ms idle"
     );
-    let r = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
+    let (status, body) = app.cancel_job(id).await;
+    assert_eq!(status, 202, "{body}");
     app.wait_for_job(id, Duration::from_secs(30), job_is_final)
         .await;
     app.stop().await;

@@ -224,15 +224,7 @@ async fn a_cnn_a_job_trains_on_real_mnist_and_its_model_serves_at_once() {
     assert_eq!(e["accuracy"].as_f64().unwrap(), right as f64 / 8.0);
 
     // Jobs by state in the metrics.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(
         metrics.contains("convscope_jobs{state=\"succeeded\"} 1"),
         "{metrics}"
@@ -333,14 +325,8 @@ async fn a_cancelled_job_stops_within_a_batch_and_registers_nothing() {
         })
         .await;
     assert_eq!(running["status"], "running");
-    let r = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let at_cancel: Value = r.json().await.unwrap();
+    let (status, at_cancel) = app.cancel_job(&id).await;
+    assert_eq!(status, 202, "{at_cancel}");
     let step_at_cancel = at_cancel["progress"]["step"].as_u64().unwrap();
     let job = app
         .wait_for_job(&id, Duration::from_secs(30), job_is_final)
@@ -362,13 +348,8 @@ async fn a_cancelled_job_stops_within_a_batch_and_registers_nothing() {
         .collect();
     assert!(files.is_empty(), "{files:?}");
     // A second cancel: the job has ended.
-    let r = app
-        .client
-        .post(app.url(&format!("/jobs/{id}/cancel")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 409);
+    let (status, body) = app.cancel_job(&id).await;
+    assert_eq!(status, 409, "{body}");
     app.stop().await;
 }
 

@@ -192,9 +192,33 @@ pub(super) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, 
     }
 }
 
+/// Runs `f` on each `n`-value chunk of `buf` with its index, spread over
+/// the rayon pool when `threads > 1`.
+fn for_each_chunk<F>(buf: &mut [f32], n: usize, threads: usize, f: F)
+where
+    F: Fn((usize, &mut [f32])) + Send + Sync,
+{
+    if threads > 1 {
+        buf.par_chunks_mut(n).enumerate().for_each(f);
+    } else {
+        buf.chunks_mut(n).enumerate().for_each(f);
+    }
+}
+
+/// The im2col matrix `[K, P]` of one group's input `xg` into `col`.
+fn im2col(d: &Dims, op: &ConvOp, xg: &[f32], col: &mut [f32], threads: usize) {
+    for_each_chunk(&mut col[..d.k() * d.p()], d.p(), threads, |(r, row)| {
+        im2col_row(d, op, xg, r, row)
+    });
+}
+
 /// The geometry of a padded input whose zero borders a scratch buffer
 /// holds (see [`Padded::key`]).
 type ScratchKey = [usize; 8];
+
+/// The key of scratch use that writes no padded input (im2col alone): no
+/// padded input's key matches it, so the next padded call zeroes borders.
+const NO_PADDED_INPUT: ScratchKey = [usize::MAX; 8];
 
 thread_local! {
     /// Per-thread working memory of [`ConvOp::forward_image_padded`], kept
@@ -445,15 +469,7 @@ impl Direct {
                 activation,
             );
         };
-        let target = &mut target[..d.o * ld];
-        if threads > 1 {
-            target
-                .par_chunks_mut(direct::MR * ld)
-                .enumerate()
-                .for_each(run);
-        } else {
-            target.chunks_mut(direct::MR * ld).enumerate().for_each(run);
-        }
+        for_each_chunk(&mut target[..d.o * ld], direct::MR * ld, threads, run);
     }
 }
 
@@ -626,57 +642,44 @@ impl ConvOp {
             if self.pointwise(d) {
                 dir.run(d, x, out, p, bias, self.activation, threads);
             } else {
-                // This path writes no padded input: no key matches it.
-                with_scratch(k * p, [usize::MAX; 8], |col, _| {
-                    let fill = |(r, row): (usize, &mut [f32])| im2col_row(d, self, x, r, row);
-                    if threads > 1 {
-                        col.par_chunks_mut(p).enumerate().for_each(fill);
-                    } else {
-                        col.chunks_mut(p).enumerate().for_each(fill);
-                    }
+                with_scratch(k * p, NO_PADDED_INPUT, |col, _| {
+                    im2col(d, self, x, col, threads);
                     dir.run(d, col, out, p, bias, self.activation, threads);
                 });
             }
             return;
         }
-        let mut col = Vec::new();
-        for g in 0..self.groups {
-            let xg = &x[g * d.cg * d.h * d.w..(g + 1) * d.cg * d.h * d.w];
-            let rhs = if self.pointwise(d) {
-                xg
-            } else {
-                col.resize(k * p, 0.0);
-                if threads > 1 {
-                    col.par_chunks_mut(p)
-                        .enumerate()
-                        .for_each(|(r, row)| im2col_row(d, self, xg, r, row));
+        let col_len = if self.pointwise(d) { 0 } else { k * p };
+        with_scratch(col_len, NO_PADDED_INPUT, |col, _| {
+            for g in 0..self.groups {
+                let xg = &x[g * d.cg * d.h * d.w..(g + 1) * d.cg * d.h * d.w];
+                let rhs = if self.pointwise(d) {
+                    xg
                 } else {
-                    for (r, row) in col.chunks_mut(p).enumerate() {
-                        im2col_row(d, self, xg, r, row);
-                    }
-                }
-                &col[..]
-            };
-            matmul(
-                &mut out[g * d.og * p..(g + 1) * d.og * p],
-                Mat {
-                    data: &w[g * d.og * k..(g + 1) * d.og * k],
-                    rows: d.og,
-                    cols: k,
-                    rs: k,
-                    cs: 1,
-                },
-                Mat {
-                    data: rhs,
-                    rows: k,
-                    cols: p,
-                    rs: p,
-                    cs: 1,
-                },
-                false,
-                threads,
-            );
-        }
+                    im2col(d, self, xg, col, threads);
+                    &col[..]
+                };
+                matmul(
+                    &mut out[g * d.og * p..(g + 1) * d.og * p],
+                    Mat {
+                        data: &w[g * d.og * k..(g + 1) * d.og * k],
+                        rows: d.og,
+                        cols: k,
+                        rs: k,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: rhs,
+                        rows: k,
+                        cols: p,
+                        rs: p,
+                        cs: 1,
+                    },
+                    false,
+                    threads,
+                );
+            }
+        });
     }
 
     /// Stride 1 without groups: the im2col of a zero-padded copy of the
@@ -733,15 +736,10 @@ impl ConvOp {
                 return;
             }
             let (col, tmp) = rest.split_at_mut(k * np);
-            let fill = |(row, dst): (usize, &mut [f32])| {
+            for_each_chunk(col, np, threads, |(row, dst)| {
                 let start = plan.offsets[row];
                 dst.copy_from_slice(&xp[start..start + np]);
-            };
-            if threads > 1 {
-                col.par_chunks_mut(np).enumerate().for_each(fill);
-            } else {
-                col.chunks_mut(np).enumerate().for_each(fill);
-            }
+            });
             matmul(
                 tmp,
                 Mat {
@@ -771,14 +769,7 @@ impl ConvOp {
                     }
                 }
             };
-            if threads > 1 {
-                out[..d.o * p]
-                    .par_chunks_mut(p)
-                    .enumerate()
-                    .for_each(finish);
-            } else {
-                out[..d.o * p].chunks_mut(p).enumerate().for_each(finish);
-            }
+            for_each_chunk(&mut out[..d.o * p], p, threads, finish);
         });
     }
 
@@ -823,18 +814,7 @@ impl ConvOp {
         packed: Option<&Arc<[f32]>>,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims(xl, wl)?;
-        let (x, w, b) = (
-            f32_slice(xs, xl, "input")?,
-            f32_slice(ws, wl, "weight")?,
-            f32_slice(bs, bl, "bias")?,
-        );
-        if !b.is_empty() && b.len() != d.o {
-            bail!(
-                "conv2d: the bias has {} values for {} channels",
-                b.len(),
-                d.o
-            );
-        }
+        let (x, w, b) = operands(&d, (xs, xl), (ws, wl), (bs, bl))?;
         let out = self.forward(&d, x, w, b, packed);
         Ok((CpuStorage::F32(out), Shape::from((d.n, d.o, d.oh, d.ow))))
     }
@@ -966,9 +946,7 @@ impl ConvOp {
                 xg
             } else {
                 col.resize(k * p, 0.0);
-                for (r, row) in col.chunks_mut(p).enumerate() {
-                    im2col_row(d, self, xg, r, row);
-                }
+                im2col(d, self, xg, col, 1);
                 &col[..]
             };
             matmul(
@@ -1035,6 +1013,29 @@ impl ConvOp {
             }
         }
     }
+}
+
+/// The input, weight and bias of a convolution as f32 slices, the bias
+/// empty (none) or one value per output channel.
+pub(super) fn operands<'a>(
+    d: &Dims,
+    x: (&'a CpuStorage, &Layout),
+    w: (&'a CpuStorage, &Layout),
+    b: (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let (x, w, b) = (
+        f32_slice(x.0, x.1, "input")?,
+        f32_slice(w.0, w.1, "weight")?,
+        f32_slice(b.0, b.1, "bias")?,
+    );
+    if !b.is_empty() && b.len() != d.o {
+        bail!(
+            "conv2d: the bias has {} values for {} channels",
+            b.len(),
+            d.o
+        );
+    }
+    Ok((x, w, b))
 }
 
 pub(super) fn f32_slice<'a>(

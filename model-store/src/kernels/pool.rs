@@ -41,6 +41,27 @@ struct Window {
     divisor: f32,
 }
 
+impl Window {
+    /// The window's maximum in a plane `w` wide and where it lies (the
+    /// first of equal values; a NaN wins, as in PyTorch); `None` for an
+    /// empty window.
+    fn argmax(&self, plane: &[f32], w: usize) -> (f32, Option<usize>) {
+        let mut best = (f32::NEG_INFINITY, None);
+        for y in self.h0..self.h1 {
+            for xx in self.w0..self.w1 {
+                let v = plane[y * w + xx];
+                if v > best.0 || v.is_nan() || best.1.is_none() {
+                    best = (v, Some(y * w + xx));
+                    if v.is_nan() {
+                        return best;
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
 impl PoolOp {
     fn window(&self, oy: usize, ox: usize, h: usize, w: usize) -> Window {
         let (kh, kw) = self.kernel;
@@ -152,19 +173,7 @@ impl PoolOp {
     fn backward_plane(&self, x: &[f32], grad_out: &[f32], grad: &mut [f32], h: usize, w: usize) {
         self.for_each_cell(h, w, |o, win| match self.kind {
             PoolKind::Max => {
-                let mut best = (f32::NEG_INFINITY, None);
-                'scan: for y in win.h0..win.h1 {
-                    for xx in win.w0..win.w1 {
-                        let v = x[y * w + xx];
-                        if v > best.0 || v.is_nan() || best.1.is_none() {
-                            best = (v, Some(y * w + xx));
-                            if v.is_nan() {
-                                break 'scan;
-                            }
-                        }
-                    }
-                }
-                if let Some(i) = best.1 {
+                if let (_, Some(i)) = win.argmax(x, w) {
                     grad[i] += grad_out[o];
                 }
             }
@@ -334,18 +343,7 @@ impl CustomOp1 for MaxPoolWithIndices {
                         return;
                     }
                     self.op.for_each_cell(h, w, |cell, win| {
-                        let mut best = (f32::NEG_INFINITY, None);
-                        'scan: for y in win.h0..win.h1 {
-                            for xx in win.w0..win.w1 {
-                                let v = plane[y * w + xx];
-                                if v > best.0 || v.is_nan() || best.1.is_none() {
-                                    best = (v, Some(y * w + xx));
-                                    if v.is_nan() {
-                                        break 'scan;
-                                    }
-                                }
-                            }
-                        }
+                        let best = win.argmax(plane, w);
                         o[cell] = best.0;
                         ix[cell] = best.1.map_or(u32::MAX, |i| i as u32);
                     });

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::conv::{ConvOp, Dims, Mat, f32_slice, matmul};
+use super::conv::{ConvOp, Dims, Mat, matmul, operands};
 
 /// Input tile transform `Bᵀ d` along one axis.
 fn bt(d: [f32; 4]) -> [f32; 4] {
@@ -226,16 +226,8 @@ impl CustomOp3 for WinogradOp {
                 "winograd: not a 3x3 stride-1 ungrouped convolution with its transformed weights"
             );
         }
-        let _ = f32_slice(ws, wl, "weight")?;
-        let x = f32_slice(xs, xl, "input")?;
-        let b = f32_slice(bs, bl, "bias")?;
-        if !b.is_empty() && b.len() != d.o {
-            bail!(
-                "conv2d: the bias has {} values for {} channels",
-                b.len(),
-                d.o
-            );
-        }
+        // The weight is checked, but `u` is what is applied.
+        let (x, _, b) = operands(&d, (xs, xl), (ws, wl), (bs, bl))?;
         let out = self.forward(&d, x, b);
         Ok((CpuStorage::F32(out), Shape::from((d.n, d.o, d.oh, d.ow))))
     }
@@ -332,21 +324,16 @@ mod tests {
                 .apply_op3(w.as_tensor(), b.as_tensor(), op)
                 .unwrap(),
         );
+        let values = |g: &candle_core::backprop::GradStore, t: &Tensor| {
+            g.get(t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
         for t in [x.as_tensor(), w.as_tensor(), b.as_tensor()] {
-            let a = fast
-                .get(t)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let d = direct
-                .get(t)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let (a, d) = (values(&fast, t), values(&direct, t));
             for (p, q) in a.iter().zip(&d) {
                 assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
             }
