@@ -314,7 +314,7 @@ fn col2im_row(d: &Dims, op: &ConvOp, row: &[f32], r: usize, dx: &mut [f32]) {
 
 /// `w` (`[O, K]`) in [`direct`]'s order: `packed` when given (made by
 /// [`pack_weights`] from the same weights), else packed now.
-fn packed_weights(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Arc<[f32]> {
+fn packed_or_pack(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Arc<[f32]> {
     match packed {
         Some(p) => p.clone(),
         None => Arc::from(direct::pack(w, d.o, d.k())),
@@ -323,9 +323,8 @@ fn packed_weights(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Arc<[f32]
 
 /// A one-group convolution's weights `[O, I, kh, kw]` packed once (at load,
 /// for [`PackedConvOp`]) in the order the direct kernel reads them; `None`
-/// when this CPU does not run it. Packing costs about as much as a batch-1
-/// forward's multiply-adds on small nets (6% of ResNet-20's), so the
-/// predict path does it once.
+/// when this CPU does not run it. Packed on every call, they took 6% of a
+/// batch-1 ResNet-20 forward, so the predict path packs them once.
 pub fn pack_weights(w: &[f32], o: usize, k: usize) -> Option<Arc<[f32]>> {
     (direct::available() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
 }
@@ -425,7 +424,7 @@ impl Direct {
     fn general(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Self {
         let (k, p) = (d.k(), d.p());
         Self {
-            packed: packed_weights(d, w, packed),
+            packed: packed_or_pack(d, w, packed),
             offsets: (0..k).map(|r| r * p).collect(),
             vectors: (0..p).step_by(direct::LANES).map(|q| (q, q)).collect(),
             lanes: direct::Lanes::Contiguous,
@@ -518,7 +517,7 @@ impl Padded {
             };
             let straight = d.ow.is_multiple_of(direct::LANES) || lanes != direct::Lanes::Contiguous;
             Direct {
-                packed: packed_weights(d, w, packed),
+                packed: packed_or_pack(d, w, packed),
                 offsets: offsets.clone(),
                 vectors,
                 lanes,
