@@ -54,6 +54,55 @@ pub enum Error {
         known: Vec<String>,
     },
 
+    /// No model of that name is loaded.
+    #[error("model '{name}' not found; available: {}", known.join(", "))]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The models there are.
+        known: Vec<String>,
+    },
+
+    /// A model of that name exists (loaded, or its files are in the
+    /// models directory).
+    #[error(
+        "a model named '{name}' already exists; DELETE /models/{name} first or choose another name"
+    )]
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+
+    /// The name is held by a job that will register it, or by a
+    /// registration or deletion under way.
+    #[error("the name '{name}' is held by {owner} until it ends; choose another name")]
+    NameHeld {
+        /// The name.
+        name: String,
+        /// Who holds it.
+        owner: crate::store::Owner,
+    },
+
+    /// A job tried to write a name it does not hold: a bug, not a user error.
+    #[error("job {job} does not hold '{name}' (held by: {})", holder.as_deref().unwrap_or("nobody"))]
+    NotReserved {
+        /// The name.
+        name: String,
+        /// The job that tried.
+        job: String,
+        /// Who holds it instead.
+        holder: Option<String>,
+    },
+
+    /// A request parameter is malformed or out of range.
+    #[error("{param}: {reason}")]
+    InvalidArgument {
+        /// The parameter, as the caller named it.
+        param: String,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -12,7 +12,10 @@
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.
 //! - [`preprocess`]: image bytes → input tensor, as torchvision would.
-//! - [`registry`]: loaded models by name, and the models directory.
+//! - [`model`]: a loaded model: manifest, network, labels.
+//! - [`model_dir`]: the models directory, changed through a commit journal.
+//! - [`store`]: the one owner of loaded models, their files and the names
+//!   jobs hold.
 //! - [`train`]: training jobs: datasets, optimisers, the training loop, evaluation.
 //!
 //! No HTTP here: the server crate turns these into endpoints.
@@ -27,13 +30,17 @@ pub mod inspect;
 pub mod kernels;
 pub mod layers;
 pub mod manifest;
+pub mod model;
+pub mod model_dir;
 pub mod preprocess;
-pub mod registry;
+pub mod store;
 pub mod tap;
 pub mod train;
 
 pub use error::{Error, Result};
 pub use graph::{LayerInfo, Network};
 pub use manifest::Manifest;
-pub use registry::{LoadFailure, LoadedModel, ModelDir, Registry, parse_device};
+pub use model::{LoadFailure, LoadedModel, parse_device};
+pub use model_dir::ModelDir;
+pub use store::{ModelStore, Owner};
 pub use tap::{NoTap, Record, Tap};

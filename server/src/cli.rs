@@ -5,19 +5,10 @@ use std::io::Write;
 use std::path::Path;
 
 use model_store::train::{self, Control, Event, Outcome};
-use model_store::{LoadedModel, ModelDir, Registry, parse_device};
+use model_store::{ModelStore, parse_device};
 
 /// Errors of the CLI: their text is what the user reads.
 pub type CliResult = Result<(), String>;
-
-fn save(dir: &ModelDir, manifest: &model_store::Manifest, weights: &[u8]) -> CliResult {
-    let json = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
-    let device = candle_core::Device::Cpu;
-    // Load it back first: what is written is a model the server will serve.
-    let model = LoadedModel::from_bytes(&json, weights, &device).map_err(|e| e.to_string())?;
-    dir.save(model.name(), &json, weights)
-        .map_err(|e| e.to_string())
-}
 
 /// Plans and runs the job in `job_path`, writing the model (and its epoch
 /// snapshots) into `models`.
@@ -28,16 +19,22 @@ pub fn train(job_path: &Path, models: &Path, datasets: &Path, device: &str) -> C
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", job_path.display()))?;
     let spec = train::parse(&body).map_err(|p| p.join("\n  "))?;
     let device = parse_device(device).map_err(|e| e.to_string())?;
-    let dir = ModelDir::open(models).map_err(|e| e.to_string())?;
-    let registry = Registry::new();
-    if let Some(src) = &spec.init_from {
-        let m = LoadedModel::from_files(&models.join(format!("{src}.json")), &device)
-            .map_err(|e| format!("init_from '{src}': {e}"))?;
-        let _ = registry.insert(m);
-    }
+    // The same store the server uses: the name is held for this run, and
+    // the model and its snapshots are written through it (loaded back
+    // first, so what is written is a model the server will serve).
+    let store = ModelStore::open(models, &device).map_err(|e| e.to_string())?;
+    let owner = format!("cli-{}", std::process::id());
+    store
+        .reserve(&spec.model_name, &owner)
+        .map_err(|e| e.to_string())?;
+    let save = |manifest: &model_store::Manifest, weights: &[u8]| -> CliResult {
+        store
+            .replace(&owner, manifest, weights)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
     let env = train::Env {
-        registry: &registry,
-        models_dir: models,
+        models: &store,
         datasets_dir: datasets,
         device: &device,
     };
@@ -93,7 +90,7 @@ pub fn train(job_path: &Path, models: &Path, datasets: &Path, device: &str) -> C
                     m.name = format!("{}@epoch-{}", spec.model_name, p.epoch);
                     let result = std::fs::read(train::last_snapshot(&work))
                         .map_err(|e| e.to_string())
-                        .and_then(|w| save(&dir, &m, &w));
+                        .and_then(|w| save(&m, &w));
                     if let Err(e) = result {
                         snapshot_error = Some(e);
                         return Control::Stop;
@@ -113,7 +110,7 @@ pub fn train(job_path: &Path, models: &Path, datasets: &Path, device: &str) -> C
             weights, manifest, ..
         } => {
             let bytes = train::safetensors_bytes(&weights).map_err(|e| e.to_string())?;
-            save(&dir, &manifest, &bytes)?;
+            save(&manifest, &bytes)?;
             let _ = std::fs::remove_dir_all(&work);
             eprintln!(
                 "wrote {}/{}.json and .safetensors",

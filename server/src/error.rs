@@ -96,12 +96,22 @@ impl From<model_store::Error> for ApiError {
             E::ImageDecode(_) | E::ImageInput(_) | E::Dataset(_) => {
                 ApiError::Unprocessable(e.to_string())
             }
-            E::UnknownLayer { .. } => ApiError::NotFound(e.to_string()),
+            E::UnknownLayer { .. } | E::UnknownModel { .. } => ApiError::NotFound(e.to_string()),
+            E::NameTaken { .. } | E::NameHeld { .. } => ApiError::Conflict(e.to_string()),
+            E::InvalidArgument { .. } => ApiError::BadRequest(e.to_string()),
             E::DeadlineExceeded(_) => {
                 ApiError::Timeout(format!("{e} (--request-timeout-secs); try fewer steps"))
             }
-            E::Io { .. } | E::Forward { .. } | E::Candle(_) => ApiError::Internal(e.to_string()),
+            E::Io { .. } | E::Forward { .. } | E::Candle(_) | E::NotReserved { .. } => {
+                ApiError::Internal(e.to_string())
+            }
         }
+    }
+}
+
+impl From<crate::jobs::store::StoreError> for ApiError {
+    fn from(e: crate::jobs::store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
     }
 }
 

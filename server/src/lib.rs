@@ -7,13 +7,15 @@
 //! - [`render`]: colormaps, grids, PNG and `.npy` encoding.
 //! - [`compute`]: the bounded pool model work runs on.
 //! - [`jobs`]: training jobs: the SQLite queue, workers, events, plots.
-//! - [`error`]: `ApiError`, answered as problem+json.
+//! - [`error`]: `ApiError`, answered as problem+json; [`catch_panic`]: a
+//!   panic while handling a request becomes a 500 with the request id.
 //! - [`metrics`]: Prometheus text at `/metrics`; [`auth`]: the optional API key.
 //! - [`openapi`]: the OpenAPI 3.1 document, built with the router from the handlers.
 
 pub mod auth;
 pub mod batching;
 pub mod bench;
+pub mod catch_panic;
 pub mod cli;
 pub mod compute;
 pub mod error;

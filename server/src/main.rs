@@ -173,7 +173,7 @@ async fn run() {
                     std::process::exit(1);
                 }
             };
-            tracing::info!(addr = %app.local_addr(), models = app.state().registry.names().len(), "serving");
+            tracing::info!(addr = %app.local_addr(), models = app.state().models.names().len(), "serving");
             if let Err(e) = app.run_until_stopped().await {
                 eprintln!("convscope: {e}");
                 std::process::exit(1);

@@ -192,7 +192,7 @@ impl Metrics {
             &mut out,
             "convscope_models_loaded",
             "Models in the store.",
-            state.registry.names().len() as f64,
+            state.models.names().len() as f64,
         );
         gauge(
             &mut out,

@@ -97,6 +97,9 @@ pub struct Problem {
     pub detail: String,
     /// Every problem, when a body is checked whole (job bodies).
     pub errors: Option<Vec<String>>,
+    /// On a 500 from a panic: the request id its cause is logged under
+    /// (also in the `x-request-id` header of every answer).
+    pub request_id: Option<String>,
 }
 
 /// Bytes of a file (an image, a PNG answer, a `.npy` array).

@@ -2,9 +2,9 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use model_store::{ModelDir, Registry, parse_device};
+use model_store::{ModelStore, parse_device};
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -28,23 +28,20 @@ impl Application {
     /// then binds, so that `port()` is known before serving starts.
     pub async fn build(settings: Settings) -> anyhow_like::Result<Self> {
         let device = parse_device(&settings.device)?;
-        let model_dir = ModelDir::open(&settings.models)?;
-        let registry = Arc::new(Registry::new());
-        let (dir, dev) = (model_dir.clone(), device.clone());
-        let (loaded, failed) = tokio::task::spawn_blocking(move || dir.load_all(&dev)).await?;
-        for m in loaded {
+        let (path, dev) = (settings.models.clone(), device.clone());
+        let models =
+            Arc::new(tokio::task::spawn_blocking(move || ModelStore::open(&path, &dev)).await??);
+        for m in models.list() {
             tracing::info!(model = %m.name(), architecture = %m.manifest.architecture, params = m.network.total_params(), "loaded model");
-            let _ = registry.insert(m);
         }
-        for f in &failed {
+        for f in models.failures() {
             tracing::warn!(file = %f.file.display(), error = %f.error, "model not loaded");
         }
         let store = crate::jobs::store::SqliteStore::open(&settings.jobs_db())?;
         let jobs = crate::jobs::Jobs::new(
             Arc::new(store),
             crate::jobs::Context {
-                registry: registry.clone(),
-                model_dir: model_dir.clone(),
+                models: models.clone(),
                 datasets: settings.datasets.clone(),
                 device: device.clone(),
             },
@@ -57,10 +54,7 @@ impl Application {
         );
         let state = AppState {
             jobs,
-            registry,
-            model_dir,
-            load_failures: Arc::new(RwLock::new(failed)),
-            device,
+            models,
             batcher: Arc::new(crate::batching::Batcher::new(
                 compute.clone(),
                 settings.predict_batch,
@@ -68,7 +62,6 @@ impl Application {
                 settings.compute_queue,
             )),
             compute,
-            store_lock: Arc::new(tokio::sync::Mutex::new(())),
             inputs: Arc::new(crate::inputs::InputCache::new(settings.inputs_cache_bytes)),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             settings: Arc::new(settings.clone()),
@@ -90,6 +83,8 @@ impl Application {
                     })
                     .on_response(DefaultOnResponse::new().level(Level::INFO)),
             )
+            // Panics outside a route (authentication, fallbacks) too.
+            .layer(axum::middleware::from_fn(crate::catch_panic::catch_panic))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let listener = TcpListener::bind(settings.addr).await?;

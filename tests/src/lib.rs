@@ -166,6 +166,59 @@ impl Drop for TestApp {
     }
 }
 
+/// Asserts a problem+json body: its status, and that `detail` mentions
+/// `detail_contains`.
+pub fn assert_problem(status: u16, body: &Value, want_status: u16, detail_contains: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["status"].as_u64(), Some(want_status as u64), "{body}");
+    assert!(
+        body["type"].is_string() && body["title"].is_string(),
+        "{body}"
+    );
+    let detail = body["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains(detail_contains),
+        "detail {detail:?} should mention {detail_contains:?}"
+    );
+}
+
+/// Status and JSON body of an error answer, asserting it is problem+json.
+pub async fn problem(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(
+        ct.as_deref(),
+        Some("application/problem+json"),
+        "status {status}"
+    );
+    (status, r.json().await.unwrap())
+}
+
+/// Status and JSON body (null when empty); an error must be problem+json.
+pub async fn problem_or_json(r: reqwest::Response) -> (u16, Value) {
+    if r.status().as_u16() >= 400 {
+        return problem(r).await;
+    }
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The multipart body of `POST /models`.
+pub fn model_form(manifest: &Value, weights: Vec<u8>) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new()
+        .part(
+            "manifest",
+            reqwest::multipart::Part::bytes(manifest.to_string().into_bytes()).file_name("m.json"),
+        )
+        .part(
+            "weights",
+            reqwest::multipart::Part::bytes(weights).file_name("w.safetensors"),
+        )
+}
+
 /// Whether a job has ended (succeeded, failed or cancelled).
 pub fn job_is_final(job: &Value) -> bool {
     ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or(""))

@@ -6,34 +6,6 @@ use base64::Engine;
 use convscope_tests::*;
 use serde_json::{Value, json};
 
-fn assert_problem(status: u16, body: &Value, want_status: u16, detail_contains: &str) {
-    assert_eq!(status, want_status, "{body}");
-    assert_eq!(body["status"].as_u64(), Some(want_status as u64), "{body}");
-    assert!(
-        body["type"].is_string() && body["title"].is_string(),
-        "{body}"
-    );
-    let detail = body["detail"].as_str().unwrap_or("");
-    assert!(
-        detail.contains(detail_contains),
-        "detail {detail:?} should mention {detail_contains:?}"
-    );
-}
-
-async fn problem(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    let ct = r
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string());
-    assert_eq!(
-        ct.as_deref(),
-        Some("application/problem+json"),
-        "status {status}"
-    );
-    (status, r.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_bundled_models_directory_is_served_and_described() {
     let app = TestApp::spawn(&repo().join("models")).await;
@@ -367,18 +339,6 @@ async fn bad_requests_get_problem_json_that_says_what_to_fix() {
     let ok = app.post_images_json("/predict", &[png]).await;
     assert_eq!(ok["predictions"][0]["top_k"][0]["label"], "cat");
     app.stop().await;
-}
-
-fn model_form(manifest: &Value, weights: Vec<u8>) -> reqwest::multipart::Form {
-    reqwest::multipart::Form::new()
-        .part(
-            "manifest",
-            reqwest::multipart::Part::bytes(manifest.to_string().into_bytes()).file_name("m.json"),
-        )
-        .part(
-            "weights",
-            reqwest::multipart::Part::bytes(weights).file_name("w.safetensors"),
-        )
 }
 
 #[tokio::test(flavor = "multi_thread")]

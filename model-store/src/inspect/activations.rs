@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 use crate::tap::Record;
 
 /// Checks that `layer` exists, or lists the layers that do.

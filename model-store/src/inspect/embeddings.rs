@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 
 /// The metrics, in the order the contract lists them.
 pub const METRICS: [Metric; 5] = [

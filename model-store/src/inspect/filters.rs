@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 
 /// Why a layer has no kernels to show.
 #[derive(Debug)]

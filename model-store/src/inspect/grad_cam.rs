@@ -27,7 +27,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 use crate::tap::Tap;
 
 /// A method of the family.

@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::inspect::saliency::Gaussian;
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 use crate::tap::Record;
 
 /// What to maximise.

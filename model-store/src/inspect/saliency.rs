@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::registry::LoadedModel;
+use crate::model::LoadedModel;
 
 /// Input gradients of a batch.
 #[derive(Debug, Clone)]

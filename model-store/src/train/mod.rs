@@ -29,7 +29,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::graph::Network;
 use crate::manifest::{InputSpec, Manifest, validate_model_name};
-use crate::registry::Registry;
+use crate::store::ModelStore;
 
 pub use crate::inspect::saliency::Gaussian as Rng;
 use data::{Augment, Batcher, Dataset, DatasetInfo};
@@ -242,10 +242,8 @@ pub fn parse(body: &Value) -> std::result::Result<JobSpec, Vec<String>> {
 
 /// Where a job reads datasets and source models.
 pub struct Env<'a> {
-    /// Loaded models (for `init_from`).
-    pub registry: &'a Registry,
-    /// The models directory (for `init_from` weights and name clashes).
-    pub models_dir: &'a Path,
+    /// The model store (for `init_from`: the model and its weights file).
+    pub models: &'a ModelStore,
     /// The datasets directory.
     pub datasets_dir: &'a Path,
     /// Where training runs.
@@ -293,16 +291,6 @@ pub fn plan(spec: &JobSpec, env: &Env) -> std::result::Result<Plan, Vec<String>>
     let mut p = Vec::new();
     if let Err(e) = validate_model_name(&spec.model_name) {
         p.push(format!("model_name: {e}"));
-    } else if env.registry.get(&spec.model_name).is_some()
-        || env
-            .models_dir
-            .join(format!("{}.json", spec.model_name))
-            .exists()
-    {
-        p.push(format!(
-            "model_name: a model named '{}' already exists; choose another name or DELETE it first",
-            spec.model_name
-        ));
     }
     if spec.epochs == 0 || spec.epochs > MAX_EPOCHS {
         p.push(format!(
@@ -375,7 +363,7 @@ pub fn plan(spec: &JobSpec, env: &Env) -> std::result::Result<Plan, Vec<String>>
 
     // The architecture, its input, and where the weights start.
     let source = match &spec.init_from {
-        Some(name) => match env.registry.get(name) {
+        Some(name) => match env.models.get(name) {
             Some(m) => Some(m),
             None => {
                 p.push(format!(
@@ -487,7 +475,7 @@ pub fn plan(spec: &JobSpec, env: &Env) -> std::result::Result<Plan, Vec<String>>
     // that the head fits the classes, and that `freeze` names real layers.
     let mut ck = match (&spec.init_from, &source) {
         (Some(name), Some(_)) => {
-            let path = env.models_dir.join(format!("{name}.safetensors"));
+            let path = env.models.path().join(format!("{name}.safetensors"));
             match Checkpoint::from_file(&path, env.device) {
                 Ok(ck) => ck.initialising_missing(spec.seed),
                 Err(e) => {
@@ -972,7 +960,7 @@ pub fn score(labels: &[u32], predicted: &[u32], classes: &[String]) -> Evaluatio
 /// Evaluates a loaded model on a dataset's test split (the first `limit`
 /// images), preprocessed as the model's manifest says.
 pub fn evaluate(
-    model: &crate::registry::LoadedModel,
+    model: &crate::model::LoadedModel,
     datasets_dir: &Path,
     dataset: &str,
     limit: Option<usize>,

@@ -22,8 +22,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
+use model_store::ModelStore;
 use model_store::train::{self, Control, EpochRecord, Event, JobSpec, Outcome, Progress};
-use model_store::{LoadedModel, ModelDir, Registry};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
@@ -98,10 +98,9 @@ pub struct JobEvent {
 /// Where jobs read and write models and datasets.
 #[derive(Clone)]
 pub struct Context {
-    /// Loaded models (sources, and where results are registered).
-    pub registry: Arc<Registry>,
-    /// The models directory.
-    pub model_dir: ModelDir,
+    /// The model store: sources, and where results are registered under
+    /// the names the jobs hold.
+    pub models: Arc<ModelStore>,
     /// The datasets directory.
     pub datasets: PathBuf,
     /// Where training runs.
@@ -120,11 +119,15 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    /// The service over `store`; interrupted jobs go back to the queue.
+    /// The service over `store`; interrupted jobs go back to the queue, and
+    /// every queued job holds its model name again.
     pub fn new(store: Arc<dyn JobStore>, ctx: Context) -> Result<Arc<Self>, store::StoreError> {
         let requeued = store.requeue_interrupted()?;
         for id in &requeued {
             tracing::warn!(job = %id, "job was running when the server stopped; queued to resume");
+        }
+        for (id, name) in store.active()? {
+            ctx.models.restore_reservation(&name, &id);
         }
         Ok(Arc::new(Self {
             store,
@@ -180,8 +183,23 @@ impl Jobs {
         self.notify();
     }
 
+    /// Cancels a queued job at once (its name is free again), or asks a
+    /// running one to stop after its current batch.
+    pub fn cancel(&self, id: &str) -> Result<store::CancelOutcome, store::StoreError> {
+        let outcome = self.store.cancel(id)?;
+        match outcome {
+            store::CancelOutcome::Cancelled => {
+                self.ctx.models.release(id);
+                self.publish(id, "state");
+            }
+            store::CancelOutcome::Requested => self.cancel_running(id),
+            store::CancelOutcome::AlreadyFinal(_) | store::CancelOutcome::NotFound => {}
+        }
+        Ok(outcome)
+    }
+
     /// Asks a running job to stop after its current batch.
-    pub fn cancel_running(&self, id: &str) {
+    fn cancel_running(&self, id: &str) {
         if let Some(flag) = self
             .cancels
             .lock()
@@ -252,54 +270,52 @@ impl Jobs {
         format!("{model}@epoch-{epoch}")
     }
 
-    /// Registers `weights` under `manifest`'s name: validated by loading,
-    /// written atomically, then served.
-    fn register(&self, manifest: &model_store::Manifest, weights: &[u8]) -> Result<(), String> {
-        let json = serde_json::to_vec_pretty(manifest).map_err(|e| e.to_string())?;
-        let model =
-            LoadedModel::from_bytes(&json, weights, &self.ctx.device).map_err(|e| e.to_string())?;
-        self.ctx
-            .model_dir
-            .save(model.name(), &json, weights)
-            .map_err(|e| e.to_string())?;
-        self.ctx.registry.remove(model.name());
-        self.ctx
-            .registry
-            .insert(model)
-            .map(|_| ())
-            .map_err(|name| format!("a model named '{name}' appeared meanwhile"))
+    /// Ends a job: its row, then its hold on the model name, then the
+    /// subscribers. The row goes first so that a crash in between leaves a
+    /// final job (whose name is free at the next start), never a free name
+    /// with a job still to register it.
+    pub fn finish(&self, id: &str, status: Status, model: Option<&str>, error: Option<&str>) {
+        if let Err(e) = self.store.finish(id, status, model, error) {
+            tracing::error!(job = %id, error = %e, "cannot record the end of a job");
+        }
+        self.ctx.models.release(id);
+        self.publish(id, "state");
     }
 
-    fn unregister(&self, name: &str) {
-        self.ctx.registry.remove(name);
-        let _ = self.ctx.model_dir.delete(name);
+    /// Registers `weights` under `manifest`'s name, which the job holds:
+    /// validated by loading, written as one commit, then served.
+    fn register(
+        &self,
+        id: &str,
+        manifest: &model_store::Manifest,
+        weights: &[u8],
+    ) -> Result<(), String> {
+        self.ctx
+            .models
+            .replace(id, manifest, weights)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn run_job(&self, job: JobRecord) {
         let id = job.id.clone();
         let fail = |msg: String| {
             tracing::warn!(job = %id, error = %msg, "job failed");
-            let _ = self.store.finish(&id, Status::Failed, None, Some(&msg));
-            self.publish(&id, "state");
+            self.finish(&id, Status::Failed, None, Some(&msg));
         };
         let spec: JobSpec = match train::parse(&job.spec) {
             Ok(s) => s,
             Err(p) => return fail(p.join("; ")),
         };
-        let work = self.ctx.model_dir.path().join(".jobs").join(&id);
+        let work = self.ctx.models.path().join(".jobs").join(&id);
         // A crash between registering the model and recording success: the
         // model is there, so the job succeeded.
-        if job.attempts > 1 && self.ctx.registry.get(&spec.model_name).is_some() && !work.exists() {
-            let _ = self
-                .store
-                .finish(&id, Status::Succeeded, Some(&spec.model_name), None);
-            self.publish(&id, "state");
+        if job.attempts > 1 && self.ctx.models.get(&spec.model_name).is_some() && !work.exists() {
+            self.finish(&id, Status::Succeeded, Some(&spec.model_name), None);
             return;
         }
-        let models_dir = self.ctx.model_dir.path().to_path_buf();
         let env = train::Env {
-            registry: &self.ctx.registry,
-            models_dir: &models_dir,
+            models: &self.ctx.models,
             datasets_dir: &self.ctx.datasets,
             device: &self.ctx.device,
         };
@@ -335,7 +351,7 @@ impl Jobs {
                         );
                         let result = std::fs::read(train::last_snapshot(&work))
                             .map_err(|e| e.to_string())
-                            .and_then(|w| self.register(&m, &w));
+                            .and_then(|w| self.register(&id, &m, &w));
                         match result {
                             Ok(()) => registered.push(m.name),
                             Err(e) => snapshot_error = Some(e),
@@ -358,7 +374,9 @@ impl Jobs {
             .remove(&id);
         let cleanup = |registered: &[String]| {
             for name in registered {
-                self.unregister(name);
+                if let Err(e) = self.ctx.models.retract(&id, name) {
+                    tracing::error!(job = %id, model = %name, error = %e, "cannot remove a snapshot");
+                }
             }
             let _ = std::fs::remove_dir_all(&work);
         };
@@ -368,7 +386,7 @@ impl Jobs {
             }) => {
                 let result = train::safetensors_bytes(&weights)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| self.register(&manifest, &bytes));
+                    .and_then(|bytes| self.register(&id, &manifest, &bytes));
                 match result {
                     Ok(()) => {
                         // The work directory goes first, so `succeeded` means
@@ -376,11 +394,8 @@ impl Jobs {
                         // recognised at the next start (model there, no work
                         // directory: succeeded).
                         let _ = std::fs::remove_dir_all(&work);
-                        let _ =
-                            self.store
-                                .finish(&id, Status::Succeeded, Some(&spec.model_name), None);
                         tracing::info!(job = %id, model = %spec.model_name, "job succeeded");
-                        self.publish(&id, "state");
+                        self.finish(&id, Status::Succeeded, Some(&spec.model_name), None);
                     }
                     Err(e) => {
                         cleanup(&registered);
@@ -402,9 +417,8 @@ impl Jobs {
             }
             Ok(Outcome::Cancelled) => {
                 cleanup(&registered);
-                let _ = self.store.finish(&id, Status::Cancelled, None, None);
                 tracing::info!(job = %id, "job cancelled");
-                self.publish(&id, "state");
+                self.finish(&id, Status::Cancelled, None, None);
             }
             Err(e) => {
                 cleanup(&registered);

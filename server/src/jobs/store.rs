@@ -112,15 +112,22 @@ pub enum CancelOutcome {
     NotFound,
 }
 
-/// Store errors are I/O at heart; their text is enough.
+/// What can go wrong in the job store: all of it is the server's fault,
+/// answered as a 500 and logged.
 #[derive(Debug, thiserror::Error)]
-#[error("job store: {0}")]
-pub struct StoreError(pub String);
-
-impl From<rusqlite::Error> for StoreError {
-    fn from(e: rusqlite::Error) -> Self {
-        StoreError(e.to_string())
-    }
+pub enum StoreError {
+    /// The database failed.
+    #[error("job store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Its directory could not be made.
+    #[error("job store: {path}: {source}")]
+    Io {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Store result.
@@ -157,8 +164,9 @@ pub trait JobStore: Send + Sync {
     fn requeue_interrupted(&self) -> StoreResult<Vec<String>>;
     /// Jobs per state.
     fn counts(&self) -> StoreResult<Vec<(Status, u64)>>;
-    /// Whether a queued or running job will produce `model_name`.
-    fn has_active_job_for(&self, model_name: &str) -> StoreResult<bool>;
+    /// `(job id, model_name)` of every queued or running job: the names
+    /// they hold in the model store.
+    fn active(&self) -> StoreResult<Vec<(String, String)>>;
 }
 
 /// The migrations, in order; `user_version` says how many have run.
@@ -205,8 +213,10 @@ impl SqliteStore {
     /// Opens (creating) the database at `path` and migrates it.
     pub fn open(path: &Path) -> StoreResult<Self> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -373,12 +383,13 @@ impl JobStore for SqliteStore {
         Ok(ids)
     }
 
-    fn has_active_job_for(&self, model_name: &str) -> StoreResult<bool> {
-        Ok(self.conn().query_row(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE status IN ('queued', 'running') AND json_extract(spec, '$.model_name') = ?1)",
-            [model_name],
-            |r| r.get::<_, bool>(0),
-        )?)
+    fn active(&self) -> StoreResult<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, COALESCE(json_extract(spec, '$.model_name'), '') FROM jobs WHERE status IN ('queued', 'running')",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn counts(&self) -> StoreResult<Vec<(Status, u64)>> {
@@ -428,11 +439,13 @@ mod tests {
         let again = s.claim_next().unwrap().unwrap();
         assert_eq!((again.id.as_str(), again.attempts), ("a", 2));
         assert!(s.claim_next().unwrap().is_none());
-        assert!(!s.has_active_job_for("anything").unwrap());
         s.insert("c", &serde_json::json!({"model_name": "m"}))
             .unwrap();
-        assert!(s.has_active_job_for("m").unwrap());
-        assert!(!s.has_active_job_for("n").unwrap());
+        let mut active = s.active().unwrap();
+        active.sort();
+        assert_eq!(active[1], ("c".to_string(), "m".to_string()));
+        assert_eq!(active[0].0, "a");
+        assert_eq!(active.len(), 2, "the cancelled job holds no name");
         let counts = s.counts().unwrap();
         assert!(counts.contains(&(Status::Running, 1)));
         assert!(counts.contains(&(Status::Cancelled, 1)));

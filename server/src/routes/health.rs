@@ -46,6 +46,6 @@ async fn healthz() -> Json<Health> {
 async fn readyz(State(state): State<AppState>) -> Json<Ready> {
     Json(Ready {
         status: "ready",
-        models: state.registry.names().len(),
+        models: state.models.names().len(),
     })
 }

@@ -112,17 +112,8 @@ fn job_not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no job '{id}'; GET /jobs lists them"))
 }
 
-fn store_error(e: crate::jobs::store::StoreError) -> ApiError {
-    ApiError::Internal(e.to_string())
-}
-
 fn find_job(state: &AppState, id: &str) -> ApiResult<crate::jobs::store::JobRecord> {
-    state
-        .jobs
-        .store
-        .get(id)
-        .map_err(store_error)?
-        .ok_or_else(|| job_not_found(id))
+    state.jobs.store.get(id)?.ok_or_else(|| job_not_found(id))
 }
 
 /// Queues a training run. The whole body is checked first (architecture,
@@ -139,6 +130,7 @@ fn find_job(state: &AppState, id: &str) -> ApiResult<crate::jobs::store::JobReco
         (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over `--max-body-bytes`.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A model named `model_name` exists, or another queued or running job holds the name; `detail` names it.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not `application/json`.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The job has problems; `errors` lists each one.", body = Problem, content_type = "application/problem+json"),
     )
@@ -154,10 +146,8 @@ async fn submit(
     let spec_for_plan = spec.clone();
     let problems = tokio::task::spawn_blocking(move || {
         let ctx = jobs.context();
-        let models_dir = ctx.model_dir.path().to_path_buf();
         let env = train::Env {
-            registry: &ctx.registry,
-            models_dir: &models_dir,
+            models: &ctx.models,
             datasets_dir: &ctx.datasets,
             device: &ctx.device,
         };
@@ -165,23 +155,22 @@ async fn submit(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Some(problems) = problems {
+    // A body with problems is refused whole (a taken name among them); a
+    // sound body whose name is taken or held is a conflict.
+    if let Some(mut problems) = problems {
+        if let Err(e) = state.models.check_free(&spec.model_name) {
+            problems.insert(0, format!("model_name: {e}"));
+        }
         return Err(ApiError::Invalid(problems));
     }
-    // A queued job with the same model name would clash when it finishes.
-    let clash = state
-        .jobs
-        .store
-        .has_active_job_for(&spec.model_name)
-        .map_err(store_error)?;
-    if clash {
-        return Err(ApiError::Invalid(vec![format!(
-            "model_name: job for '{}' is already queued or running",
-            spec.model_name
-        )]));
-    }
     let id = uuid::Uuid::new_v4().to_string();
-    state.jobs.store.insert(&id, &body).map_err(store_error)?;
+    // The name is held from here until the job ends, so no upload can take
+    // it meanwhile and no second job can be queued for it.
+    state.models.reserve(&spec.model_name, &id)?;
+    if let Err(e) = state.jobs.store.insert(&id, &body) {
+        state.models.release(&id);
+        return Err(e.into());
+    }
     state.jobs.notify();
     tracing::info!(job = %id, model = %spec.model_name, "job queued");
     let mut headers = HeaderMap::new();
@@ -210,7 +199,7 @@ async fn submit(
     )
 )]
 async fn list_jobs(State(state): State<AppState>) -> ApiResult<Json<JobList>> {
-    let jobs = state.jobs.store.list().map_err(store_error)?;
+    let jobs = state.jobs.store.list()?;
     Ok(Json(JobList {
         jobs: jobs.iter().map(JobView::from).collect(),
     }))
@@ -315,7 +304,7 @@ async fn cancel(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    match state.jobs.store.cancel(&id).map_err(store_error)? {
+    match state.jobs.cancel(&id)? {
         CancelOutcome::NotFound => return Err(job_not_found(&id)),
         CancelOutcome::AlreadyFinal(s) => {
             return Err(ApiError::Conflict(format!(
@@ -323,8 +312,7 @@ async fn cancel(
                 s.as_str()
             )));
         }
-        CancelOutcome::Cancelled => state.jobs.publish(&id, "state"),
-        CancelOutcome::Requested => state.jobs.cancel_running(&id),
+        CancelOutcome::Cancelled | CancelOutcome::Requested => {}
     }
     let job = find_job(&state, &id)?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))).into_response())

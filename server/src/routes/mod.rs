@@ -52,7 +52,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
 /// Every route of the API, with fallbacks, auth and metrics.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api_router_with(state.settings.max_model_bytes).split_for_parts();
-    routes
+    let routes = routes
         .method_not_allowed_fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
                 ApiError::MethodNotAllowed(format!(
@@ -70,7 +70,13 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::require_key,
-        ))
+        ));
+    #[cfg(feature = "test-hooks")]
+    let routes = routes.route_layer(axum::middleware::from_fn(crate::catch_panic::hook::inject));
+    // Inside the metrics layer, so a request that panicked is counted as
+    // the 500 it was answered with.
+    routes
+        .route_layer(axum::middleware::from_fn(crate::catch_panic::catch_panic))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::metrics::track,

@@ -152,9 +152,8 @@ pub fn router(max_model_bytes: usize) -> OpenApiRouter<AppState> {
 async fn list(State(state): State<AppState>) -> Json<ModelList> {
     let default_model = state.default_model().ok().map(|m| m.name().to_string());
     let load_errors = state
-        .load_failures
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+        .models
+        .failures()
         .iter()
         .map(|f| LoadError {
             file: f.file.file_name().map_or_else(
@@ -165,7 +164,7 @@ async fn list(State(state): State<AppState>) -> Json<ModelList> {
         })
         .collect();
     Json(ModelList {
-        models: state.registry.list().iter().map(|m| entry(m)).collect(),
+        models: state.models.list().iter().map(|m| entry(m)).collect(),
         default_model,
         load_errors,
     })
@@ -198,7 +197,7 @@ async fn detail(
          headers(("location" = String, description = "`/models/{name}`"))),
         (status = 400, description = "Not a multipart body with `manifest` and `weights`.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A model of that name exists.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A model of that name exists, or a queued or running job holds the name (`detail` names the job).", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over `--max-model-bytes`.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The manifest is invalid or does not match the weights; `detail` names every tensor.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The compute queue is full; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
@@ -237,30 +236,14 @@ async fn register(
             "send multipart fields `manifest` (the JSON manifest) and `weights` (the .safetensors file)".into(),
         ));
     };
-    // Serialise with other registrations and deletions: the name check, the
-    // files and the registry change together.
-    let _store = state.store_lock.lock().await;
-    let parsed = model_store::Manifest::from_json(&manifest)?;
-    let name = parsed.name.clone();
-    if state.registry.get(&name).is_some() || state.model_dir.contains(&name) {
-        return Err(ApiError::Conflict(format!(
-            "a model named '{name}' already exists; DELETE /models/{name} first or choose another name"
-        )));
-    }
-    let device = state.device.clone();
-    let dir = state.model_dir.clone();
+    // The store claims the name before loading, so a taken or held name
+    // (an upload under way, a job that will register it) is refused at once.
+    let store = state.models.clone();
     let model = state
         .compute
-        .run(move || {
-            let model = LoadedModel::from_bytes(&manifest, &weights, &device)?;
-            dir.save(model.name(), &manifest, &weights)?;
-            Ok(model)
-        })
+        .run(move || Ok(store.register(&manifest, &weights)?))
         .await?;
-    let model = state
-        .registry
-        .insert(model)
-        .map_err(|name| ApiError::Conflict(format!("a model named '{name}' already exists")))?;
+    let name = model.name().to_string();
     tracing::info!(model = %name, "registered model");
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(&format!("/models/{name}")) {
@@ -280,16 +263,14 @@ async fn register(
         (status = 400, description = "The name is malformed.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such model.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A queued or running job holds the name (its result or an epoch snapshot); `detail` names the job.", body = Problem, content_type = "application/problem+json"),
     )
 )]
 async fn unregister(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    let _store = state.store_lock.lock().await;
-    state.model(&name)?;
-    state.model_dir.delete(&name)?;
-    state.registry.remove(&name);
+    state.models.delete(&name)?;
     tracing::info!(model = %name, "unregistered model");
     Ok(StatusCode::NO_CONTENT)
 }

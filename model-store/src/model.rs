@@ -1,0 +1,123 @@
+//! A model ready to run: its manifest, its network and its labels.
+//!
+//! A model is immutable once loaded; the store hands out `Arc`s, so a
+//! request keeps the model it started with even if the name is deleted or
+//! replaced meanwhile.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::arch;
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::graph::Network;
+use crate::manifest::Manifest;
+
+/// A model ready to run.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The manifest as loaded.
+    pub manifest: Manifest,
+    /// The network with its weights on `device`.
+    pub network: Network,
+    /// One label per output.
+    pub classes: Vec<String>,
+    /// Where the weights live.
+    pub device: Device,
+}
+
+impl LoadedModel {
+    /// Validates a manifest and its checkpoint together: every tensor's name
+    /// and shape, then that the layers chain for the declared input size.
+    pub fn from_bytes(manifest_json: &[u8], weights: &[u8], device: &Device) -> Result<Self> {
+        let manifest = Manifest::from_json(manifest_json)?;
+        let ck = Checkpoint::from_bytes(weights, device)?;
+        Self::build(manifest, ck)
+    }
+
+    /// Loads `<dir>/<stem>.json` and `<dir>/<stem>.safetensors`.
+    pub fn from_files(manifest_path: &Path, device: &Device) -> Result<Self> {
+        let json = std::fs::read(manifest_path).map_err(|source| Error::Io {
+            path: manifest_path.to_path_buf(),
+            source,
+        })?;
+        let manifest = Manifest::from_json(&json)?;
+        let ck = Checkpoint::from_file(&manifest_path.with_extension("safetensors"), device)?;
+        Self::build(manifest, ck)
+    }
+
+    fn build(manifest: Manifest, mut ck: Checkpoint) -> Result<Self> {
+        let root = arch::build(&manifest, &mut ck)?;
+        let device = ck.device().clone();
+        ck.finish()?;
+        let s = &manifest.input;
+        let network = Network::new(root, (s.channels, s.height, s.width))?;
+        let classes = match &manifest.classes {
+            Some(c) if c.len() != network.outputs() => {
+                return Err(Error::Manifest(format!(
+                    "`classes` lists {} labels but the network outputs {} values",
+                    c.len(),
+                    network.outputs()
+                )));
+            }
+            Some(c) => c.clone(),
+            None => (0..network.outputs()).map(|i| i.to_string()).collect(),
+        };
+        Ok(Self {
+            manifest,
+            network,
+            classes,
+            device,
+        })
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+
+    /// Logits `[N, classes]` for a preprocessed batch. For a network that
+    /// ends in softmax these are the softmax's inputs, so that "logit" means
+    /// the same thing for every model.
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        if self.network.ends_with_softmax() {
+            let layers = self.network.layers();
+            let before = &layers[layers.len() - 2].name;
+            let mut tap = crate::tap::Record::layers([before.as_str()]);
+            self.network.forward(x, &mut tap)?;
+            tap.get(before).cloned().ok_or_else(|| Error::Shape {
+                layer: before.clone(),
+                reason: "produced no output".into(),
+            })
+        } else {
+            self.network.predict(x)
+        }
+    }
+}
+
+/// A model file that could not be loaded, kept so the API can say why.
+#[derive(Debug, Clone)]
+pub struct LoadFailure {
+    /// The manifest file.
+    pub file: PathBuf,
+    /// What went wrong, naming the tensor or layer.
+    pub error: String,
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        _ => match spec
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => Ok(Device::new_cuda(n)?),
+            None => Err(Error::Manifest(format!(
+                "unknown device {spec:?}; use cpu, cuda or cuda:N"
+            ))),
+        },
+    }
+}

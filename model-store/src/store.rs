@@ -1,0 +1,403 @@
+//! The model store: the one owner of the loaded models, the models directory
+//! they persist in, the files that failed to load, and the names that
+//! training jobs will produce.
+//!
+//! Every way a model comes or goes — an upload, a finished job, an epoch
+//! snapshot, a deletion, the `train` command — goes through here, under one
+//! lock, so that a name has one owner at a time:
+//! - [`ModelStore::register`] adds a new name and never overwrites;
+//! - [`ModelStore::reserve`] gives a queued or running job its name (and
+//!   its `name@epoch-N` snapshots) until [`ModelStore::release`];
+//! - only the reserving job may [`ModelStore::replace`] or
+//!   [`ModelStore::retract`] those names;
+//! - [`ModelStore::delete`] refuses a reserved name.
+//!
+//! Loading a model (seconds for a large one) happens outside the lock: the
+//! name is claimed first, so a second registration of it is refused at once
+//! instead of waiting.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::Device;
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::model::{LoadFailure, LoadedModel};
+use crate::model_dir::ModelDir;
+
+/// Who holds a name that is not (yet) a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// A queued or running training job, by id: it will register the name.
+    Job(String),
+    /// A `POST /models` (or other registration) that is loading the model now.
+    Registration,
+    /// A deletion in progress.
+    Deletion,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Job(id) => write!(f, "job {id}"),
+            Owner::Registration => f.write_str("a registration in progress"),
+            Owner::Deletion => f.write_str("a deletion in progress"),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    models: BTreeMap<String, Arc<LoadedModel>>,
+    /// Names held without a model (or, for a job, with its snapshots).
+    claims: BTreeMap<String, Owner>,
+    failures: Vec<LoadFailure>,
+}
+
+impl State {
+    /// Who holds `name`: a claim on it, or a job's claim on the model its
+    /// `name@epoch-N` snapshot belongs to.
+    fn holder(&self, name: &str) -> Option<&Owner> {
+        self.claims.get(name).or_else(|| {
+            let (base, _) = snapshot_parts(name)?;
+            self.claims.get(base).filter(|o| matches!(o, Owner::Job(_)))
+        })
+    }
+}
+
+/// `("x", 3)` for `x@epoch-3`.
+fn snapshot_parts(name: &str) -> Option<(&str, usize)> {
+    let (base, epoch) = name.rsplit_once("@epoch-")?;
+    Some((base, epoch.parse().ok()?))
+}
+
+/// Loaded models by name, their directory and the names jobs hold.
+#[derive(Debug)]
+pub struct ModelStore {
+    dir: ModelDir,
+    device: Device,
+    state: RwLock<State>,
+}
+
+/// Releases a registration's or deletion's claim however it ends.
+struct Claim<'a> {
+    store: &'a ModelStore,
+    name: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.store.write().claims.remove(&self.name);
+    }
+}
+
+impl ModelStore {
+    /// Opens the directory (finishing whatever a crash left half-done) and
+    /// loads every model in it; a model that fails is kept in
+    /// [`ModelStore::failures`] and skipped.
+    pub fn open(path: &Path, device: &Device) -> Result<Self> {
+        let dir = ModelDir::open(path)?;
+        let (loaded, failures) = dir.load_all(device);
+        let models = loaded
+            .into_iter()
+            .map(|m| (m.name().to_string(), Arc::new(m)))
+            .collect();
+        Ok(Self {
+            dir,
+            device: device.clone(),
+            state: RwLock::new(State {
+                models,
+                claims: BTreeMap::new(),
+                failures,
+            }),
+        })
+    }
+
+    /// The models directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The device models are loaded onto.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The model called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.read().models.get(name).cloned()
+    }
+
+    /// The model called `name`, or an error listing the models there are.
+    pub fn lookup(&self, name: &str) -> Result<Arc<LoadedModel>> {
+        let state = self.read();
+        state
+            .models
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownModel {
+                name: name.to_string(),
+                known: state.models.keys().cloned().collect(),
+            })
+    }
+
+    /// All models, sorted by name.
+    pub fn list(&self) -> Vec<Arc<LoadedModel>> {
+        self.read().models.values().cloned().collect()
+    }
+
+    /// All names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.read().models.keys().cloned().collect()
+    }
+
+    /// Files in the directory that did not load at start-up, and why.
+    pub fn failures(&self) -> Vec<LoadFailure> {
+        self.read().failures.clone()
+    }
+
+    /// Who holds `name` without it being a model yet, if anyone.
+    pub fn holder(&self, name: &str) -> Option<Owner> {
+        self.read().holder(name).cloned()
+    }
+
+    /// Whether `name` could be taken now: not a model, not a file in the
+    /// directory, not held.
+    pub fn check_free(&self, name: &str) -> Result<()> {
+        Self::free(&self.read(), &self.dir, name)
+    }
+
+    fn free(state: &State, dir: &ModelDir, name: &str) -> Result<()> {
+        if let Some(owner) = state.holder(name) {
+            return Err(Error::NameHeld {
+                name: name.to_string(),
+                owner: owner.clone(),
+            });
+        }
+        if state.models.contains_key(name) || dir.contains(name) {
+            return Err(Error::NameTaken {
+                name: name.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Registers a new model from its manifest and weights: validated by
+    /// loading, written as one commit, served at once. Never overwrites.
+    pub fn register(&self, manifest_json: &[u8], weights: &[u8]) -> Result<Arc<LoadedModel>> {
+        let name = Manifest::from_json(manifest_json)?.name;
+        let _claim = self.claim(&name, Owner::Registration)?;
+        let model = LoadedModel::from_bytes(manifest_json, weights, &self.device)?;
+        self.dir.save(&name, manifest_json, weights)?;
+        let model = Arc::new(model);
+        self.write().models.insert(name, model.clone());
+        Ok(model)
+    }
+
+    /// Holds `name` for `job` until [`ModelStore::release`]: nothing else
+    /// may register or delete it (or its `name@epoch-N` snapshots) meanwhile.
+    pub fn reserve(&self, name: &str, job: &str) -> Result<()> {
+        let mut state = self.write();
+        Self::free(&state, &self.dir, name)?;
+        state
+            .claims
+            .insert(name.to_string(), Owner::Job(job.to_string()));
+        Ok(())
+    }
+
+    /// Holds `name` for `job` as it was held before a restart, whether or not
+    /// the model already exists (a job may have registered it and died
+    /// before recording its success).
+    pub fn restore_reservation(&self, name: &str, job: &str) {
+        self.write()
+            .claims
+            .insert(name.to_string(), Owner::Job(job.to_string()));
+    }
+
+    /// Ends every hold of `job`.
+    pub fn release(&self, job: &str) {
+        self.write()
+            .claims
+            .retain(|_, owner| *owner != Owner::Job(job.to_string()));
+    }
+
+    /// Writes and serves `manifest.name` for the job that reserved it (its
+    /// result, or an epoch snapshot), replacing an earlier version.
+    pub fn replace(
+        &self,
+        job: &str,
+        manifest: &Manifest,
+        weights: &[u8],
+    ) -> Result<Arc<LoadedModel>> {
+        self.check_holder(&manifest.name, job)?;
+        let json =
+            serde_json::to_vec_pretty(manifest).map_err(|e| Error::Manifest(e.to_string()))?;
+        let model = LoadedModel::from_bytes(&json, weights, &self.device)?;
+        self.dir.save(&manifest.name, &json, weights)?;
+        let model = Arc::new(model);
+        self.write()
+            .models
+            .insert(manifest.name.clone(), model.clone());
+        Ok(model)
+    }
+
+    /// Takes back a name `job` registered (a snapshot of a job that then
+    /// failed or was cancelled).
+    pub fn retract(&self, job: &str, name: &str) -> Result<()> {
+        self.check_holder(name, job)?;
+        self.write().models.remove(name);
+        self.dir.delete(name)
+    }
+
+    /// Unregisters `name` and deletes its files; refused while a job holds it.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        // The claim keeps a registration of the same name from writing
+        // while the files go.
+        let _claim = {
+            let mut state = self.write();
+            if let Some(owner) = state.holder(name) {
+                return Err(Error::NameHeld {
+                    name: name.to_string(),
+                    owner: owner.clone(),
+                });
+            }
+            if !state.models.contains_key(name) {
+                return Err(Error::UnknownModel {
+                    name: name.to_string(),
+                    known: state.models.keys().cloned().collect(),
+                });
+            }
+            state.claims.insert(name.to_string(), Owner::Deletion);
+            Claim {
+                store: self,
+                name: name.to_string(),
+            }
+        };
+        self.dir.delete(name)?;
+        self.write().models.remove(name);
+        Ok(())
+    }
+
+    fn check_holder(&self, name: &str, job: &str) -> Result<()> {
+        match self.read().holder(name) {
+            Some(Owner::Job(id)) if id == job => Ok(()),
+            other => Err(Error::NotReserved {
+                name: name.to_string(),
+                job: job.to_string(),
+                holder: other.map(|o| o.to_string()),
+            }),
+        }
+    }
+
+    /// Claims a free name for the duration of a registration.
+    fn claim(&self, name: &str, owner: Owner) -> Result<Claim<'_>> {
+        let mut state = self.write();
+        Self::free(&state, &self.dir, name)?;
+        state.claims.insert(name.to_string(), owner);
+        Ok(Claim {
+            store: self,
+            name: name.to_string(),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        // Every write is a single map operation, so a panic elsewhere while
+        // the lock was held cannot leave the state half-updated.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf()
+    }
+
+    /// A store on a temporary directory holding the bundled CNN_A.
+    fn store() -> (tempfile::TempDir, ModelStore, Vec<u8>, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let models = repo().join("models");
+        let manifest = std::fs::read(models.join("cnn-a-mnist.json")).unwrap();
+        let weights = std::fs::read(models.join("cnn-a-mnist.safetensors")).unwrap();
+        let store = ModelStore::open(tmp.path(), &Device::Cpu).unwrap();
+        (tmp, store, manifest, weights)
+    }
+
+    fn renamed(manifest: &[u8], name: &str) -> Manifest {
+        let mut m = Manifest::from_json(manifest).unwrap();
+        m.name = name.into();
+        m
+    }
+
+    #[test]
+    fn a_reserved_name_cannot_be_registered_or_deleted_by_anyone_else() {
+        let (_tmp, store, manifest, weights) = store();
+        store.reserve("cnn-a-mnist", "job-1").unwrap();
+        let err = store.register(&manifest, &weights).unwrap_err();
+        assert!(
+            matches!(&err, Error::NameHeld { owner: Owner::Job(j), .. } if j == "job-1"),
+            "{err}"
+        );
+        assert!(store.reserve("cnn-a-mnist", "job-2").is_err());
+        // The job's snapshot is the job's too.
+        let snap = renamed(&manifest, "cnn-a-mnist@epoch-1");
+        store.replace("job-1", &snap, &weights).unwrap();
+        assert!(store.delete("cnn-a-mnist@epoch-1").is_err());
+        assert!(store.replace("job-2", &snap, &weights).is_err());
+        // Once released, the job's result stays and is an ordinary model.
+        let done = Manifest::from_json(&manifest).unwrap();
+        store.replace("job-1", &done, &weights).unwrap();
+        store.release("job-1");
+        assert!(matches!(
+            store.register(&manifest, &weights),
+            Err(Error::NameTaken { .. })
+        ));
+        store.delete("cnn-a-mnist").unwrap();
+        store.delete("cnn-a-mnist@epoch-1").unwrap();
+        assert!(store.names().is_empty());
+    }
+
+    #[test]
+    fn a_registered_name_cannot_be_reserved_and_survives_reopening() {
+        let (tmp, store, manifest, weights) = store();
+        store.register(&manifest, &weights).unwrap();
+        assert!(matches!(
+            store.reserve("cnn-a-mnist", "job-1"),
+            Err(Error::NameTaken { .. })
+        ));
+        drop(store);
+        let again = ModelStore::open(tmp.path(), &Device::Cpu).unwrap();
+        assert_eq!(again.names(), ["cnn-a-mnist"]);
+        assert!(again.failures().is_empty());
+    }
+
+    #[test]
+    fn only_one_of_many_simultaneous_reservations_wins() {
+        let (_tmp, store, _, _) = store();
+        let wins = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = &store;
+                    s.spawn(move || store.reserve("x", &format!("job-{i}")).is_ok())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|&won| won)
+                .count()
+        });
+        assert_eq!(wins, 1);
+    }
+}
