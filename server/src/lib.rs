@@ -14,9 +14,7 @@
 
 pub mod auth;
 pub mod batching;
-pub mod bench;
 pub mod catch_panic;
-pub mod cli;
 pub mod compute;
 pub mod error;
 pub mod extract;

@@ -51,7 +51,7 @@ export CONVSCOPE_INPUT_ID
 # mismatch" (python/cpython#106905, pytest-dev/pytest#10763). That failed
 # one CI run with no fault in the server. One worker takes about 20 s.
 # GET /jobs/{id}/events is left out: it is a stream that lasts as long as
-# its job (tests/tests/training.rs follows one to the end).
+# its job (tests/tests/blackbox/training.rs follows one to the end).
 # positive_data_acceptance is off: a schema cannot say which bytes decode as
 # an image, nor that a GET needs `?input=`, so schema-valid requests without
 # a decodable image are rightly refused with 4xx.

@@ -1200,6 +1200,7 @@ mod tests {
 
     use super::*;
     use crate::kernels::testing::Cases as Rng;
+    use crate::kernels::tier;
 
     /// A random case: the op, input, weight and bias (maybe empty).
     fn case(rng: &mut Rng) -> (ConvOp, Tensor, Tensor, Tensor) {
@@ -1312,6 +1313,11 @@ mod tests {
         // others (cropped); other strides and 1×1 kernels take the
         // general path, which runs the kernel when the positions per image
         // are whole vectors.
+        let mut ways: Vec<bool> = tier::tested_tiers("direct convolution vs im2col + gemm")
+            .into_iter()
+            .map(direct::runs_at)
+            .collect();
+        ways.dedup();
         let mut rng = Rng::new(17);
         let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
         for case in 0..240 {
@@ -1382,12 +1388,7 @@ mod tests {
                 to_vec(&wt).unwrap(),
                 to_vec(&b).unwrap(),
             );
-            let ways: &[bool] = if direct::available() {
-                &[false, true]
-            } else {
-                &[false]
-            };
-            for &by_direct in ways {
+            for &by_direct in &ways {
                 let y = op.forward_by(&d, &xs, &ws, &bs, by_direct, None);
                 let y = Tensor::from_vec(y, expected.dims(), &Device::Cpu).unwrap();
                 close(&y, &expected, &format!("{what}, direct {by_direct}"));
@@ -1402,6 +1403,10 @@ mod tests {
 
     #[test]
     fn weights_packed_once_give_the_same_outputs() {
+        let tiers = tier::tested_tiers("weights packed once for the direct convolution");
+        if !tiers.into_iter().any(direct::runs_at) {
+            return; // said above: no tier here runs the direct kernel
+        }
         let mut rng = Rng::new(23);
         let mut checked = 0;
         while checked < 60 {
@@ -1410,9 +1415,8 @@ mod tests {
             if op.groups != 1 {
                 continue;
             }
-            let Some(packed) = pack_weights(&to_vec(&w).unwrap(), o, cg * kh * kw) else {
-                return; // this CPU has no direct kernel to pack for
-            };
+            // Packed directly, so a CONVSCOPE_KERNELS cap does not skip it.
+            let packed: Arc<[f32]> = Arc::from(direct::pack(&to_vec(&w).unwrap(), o, cg * kh * kw));
             let what = format!("{op:?} x{:?} w{:?}", x.dims(), w.dims());
             let ours = x
                 .apply_op3(

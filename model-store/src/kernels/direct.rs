@@ -21,8 +21,8 @@
 //! rows of 8 that are consecutive in the output but a padded row apart in
 //! the input.
 //!
-//! [`available`] says whether this CPU runs it; elsewhere `conv.rs` keeps
-//! im2col + gemm.
+//! [`available`] says whether the active kernel tier (`tier.rs`) runs it;
+//! elsewhere `conv.rs` keeps im2col + gemm.
 
 use super::conv::Activation;
 
@@ -34,17 +34,15 @@ const NV: usize = 3;
 /// Positions per vector.
 pub(super) const LANES: usize = 16;
 
-/// Whether this CPU has the instructions the kernel uses.
+/// Whether the kernels run at a tier with this kernel's instructions (the
+/// CPU has them and `CONVSCOPE_KERNELS` does not cap them off).
 pub(super) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    runs_at(super::tier::active())
+}
+
+/// Whether `tier` runs this kernel.
+pub(super) fn runs_at(tier: super::tier::Tier) -> bool {
+    tier >= super::tier::Tier::Avx512
 }
 
 /// Weights `[O, K]` (row-major) in the kernel's order: blocks of [`MR`]

@@ -1,11 +1,13 @@
 //! CPU kernels as candle custom ops, each with its own backward, where
 //! candle's stock ops fall short. Each is tested against a reference
-//! implementation on random shapes.
+//! implementation on random shapes, at every instruction-set tier the CPU
+//! has ([`tier`]).
 
 pub mod conv;
 mod direct;
 pub mod elementwise;
 pub mod pool;
+pub mod tier;
 pub mod winograd;
 
 /// Random test cases for the kernels' equivalence tests, from the project's

@@ -1,4 +1,8 @@
-//! The `convscope` binary: thin on purpose; everything lives in the library.
+//! The `convscope` binary: `serve` is the library's `Application`; the
+//! binary-only commands `bench` and `train` live beside this file.
+
+mod bench;
+mod train;
 
 use clap::{Parser, Subcommand};
 use convscope::{Application, Settings};
@@ -118,18 +122,27 @@ async fn run() {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    // A typo in the kernel cap stops every command here instead of being
+    // ignored.
+    let tier = match model_store::kernels::tier::check_env() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("convscope: {e}");
+            std::process::exit(2);
+        }
+    };
     match command {
         Command::Openapi => print!("{}", convscope::openapi::document_json()),
         Command::Bench(args) => {
             let threads = candle_core::utils::get_num_threads();
-            match convscope::bench::run(&args.models, args.runs.max(1), args.only.as_deref()) {
+            match bench::run(&args.models, args.runs.max(1), args.only.as_deref()) {
                 Ok(timings) if args.json => {
-                    let out = serde_json::json!({"threads": threads, "runs": args.runs, "cases": timings});
+                    let out = serde_json::json!({"threads": threads, "kernels": tier.name(), "runs": args.runs, "cases": timings});
                     println!("{out:#}");
                 }
                 Ok(timings) => {
                     println!(
-                        "convscope {}, candle threads: {threads}, median of {} runs after 3 warm-up",
+                        "convscope {}, candle threads: {threads}, kernel tier: {tier}, median of {} runs after 3 warm-up",
                         env!("CARGO_PKG_VERSION"),
                         args.runs
                     );
@@ -157,7 +170,7 @@ async fn run() {
             // On a rayon worker, as the server's jobs train: the kernels'
             // parallel loops then start warm.
             let result = rayon::scope(|_| {
-                convscope::cli::train(&args.job, &args.models, &args.datasets, &args.device)
+                train::train(&args.job, &args.models, &args.datasets, &args.device)
                     .map_err(|e| e.to_string())
             });
             if let Err(e) = result {
@@ -173,7 +186,7 @@ async fn run() {
                     std::process::exit(1);
                 }
             };
-            tracing::info!(addr = %app.local_addr(), models = app.state().models.names().len(), "serving");
+            tracing::info!(addr = %app.local_addr(), models = app.state().models.names().len(), kernels = %tier, "serving");
             if let Err(e) = app.run_until_stopped().await {
                 eprintln!("convscope: {e}");
                 std::process::exit(1);

@@ -22,21 +22,21 @@ use serde::Serialize;
 
 /// One case's result.
 #[derive(Debug, Serialize)]
-pub struct Timing {
+pub(crate) struct Timing {
     /// Case name, shared with the PyTorch script.
-    pub case: String,
+    pub(crate) case: String,
     /// Median milliseconds per iteration.
-    pub median_ms: f64,
+    pub(crate) median_ms: f64,
     /// 90th percentile.
-    pub p90_ms: f64,
+    pub(crate) p90_ms: f64,
     /// Images per iteration (per-image time = median / batch).
-    pub batch: usize,
+    pub(crate) batch: usize,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Times `f` as the server runs model work: on a thread of the rayon pool
-/// (see [`crate::compute`]).
+/// (see `convscope::compute`).
 fn time(
     case: &str,
     batch: usize,
@@ -102,7 +102,7 @@ fn bundled(models: &Path, name: &str) -> Result<LoadedModel, Error> {
 }
 
 /// Runs every case (or those whose name contains `only`).
-pub fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>, Error> {
+pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<Timing>, Error> {
     let wanted = |case: &str| only.is_none_or(|o| case.contains(o));
     let mut out = Vec::new();
     // ResNet-18's fresh initialisation takes a moment: only when asked for.
@@ -280,7 +280,7 @@ fn http(models: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
     // The server gets a runtime of its own on its own thread (the caller
     // may be inside one already); it stops when the sender is dropped.
     let jobs = tempfile::tempdir()?;
-    let mut settings = crate::settings::Settings::for_tests(models);
+    let mut settings = convscope::Settings::for_tests(models);
     settings.train_workers = 0;
     settings.jobs_db = Some(jobs.path().join("jobs.sqlite3"));
     let (port_tx, port_rx) = std::sync::mpsc::channel();
@@ -291,7 +291,7 @@ fn http(models: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async move {
-            let app = crate::startup::Application::build(settings)
+            let app = convscope::Application::build(settings)
                 .await
                 .map_err(|e| e.to_string())?;
             let _ = port_tx.send(app.port());

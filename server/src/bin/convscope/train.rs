@@ -8,11 +8,11 @@ use model_store::train::{self, Control, Event, Outcome};
 use model_store::{ModelStore, parse_device};
 
 /// Errors of the CLI: their text is what the user reads.
-pub type CliResult = Result<(), String>;
+pub(crate) type CliResult = Result<(), String>;
 
 /// Plans and runs the job in `job_path`, writing the model (and its epoch
 /// snapshots) into `models`.
-pub fn train(job_path: &Path, models: &Path, datasets: &Path, device: &str) -> CliResult {
+pub(crate) fn train(job_path: &Path, models: &Path, datasets: &Path, device: &str) -> CliResult {
     let text =
         std::fs::read_to_string(job_path).map_err(|e| format!("{}: {e}", job_path.display()))?;
     let body: serde_json::Value =
