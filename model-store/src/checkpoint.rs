@@ -26,7 +26,7 @@ pub struct Checkpoint {
 /// Fresh initialisation for tensors a checkpoint lacks (training a new
 /// model, or a new head): PyTorch's defaults, from a seeded generator.
 struct Init {
-    rng: crate::inspect::saliency::Gaussian,
+    rng: crate::rng::Rng,
     /// Fan-in of each layer's weight, for its bias's bound.
     fan_in: BTreeMap<String, usize>,
     /// Tensors that were initialised rather than read.
@@ -99,7 +99,7 @@ impl Checkpoint {
     /// weight 1, bias 0, running mean 0, running variance 1.
     pub fn initialising_missing(mut self, seed: u64) -> Self {
         self.init = Some(Init {
-            rng: crate::inspect::saliency::Gaussian::new(seed),
+            rng: crate::rng::Rng::new(seed),
             fan_in: BTreeMap::new(),
             initialised: Vec::new(),
         });
@@ -219,5 +219,45 @@ impl Checkpoint {
     /// The device tensors are placed on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(tensors: &[(&str, Tensor)]) -> Vec<u8> {
+        let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+        safetensors::tensor::serialize(views, None).unwrap()
+    }
+
+    #[test]
+    fn a_leading_module_prefix_is_stripped_and_every_problem_is_listed() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((4, 3), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        let stray = Tensor::zeros(2, DType::F32, &dev).unwrap();
+        let raw = bytes(&[
+            ("module.fc.weight", w),
+            ("module.fc.bias", b),
+            ("module.extra", stray),
+        ]);
+        let mut ck = Checkpoint::from_bytes(&raw, &dev).unwrap();
+        assert_eq!(ck.shape_of("fc.weight"), Some(vec![4, 3]));
+        ck.take("fc.weight", &[4, 3]).unwrap();
+        ck.take("fc.bias", &[5]).unwrap();
+        ck.take("head.weight", &[2, 4]).unwrap();
+        let e = ck.finish().unwrap_err().to_string();
+        assert!(
+            e.contains("tensor 'fc.bias' has shape [4], expected [5]"),
+            "{e}"
+        );
+        assert!(e.contains("missing tensor 'head.weight'"), "{e}");
+        assert!(e.contains("unexpected tensor 'extra'"), "{e}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_safetensors_are_refused() {
+        assert!(Checkpoint::from_bytes(b"not a checkpoint", &Device::Cpu).is_err());
     }
 }

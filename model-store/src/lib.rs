@@ -12,6 +12,7 @@
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.
 //! - [`preprocess`]: image bytes → input tensor, as torchvision would.
+//! - [`rng`]: the seeded generator every random draw comes from.
 //! - [`model`]: a loaded model: manifest, network, labels.
 //! - [`model_dir`]: the models directory, changed through a commit journal.
 //! - [`store`]: the one owner of loaded models, their files and the names
@@ -33,6 +34,7 @@ pub mod manifest;
 pub mod model;
 pub mod model_dir;
 pub mod preprocess;
+pub mod rng;
 pub mod store;
 pub mod tap;
 pub mod train;

@@ -408,3 +408,48 @@ pub fn parse_layers(raw: &[Value]) -> Result<Vec<LayerSpec>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cnn_a() -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/cnn-a-mnist.json"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bundled_manifest_parses_and_keeps_unknown_keys() {
+        let mut v: Value = serde_json::from_slice(&cnn_a()).unwrap();
+        v["description"] = serde_json::json!("kept, not used");
+        let m = Manifest::from_json(v.to_string().as_bytes()).unwrap();
+        assert_eq!(m.name, "cnn-a-mnist");
+        assert_eq!(m.input.channels, 1);
+        assert_eq!(m.extra["description"], "kept, not used");
+        let (mean, std) = m.normalisation();
+        assert_eq!((mean.len(), std.len()), (1, 1));
+    }
+
+    #[test]
+    fn layer_errors_name_the_layer_and_the_field() {
+        let layers = |l: Value| parse_layers(l.as_array().unwrap()).unwrap_err().to_string();
+        let e = layers(serde_json::json!([{"name": "c1", "type": "conv2d", "in_channels": 1}]));
+        assert!(
+            e.contains("layers[0] ('c1')") && e.contains("out_channels"),
+            "{e}"
+        );
+        let e = layers(serde_json::json!([{"name": "x", "type": "lstm"}]));
+        assert!(
+            e.contains("unknown type \"lstm\"") && e.contains("conv2d"),
+            "{e}"
+        );
+        let e = layers(
+            serde_json::json!([{"name": "a", "type": "relu"}, {"name": "a", "type": "relu"}]),
+        );
+        assert!(e.contains("used twice"), "{e}");
+        assert!(validate_model_name("bad name!").is_err());
+        assert!(validate_model_name("net@epoch-3").is_ok());
+    }
+}

@@ -72,6 +72,32 @@ impl LoadedModel {
         })
     }
 
+    /// A class given by index or by label (exact, then ignoring ASCII case).
+    pub fn class_index(&self, token: &str) -> Result<usize> {
+        let labels = &self.classes;
+        if let Ok(i) = token.parse::<usize>()
+            && i < labels.len()
+        {
+            return Ok(i);
+        }
+        if let Some(i) = labels.iter().position(|l| l == token) {
+            return Ok(i);
+        }
+        if let Some(i) = labels.iter().position(|l| l.eq_ignore_ascii_case(token)) {
+            return Ok(i);
+        }
+        let shown: Vec<&str> = labels.iter().take(20).map(String::as_str).collect();
+        Err(Error::InvalidArgument {
+            param: "class".into(),
+            reason: format!(
+                "unknown class {token:?}: give an index 0-{} or a label ({}{})",
+                labels.len().saturating_sub(1),
+                shown.join(", "),
+                if labels.len() > 20 { ", ..." } else { "" }
+            ),
+        })
+    }
+
     /// The model's name.
     pub fn name(&self) -> &str {
         &self.manifest.name

@@ -112,3 +112,102 @@ impl Tap for Record {
                 .is_some_and(|w| w.len() == self.outputs.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::model::LoadedModel;
+
+    fn resnet20() -> LoadedModel {
+        let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        LoadedModel::from_files(&models.join("resnet20-cifar10.json"), &Device::Cpu).unwrap()
+    }
+
+    fn input() -> Tensor {
+        let mut rng = crate::rng::Rng::new(5);
+        let v: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, (2, 3, 32, 32), &Device::Cpu).unwrap()
+    }
+
+    /// Counts the layers the pass reported, around another tap.
+    struct Counting<T: Tap> {
+        inner: T,
+        seen: usize,
+    }
+
+    impl<T: Tap> Tap for Counting<T> {
+        fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor> {
+            self.seen += 1;
+            self.inner.on_output(layer, output)
+        }
+        fn wants(&self, layer: &str) -> bool {
+            self.inner.wants(layer)
+        }
+        fn is_done(&self) -> bool {
+            self.inner.is_done()
+        }
+    }
+
+    #[test]
+    fn the_fused_pass_and_the_observed_pass_give_the_same_logits() {
+        let model = resnet20();
+        let x = input();
+        // No tap: conv + batch norm + ReLU fused, residual add + ReLU in one.
+        let fused = model.network.predict(&x).unwrap();
+        // Every layer observed: nothing can be fused.
+        let mut all = Record::all();
+        let observed = model.network.forward(&x, &mut all).unwrap();
+        let diff = (fused - &observed)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = observed
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1.0),
+            "fused and unfused differ by {diff}"
+        );
+        assert_eq!(all.outputs.len(), model.network.layers().len());
+        // Forward order, as PyTorch's hooks fire: children before their block.
+        let names: Vec<&str> = all.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        let pos = |n: &str| names.iter().position(|m| *m == n).unwrap();
+        assert!(pos("layer1.0.conv1") < pos("layer1.0") && pos("layer1.0") < pos("linear"));
+    }
+
+    #[test]
+    fn a_record_of_some_layers_stops_the_pass_once_it_has_them() {
+        let model = resnet20();
+        let total = model.network.layers().len();
+        let mut tap = Counting {
+            inner: Record::layers(["layer1.0.conv1", "layer1.0"]),
+            seen: 0,
+        };
+        model.network.forward(&input(), &mut tap).unwrap();
+        assert_eq!(tap.inner.outputs.len(), 2);
+        assert!(tap.inner.get("layer1.0").is_some());
+        assert!(
+            tap.seen < total / 2,
+            "the pass went on to {} of {total} layers",
+            tap.seen
+        );
+        // With the output too, it runs to the end (the layers no tap wants
+        // fused, so not reported).
+        let mut tap = Record::layers_and_output(["layer1.0"]);
+        let out = model.network.forward(&input(), &mut tap).unwrap();
+        assert_eq!(out.dims(), [2, 10]);
+        assert_eq!(tap.outputs.len(), 1);
+    }
+}

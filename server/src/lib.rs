@@ -5,6 +5,7 @@
 //! - [`input`]: images from multipart, raw bodies, base64 JSON or the inputs cache.
 //! - [`inputs`]: the content-addressed, LRU-bounded inputs cache.
 //! - [`render`]: colormaps, grids, PNG and `.npy` encoding.
+//! - [`pipeline`]: the one request pipeline of the inspection routes.
 //! - [`compute`]: the bounded pool model work runs on.
 //! - [`jobs`]: training jobs: the SQLite queue, workers, events, plots.
 //! - [`error`]: `ApiError`, answered as problem+json; [`catch_panic`]: a
@@ -23,6 +24,7 @@ pub mod inputs;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod pipeline;
 pub mod render;
 pub mod routes;
 pub mod settings;

@@ -97,27 +97,7 @@ impl Metrics {
             .iter()
         {
             let l = format!("route=\"{}\",method=\"{method}\"", label(route));
-            for (bound, count) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "convscope_http_request_duration_seconds_bucket{{{l},le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "convscope_http_request_duration_seconds_bucket{{{l},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "convscope_http_request_duration_seconds_sum{{{l}}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "convscope_http_request_duration_seconds_count{{{l}}} {}",
-                h.count
-            );
+            write_histogram(&mut out, "convscope_http_request_duration_seconds", &l, h);
         }
         out.push_str("# HELP convscope_model_compute_seconds Time spent computing on the compute pool (decode, forward, backward, rendering) per model and route.\n");
         out.push_str("# TYPE convscope_model_compute_seconds histogram\n");
@@ -128,24 +108,14 @@ impl Metrics {
             .iter()
         {
             let l = format!("model=\"{}\",route=\"{}\"", label(model), label(route));
-            for (bound, count) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(
-                    out,
-                    "convscope_model_compute_seconds_bucket{{{l},le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "convscope_model_compute_seconds_bucket{{{l},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(out, "convscope_model_compute_seconds_sum{{{l}}} {}", h.sum);
-            let _ = writeln!(
-                out,
-                "convscope_model_compute_seconds_count{{{l}}} {}",
-                h.count
-            );
+            write_histogram(&mut out, "convscope_model_compute_seconds", &l, h);
         }
+        self.render_service(&mut out, state);
+        out
+    }
+
+    /// The gauges and counters of the compute pool, jobs, models and inputs cache.
+    fn render_service(&self, out: &mut String, state: &AppState) {
         let gauge = |out: &mut String, name: &str, help: &str, value: f64| {
             let _ = writeln!(
                 out,
@@ -159,13 +129,13 @@ impl Metrics {
             );
         };
         gauge(
-            &mut out,
+            out,
             "convscope_compute_queue_depth",
             "Computations waiting for a compute slot.",
             state.compute.waiting() as f64,
         );
         gauge(
-            &mut out,
+            out,
             "convscope_compute_running",
             "Computations running now.",
             state.compute.running() as f64,
@@ -182,38 +152,47 @@ impl Metrics {
                 .find(|(s, _)| *s == crate::jobs::store::Status::Queued)
                 .map_or(0, |(_, n)| *n);
             gauge(
-                &mut out,
+                out,
                 "convscope_job_queue_depth",
                 "Training jobs waiting for a worker.",
                 queued as f64,
             );
         }
         gauge(
-            &mut out,
+            out,
             "convscope_models_loaded",
             "Models in the store.",
             state.models.names().len() as f64,
         );
         gauge(
-            &mut out,
+            out,
             "convscope_inputs_cache_bytes",
             "Bytes of images in the inputs cache.",
             state.inputs.bytes() as f64,
         );
         counter(
-            &mut out,
+            out,
             "convscope_inputs_cache_hits_total",
             "?input= lookups that found their image.",
             self.inputs_hits.load(Ordering::Relaxed),
         );
         counter(
-            &mut out,
+            out,
             "convscope_inputs_cache_misses_total",
             "?input= lookups that did not.",
             self.inputs_misses.load(Ordering::Relaxed),
         );
-        out
     }
+}
+
+/// One histogram's buckets, sum and count under labels `l`.
+fn write_histogram(out: &mut String, name: &str, l: &str, h: &Histogram) {
+    for (bound, count) in BUCKETS.iter().zip(h.counts) {
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"{bound}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
 }
 
 /// Times every request and counts it under its route template

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "tools" / "golden"))
 from train_cnn_a import LAYERS as CNN_A_LAYERS, build as build_cnn_a  # noqa: E402
 from torchvision_hash import hash_state  # noqa: E402
 
+from versions import versions  # tools/golden/versions.py
+
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM, "xgradcam": XGradCAM,
            "layercam": LayerCAM, "eigencam": EigenCAM, "scorecam": ScoreCAM}
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
@@ -114,3 +116,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    (OUT / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")

@@ -37,6 +37,8 @@ from train_cnn_a import LAYERS as CNN_A_LAYERS, build as build_cnn_a  # noqa: E4
 from torchvision_hash import hash_state  # noqa: E402
 from inspection import ResNetCifar  # noqa: E402
 
+from versions import versions  # tools/golden/versions.py
+
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 OPS_NET = [
@@ -155,3 +157,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    (OUT / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")

@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT / "tools" / "golden"))
 from train_cnn_a import LAYERS as CNN_A_LAYERS, build as build_cnn_a  # noqa: E402
 from torchvision_hash import hash_state  # noqa: E402
 
+from versions import versions  # tools/golden/versions.py
+
 MAX_SAMPLES = 1024
 
 
@@ -215,3 +217,4 @@ if __name__ == "__main__":
     activations()
     distances()
     tensor_lists()
+    (OUT / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")

@@ -31,6 +31,8 @@ import torch
 import torchvision
 from PIL import Image
 
+from versions import versions  # tools/golden/versions.py
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "torchvision"
 MASK = (1 << 64) - 1
@@ -252,3 +254,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    (OUT / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")

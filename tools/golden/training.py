@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from versions import versions  # tools/golden/versions.py
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "training"
 
@@ -125,3 +127,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    (OUT / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")

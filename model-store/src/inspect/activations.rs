@@ -101,9 +101,70 @@ pub fn layer_stats(name: &str, output: &Tensor) -> Result<LayerStats> {
     })
 }
 
+/// A layer's output for a batch, keeping only the selected channels in
+/// the order asked for, on the CPU.
+#[derive(Debug, Clone)]
+pub struct Selected {
+    /// `[N, channels kept, ...]`.
+    pub shape: Vec<usize>,
+    /// The values, row-major.
+    pub data: Vec<f32>,
+    /// The channels kept (every channel when no selection was given).
+    pub channels: Vec<usize>,
+}
+
+/// `output` (`[N, C, ...]`) with only the channels `spec` selects
+/// (`0-15`, `3,7`; all of them for `None`).
+pub fn select_channels(output: &Tensor, spec: Option<&str>) -> Result<Selected> {
+    let dims = output.dims().to_vec();
+    let channels = dims.get(1).copied().unwrap_or(1);
+    let data = output.flatten_all()?.to_vec1::<f32>()?;
+    let Some(spec) = spec else {
+        return Ok(Selected {
+            shape: dims,
+            data,
+            channels: (0..channels).collect(),
+        });
+    };
+    let sel = parse_channels(spec, channels)?;
+    let per_item = data.len() / dims[0].max(1);
+    let per_channel = per_item / channels.max(1);
+    let mut kept = Vec::with_capacity(dims[0] * sel.len() * per_channel);
+    for item in data.chunks(per_item) {
+        for &c in &sel {
+            kept.extend_from_slice(&item[c * per_channel..(c + 1) * per_channel]);
+        }
+    }
+    let mut shape = dims;
+    shape[1] = sel.len();
+    Ok(Selected {
+        shape,
+        data: kept,
+        channels: sel,
+    })
+}
+
+/// One image's output (`[C, H, W]` or `[F]`) as one map for the
+/// whole-model sheet: `(h, w, values)`. A spatial map is the mean over its
+/// channels; a globally pooled `[C, 1, 1]` or flat output is shown as its
+/// vector, which says more than its mean; other shapes have no map.
+pub fn summary_map(output: &Tensor) -> Result<Option<(usize, usize, Vec<f32>)>> {
+    let host = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    Ok(match output.dims()[..] {
+        [c, 1, 1] => Some((1, c, host(output)?)),
+        [_, h, w] => Some((h, w, host(&output.mean(0)?)?)),
+        [f] => Some((1, f, host(output)?)),
+        _ => None,
+    })
+}
+
 /// Parses a channel selection: `0-15`, `3,7,9`, `0-3,8` (inclusive ranges),
 /// checked against the layer's `channels`.
-pub fn parse_channels(spec: &str, channels: usize) -> std::result::Result<Vec<usize>, String> {
+pub fn parse_channels(spec: &str, channels: usize) -> Result<Vec<usize>> {
+    let invalid = |reason: String| Error::InvalidArgument {
+        param: "channels".into(),
+        reason,
+    };
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (a, b) = match part.split_once('-') {
@@ -112,26 +173,28 @@ pub fn parse_channels(spec: &str, channels: usize) -> std::result::Result<Vec<us
         };
         let parse = |s: &str| {
             s.parse::<usize>().map_err(|_| {
-                format!("channels: {part:?} is not a channel number or range like 0-15")
+                invalid(format!(
+                    "{part:?} is not a channel number or range like 0-15"
+                ))
             })
         };
         let (a, b) = (parse(a)?, parse(b)?);
         if a > b {
-            return Err(format!("channels: range {part:?} runs backwards"));
+            return Err(invalid(format!("range {part:?} runs backwards")));
         }
         if b >= channels {
-            return Err(format!(
-                "channels: {b} is out of range; the layer has {channels} channels (0-{})",
+            return Err(invalid(format!(
+                "{b} is out of range; the layer has {channels} channels (0-{})",
                 channels.saturating_sub(1)
-            ));
+            )));
         }
         out.extend(a..=b);
         if out.len() > 4096 {
-            return Err("channels: at most 4096 channels at once".into());
+            return Err(invalid("at most 4096 channels at once".into()));
         }
     }
     if out.is_empty() {
-        return Err("channels: empty selection; give e.g. 0-15 or 3,7,9".into());
+        return Err(invalid("empty selection; give e.g. 0-15 or 3,7,9".into()));
     }
     Ok(out)
 }
@@ -148,7 +211,8 @@ mod tests {
         assert!(
             parse_channels("999", 64)
                 .unwrap_err()
-                .contains("the layer has 64 channels")
+                .to_string()
+                .contains("channels: 999 is out of range; the layer has 64 channels")
         );
         assert!(parse_channels("5-2", 64).is_err());
         assert!(parse_channels("x", 64).is_err());

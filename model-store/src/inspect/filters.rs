@@ -42,6 +42,20 @@ pub fn conv_layers(model: &LoadedModel) -> Vec<String> {
         .collect()
 }
 
+/// One output channel's kernel (`[I, kh, kw]`, flat) as a single `kh × kw`
+/// plane: input channel `plane`, or the mean over every input channel.
+pub fn kernel_plane(kernel: &[f32], in_channels: usize, plane: Option<usize>) -> Vec<f32> {
+    let k2 = kernel.len() / in_channels.max(1);
+    match plane {
+        Some(n) => kernel[n * k2..(n + 1) * k2].to_vec(),
+        None => (0..k2)
+            .map(|j| {
+                (0..in_channels).map(|ch| kernel[ch * k2 + j]).sum::<f32>() / in_channels as f32
+            })
+            .collect(),
+    }
+}
+
 /// The kernels as `f32` values with their shape, on the CPU.
 pub fn to_host(t: &Tensor) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))

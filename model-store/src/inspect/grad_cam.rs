@@ -74,16 +74,11 @@ impl Method {
         }
     }
 
-    /// Parses an API name (`gradcampp` is accepted for `gradcam++`, whose
-    /// `+` a URL query turns into spaces unless encoded).
+    /// Parses a method name (`gradcampp` is accepted for `gradcam++`).
     pub fn parse(s: &str) -> Option<Self> {
-        // Before any trimming: `gradcam++` unencoded in a query arrives as
-        // "gradcam" and two spaces, which must not become plain Grad-CAM.
         match s {
-            "gradcam++" | "gradcampp" | "gradcam  " | "gradcam%2B%2B" => {
-                Some(Method::GradCamPlusPlus)
-            }
-            other => METHODS.into_iter().find(|m| m.name() == other.trim()),
+            "gradcam++" | "gradcampp" => Some(Method::GradCamPlusPlus),
+            other => METHODS.into_iter().find(|m| m.name() == other),
         }
     }
 
@@ -169,10 +164,10 @@ pub fn check_layer(model: &LoadedModel, layer: &str) -> Result<(usize, usize, us
                 .filter(|l| matches!(l.output_shape[..], [_, h, w] if h * w > 1))
                 .map(|l| l.name.clone())
                 .collect();
-            Err(Error::Shape {
-                layer: layer.to_string(),
+            Err(Error::InvalidArgument {
+                param: "layer".into(),
                 reason: format!(
-                    "outputs {:?}, which has no spatial extent: a class activation map needs a layer with an [C, H, W] output larger than 1x1, before flatten and global pooling; such layers: {}",
+                    "'{layer}' outputs {:?}, which has no spatial extent: a class activation map needs a layer with an [C, H, W] output larger than 1x1, before flatten and global pooling; such layers: {}",
                     info.output_shape,
                     spatial.join(", ")
                 ),
@@ -600,8 +595,8 @@ mod tests {
         assert_eq!(Method::parse("gradcampp"), Some(Method::GradCamPlusPlus));
         assert_eq!(
             Method::parse("gradcam  "),
-            Some(Method::GradCamPlusPlus),
-            "'++' decoded from a query"
+            None,
+            "URL decoding is the server's"
         );
     }
 }

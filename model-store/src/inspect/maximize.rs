@@ -13,8 +13,8 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::inspect::saliency::Gaussian;
 use crate::model::LoadedModel;
+use crate::rng::Rng;
 use crate::tap::Record;
 
 /// What to maximise.
@@ -68,20 +68,26 @@ pub struct Maximized {
 /// Checks the objective against the model.
 pub fn check(model: &LoadedModel, objective: &Objective) -> Result<()> {
     match objective {
-        Objective::Class(k) if *k >= model.classes.len() => Err(Error::ImageInput(format!(
-            "class {k} is out of range: the model has {} classes",
-            model.classes.len()
-        ))),
+        Objective::Class(k) if *k >= model.classes.len() => Err(Error::InvalidArgument {
+            param: "class".into(),
+            reason: format!(
+                "{k} is out of range: the model has {} classes",
+                model.classes.len()
+            ),
+        }),
         Objective::Class(_) => Ok(()),
         Objective::Layer { layer, channel } => {
             crate::inspect::activations::check_layer(model, layer)?;
             let shape = &model.network.layer(layer).expect("checked").output_shape;
             match channel {
-                Some(c) if *c >= shape[0] => Err(Error::ImageInput(format!(
-                    "channel {c} is out of range: layer '{layer}' has {} channels (0-{})",
-                    shape[0],
-                    shape[0] - 1
-                ))),
+                Some(c) if *c >= shape[0] => Err(Error::InvalidArgument {
+                    param: "channel".into(),
+                    reason: format!(
+                        "{c} is out of range: layer '{layer}' has {} channels (0-{})",
+                        shape[0],
+                        shape[0] - 1
+                    ),
+                }),
                 _ => Ok(()),
             }
         }
@@ -119,7 +125,7 @@ pub fn maximize(model: &LoadedModel, start: Option<&Tensor>, s: &Settings) -> Re
     let shape = (1, c, h, w);
     let per_channel = |v: &[f32]| Tensor::from_vec(v.to_vec(), (1, c, 1, 1), &model.device);
     let (lo_t, hi_t) = (per_channel(&lo)?, per_channel(&hi)?);
-    let mut rng = Gaussian::new(s.seed);
+    let mut rng = Rng::new(s.seed);
     let x0 = match start {
         Some(t) => t.to_dtype(DType::F32)?,
         None => {
@@ -145,7 +151,7 @@ pub fn maximize(model: &LoadedModel, start: Option<&Tensor>, s: &Settings) -> Re
         }
         let (dy, dx) = if s.jitter > 0 {
             let span = 2 * s.jitter + 1;
-            let r = |g: &mut Gaussian| (g.uniform() * span as f64) as i32 - s.jitter as i32;
+            let r = |g: &mut Rng| (g.uniform() * span as f64) as i32 - s.jitter as i32;
             (r(&mut rng), r(&mut rng))
         } else {
             (0, 0)

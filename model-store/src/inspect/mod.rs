@@ -7,4 +7,5 @@ pub mod embeddings;
 pub mod filters;
 pub mod grad_cam;
 pub mod maximize;
+pub mod predict;
 pub mod saliency;

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
+use crate::rng::Rng;
 
 /// Input gradients of a batch.
 #[derive(Debug, Clone)]
@@ -88,7 +89,7 @@ pub fn saliency(
                 noise * (hi - lo)
             })
             .collect();
-        let mut rng = Gaussian::new(seed);
+        let mut rng = Rng::new(seed);
         total = total.zeros_like()?;
         for _ in 0..samples {
             let noisy: Vec<f32> = host
@@ -141,43 +142,4 @@ fn argmax(row: &[f32]) -> usize {
             if v > best.1 { (i, v) } else { best }
         })
         .0
-}
-
-/// A seeded standard normal generator (splitmix64 + Box–Muller), so that a
-/// seed gives the same noise on every machine.
-pub struct Gaussian {
-    state: u64,
-    spare: Option<f32>,
-}
-
-impl Gaussian {
-    /// A generator for `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self {
-            state: seed,
-            spare: None,
-        }
-    }
-
-    /// A uniform in `[0, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        ((z ^ (z >> 31)) >> 11) as f64 * 2f64.powi(-53)
-    }
-
-    /// A standard normal.
-    pub fn normal(&mut self) -> f32 {
-        if let Some(s) = self.spare.take() {
-            return s;
-        }
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        let r = (-2.0 * u1.ln()).sqrt();
-        let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
-        self.spare = Some((r * s) as f32);
-        (r * c) as f32
-    }
 }

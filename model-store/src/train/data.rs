@@ -71,13 +71,35 @@ pub struct Dataset {
     pub classes: Vec<String>,
 }
 
+/// How a dataset is stored on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetFormat {
+    /// IDX files (`train-images-idx3-ubyte`, optionally gzipped).
+    Mnist,
+    /// The CIFAR-10 binary batches.
+    Cifar10,
+    /// One folder of images per class.
+    ImageFolder,
+}
+
+impl std::fmt::Display for DatasetFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatasetFormat::Mnist => "mnist",
+            DatasetFormat::Cifar10 => "cifar10",
+            DatasetFormat::ImageFolder => "imagefolder",
+        })
+    }
+}
+
 /// What `GET /datasets` shows of a dataset (without loading its pixels).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DatasetInfo {
     /// Name in job bodies.
     pub name: String,
     /// `mnist`, `cifar10` or `imagefolder`.
-    pub format: &'static str,
+    pub format: DatasetFormat,
     /// Where it was found.
     pub path: String,
     /// `[C, H, W]` of its images (ImageFolder: resized to the model's input).
@@ -391,7 +413,7 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
         };
         out.push(DatasetInfo {
             name: "mnist".into(),
-            format: "mnist",
+            format: DatasetFormat::Mnist,
             path: mnist_dir.display().to_string(),
             shape: Some([1, 28, 28]),
             classes: (0..10).map(|d| d.to_string()).collect(),
@@ -406,7 +428,7 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
     {
         out.push(DatasetInfo {
             name: "cifar10".into(),
-            format: "cifar10",
+            format: DatasetFormat::Cifar10,
             path: cifar_dir.display().to_string(),
             shape: Some([3, 32, 32]),
             classes: cifar_classes(&cifar_dir),
@@ -421,7 +443,7 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
         let n = records(sample);
         out.push(DatasetInfo {
             name: "cifar10-sample".into(),
-            format: "cifar10",
+            format: DatasetFormat::Cifar10,
             path: cifar_dir.display().to_string(),
             shape: Some([3, 32, 32]),
             classes: cifar_classes(&cifar_dir),
@@ -444,7 +466,7 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
             {
                 out.push(DatasetInfo {
                     name,
-                    format: "imagefolder",
+                    format: DatasetFormat::ImageFolder,
                     path: dir.display().to_string(),
                     shape: None,
                     classes,
@@ -469,9 +491,7 @@ pub fn open(root: &Path, name: &str, manifest: &Manifest, test_fraction: f64) ->
             if dir.is_dir() && !other.contains(['/', '\\']) && other != ".." {
                 image_folder(other, &dir, manifest, test_fraction)
             } else {
-                Err(Error::Dataset(format!(
-                    "no dataset '{other}'; GET /datasets lists them"
-                )))
+                Err(Error::Dataset(format!("no dataset '{other}'")))
             }
         }
     }

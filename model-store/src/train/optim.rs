@@ -14,13 +14,56 @@ use serde::{Deserialize, Serialize};
 use super::net::Param;
 use crate::error::Result;
 
+/// Which update rule. Any other name is kept, so that the job's 422 can say
+/// what was asked for alongside every other problem of the body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum OptimizerKind {
+    /// `torch.optim.SGD`.
+    Sgd,
+    /// `torch.optim.Adam`.
+    Adam,
+    /// `torch.optim.AdamW`.
+    AdamW,
+    /// A name this build does not know.
+    Unknown(String),
+}
+
+impl From<String> for OptimizerKind {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "sgd" => OptimizerKind::Sgd,
+            "adam" => OptimizerKind::Adam,
+            "adamw" => OptimizerKind::AdamW,
+            _ => OptimizerKind::Unknown(s),
+        }
+    }
+}
+
+impl From<OptimizerKind> for String {
+    fn from(k: OptimizerKind) -> Self {
+        k.to_string()
+    }
+}
+
+impl std::fmt::Display for OptimizerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Unknown(s) => s,
+        })
+    }
+}
+
 /// The optimiser of a job, as the job body gives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
     /// `sgd`, `adam` or `adamw`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: OptimizerKind,
     /// Learning rate.
     pub lr: f64,
     /// SGD momentum (default 0).
@@ -42,7 +85,7 @@ impl OptimizerSpec {
     /// Everything wrong with it, for the job's 422.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if !["sgd", "adam", "adamw"].contains(&self.kind.as_str()) {
+        if matches!(self.kind, OptimizerKind::Unknown(_)) {
             p.push(format!(
                 "optimizer.type must be sgd, adam or adamw, got '{}'",
                 self.kind
@@ -57,10 +100,10 @@ impl OptimizerSpec {
                 self.momentum
             ));
         }
-        if self.nesterov && (self.kind != "sgd" || self.momentum == 0.0) {
+        if self.nesterov && (self.kind != OptimizerKind::Sgd || self.momentum == 0.0) {
             p.push("optimizer.nesterov needs type sgd and a momentum > 0".into());
         }
-        if self.kind != "sgd" && self.momentum != 0.0 {
+        if self.kind != OptimizerKind::Sgd && self.momentum != 0.0 {
             p.push("optimizer.momentum is for sgd; adam uses betas".into());
         }
         if let Some(wd) = self.weight_decay
@@ -87,7 +130,11 @@ impl OptimizerSpec {
 
     fn weight_decay(&self) -> f64 {
         self.weight_decay
-            .unwrap_or(if self.kind == "adamw" { 0.01 } else { 0.0 })
+            .unwrap_or(if self.kind == OptimizerKind::AdamW {
+                0.01
+            } else {
+                0.0
+            })
     }
 }
 
@@ -133,8 +180,8 @@ impl Optimizer {
             };
             let w = p.var.as_tensor().detach();
             let grad = grad.detach();
-            match self.spec.kind.as_str() {
-                "sgd" => {
+            match &self.spec.kind {
+                OptimizerKind::Sgd => {
                     let g = if wd != 0.0 {
                         (grad + (&w * wd)?)?
                     } else {
@@ -160,7 +207,7 @@ impl Optimizer {
                 kind => {
                     let [b1, b2] = self.spec.betas.unwrap_or([0.9, 0.999]);
                     let eps = self.spec.eps.unwrap_or(1e-8);
-                    let (w, g) = if kind == "adamw" {
+                    let (w, g) = if *kind == OptimizerKind::AdamW {
                         ((&w * (1.0 - lr * wd))?, grad)
                     } else if wd != 0.0 {
                         (w.clone(), (grad + (&w * wd)?)?)

@@ -342,18 +342,8 @@ impl Jobs {
                     let _ = self.store.progress(&id, p);
                     let _ = self.store.history(&id, history);
                     if spec.epoch_snapshots {
-                        let epoch = p.epoch;
-                        let mut m = manifest.clone();
-                        m.name = Self::snapshot_name(&spec.model_name, epoch);
-                        m.extra.insert(
-                            "training".into(),
-                            serde_json::json!({"job_id": id, "epoch": epoch, "of": spec.epochs, "history": history}),
-                        );
-                        let result = std::fs::read(train::last_snapshot(&work))
-                            .map_err(|e| e.to_string())
-                            .and_then(|w| self.register(&id, &m, &w));
-                        match result {
-                            Ok(()) => registered.push(m.name),
+                        match self.snapshot(&id, &spec, &manifest, &work, p.epoch, history) {
+                            Ok(name) => registered.push(name),
                             Err(e) => snapshot_error = Some(e),
                         }
                     }
@@ -372,13 +362,58 @@ impl Jobs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&id);
-        let cleanup = |registered: &[String]| {
-            for name in registered {
-                if let Err(e) = self.ctx.models.retract(&id, name) {
-                    tracing::error!(job = %id, model = %name, error = %e, "cannot remove a snapshot");
+        let ended = Ended {
+            id: &id,
+            spec: &spec,
+            work: &work,
+            registered: &registered,
+            cancelled: cancel.load(Ordering::SeqCst),
+        };
+        self.conclude(&ended, outcome, snapshot_error);
+    }
+
+    /// Registers the epoch's weights as `model_name@epoch-N`; its name.
+    fn snapshot(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        manifest: &model_store::Manifest,
+        work: &std::path::Path,
+        epoch: usize,
+        history: &[EpochRecord],
+    ) -> Result<String, String> {
+        let mut m = manifest.clone();
+        m.name = Self::snapshot_name(&spec.model_name, epoch);
+        m.extra.insert(
+            "training".into(),
+            serde_json::json!({"job_id": id, "epoch": epoch, "of": spec.epochs, "history": history}),
+        );
+        let weights = std::fs::read(train::last_snapshot(work)).map_err(|e| e.to_string())?;
+        self.register(id, &m, &weights)?;
+        Ok(m.name)
+    }
+
+    /// Records how a job's training ended: its model registered and the job
+    /// succeeded, or its snapshots and work directory removed and the job
+    /// failed or cancelled, or (shutting down) left to resume.
+    fn conclude(
+        &self,
+        e: &Ended,
+        outcome: model_store::Result<Outcome>,
+        snapshot_error: Option<String>,
+    ) {
+        let (id, work) = (e.id, e.work);
+        let fail = |msg: String| {
+            tracing::warn!(job = %id, error = %msg, "job failed");
+            self.finish(id, Status::Failed, None, Some(&msg));
+        };
+        let cleanup = || {
+            for name in e.registered {
+                if let Err(err) = self.ctx.models.retract(id, name) {
+                    tracing::error!(job = %id, model = %name, error = %err, "cannot remove a snapshot");
                 }
             }
-            let _ = std::fs::remove_dir_all(&work);
+            let _ = std::fs::remove_dir_all(work);
         };
         match outcome {
             Ok(Outcome::Finished {
@@ -386,44 +421,53 @@ impl Jobs {
             }) => {
                 let result = train::safetensors_bytes(&weights)
                     .map_err(|e| e.to_string())
-                    .and_then(|bytes| self.register(&id, &manifest, &bytes));
+                    .and_then(|bytes| self.register(id, &manifest, &bytes));
                 match result {
                     Ok(()) => {
                         // The work directory goes first, so `succeeded` means
                         // nothing is left behind; a crash in between is
                         // recognised at the next start (model there, no work
                         // directory: succeeded).
-                        let _ = std::fs::remove_dir_all(&work);
-                        tracing::info!(job = %id, model = %spec.model_name, "job succeeded");
-                        self.finish(&id, Status::Succeeded, Some(&spec.model_name), None);
+                        let _ = std::fs::remove_dir_all(work);
+                        tracing::info!(job = %id, model = %e.spec.model_name, "job succeeded");
+                        self.finish(id, Status::Succeeded, Some(&e.spec.model_name), None);
                     }
-                    Err(e) => {
-                        cleanup(&registered);
-                        fail(format!("could not register the trained model: {e}"));
+                    Err(err) => {
+                        cleanup();
+                        fail(format!("could not register the trained model: {err}"));
                     }
                 }
             }
             Ok(Outcome::Cancelled) if snapshot_error.is_some() => {
-                cleanup(&registered);
+                cleanup();
                 fail(format!(
                     "could not register an epoch snapshot: {}",
                     snapshot_error.unwrap_or_default()
                 ));
             }
-            Ok(Outcome::Cancelled) if !cancel.load(Ordering::SeqCst) => {
+            Ok(Outcome::Cancelled) if !e.cancelled => {
                 // Shutting down: stays `running` with its last epoch on
                 // disk; the next start queues it again and it resumes.
                 tracing::info!(job = %id, "server stopping; the job will resume at the next start");
             }
             Ok(Outcome::Cancelled) => {
-                cleanup(&registered);
+                cleanup();
                 tracing::info!(job = %id, "job cancelled");
-                self.finish(&id, Status::Cancelled, None, None);
+                self.finish(id, Status::Cancelled, None, None);
             }
-            Err(e) => {
-                cleanup(&registered);
-                fail(e.to_string());
+            Err(err) => {
+                cleanup();
+                fail(err.to_string());
             }
         }
     }
+}
+
+/// A job whose training has returned, and what it left.
+struct Ended<'a> {
+    id: &'a str,
+    spec: &'a JobSpec,
+    work: &'a std::path::Path,
+    registered: &'a [String],
+    cancelled: bool,
 }

@@ -13,7 +13,6 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use candle_core::Tensor;
 use model_store::inspect::activations::{self as act, LayerStats};
-use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -21,8 +20,9 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
+use crate::pipeline::Pipeline;
 use crate::render::{self, Canvas, Colormap, GridStyle, Tile};
 use crate::state::AppState;
 
@@ -192,52 +192,29 @@ async fn layer_activation(
     ApiQuery(params): ApiQuery<LayerParams>,
     upload: ImageUpload,
 ) -> ApiResult<Response> {
-    let model = state.model(&model)?;
-    act::check_layer(&model, &layer)?;
+    let pipeline = Pipeline::new(&state, &model)?;
+    act::check_layer(&pipeline.model, &layer)?;
     let scale = check_scale(params.scale)?;
     if params.format == Format::Png && upload.images.len() > 1 {
         return Err(ApiError::BadRequest(
             "a PNG grid shows one image; send one, or ask for format=json or format=npy for a batch".into(),
         ));
     }
-    let limits = limits(&state);
-    let (m, name) = (model.clone(), layer.clone());
-    let out: Tensor = state
-        .compute
-        .run(move || {
-            let x = prepare_batch(&m, &upload.images, limits)?;
-            Ok(act::layer_output(&m, &x, &name)?)
+    let name = layer.clone();
+    let out: Tensor = pipeline
+        .on_images(upload.images, move |m, x, _| {
+            Ok(act::layer_output(m, &x, &name)?)
         })
         .await?;
-    let dims = out.dims().to_vec();
-    let channels = dims.get(1).copied().unwrap_or(1);
-    let selection = match &params.channels {
-        Some(spec) => Some(act::parse_channels(spec, channels).map_err(ApiError::BadRequest)?),
-        None => None,
-    };
-    let data = host(&out)?;
-    let per_item = data.len() / dims[0].max(1);
-    let per_channel = per_item / channels.max(1);
-    // Keep only the selected channels, in the order asked for.
-    let (shape, data) = match &selection {
-        None => (dims.clone(), data),
-        Some(sel) => {
-            let mut kept = Vec::with_capacity(dims[0] * sel.len() * per_channel);
-            for item in data.chunks(per_item) {
-                for &c in sel {
-                    kept.extend_from_slice(&item[c * per_channel..(c + 1) * per_channel]);
-                }
-            }
-            let mut shape = dims.clone();
-            shape[1] = sel.len();
-            (shape, kept)
-        }
-    };
+    let act::Selected {
+        shape,
+        data,
+        channels: indices,
+    } = act::select_channels(&out, params.channels.as_deref())?;
     Ok(match params.format {
         Format::Json => Json(LayerJson { layer, shape, data }).into_response(),
         Format::Npy => npy_response(&layer, &shape, &data),
         Format::Png => {
-            let indices: Vec<usize> = selection.unwrap_or_else(|| (0..channels).collect());
             let style = |h, w| GridStyle {
                 colormap: params.colormap.unwrap_or(Colormap::Gray),
                 scale: scale.unwrap_or_else(|| render::auto_scale(h, w)),
@@ -291,7 +268,8 @@ async fn all_activations(
     ApiQuery(params): ApiQuery<SheetParams>,
     upload: ImageUpload,
 ) -> ApiResult<Response> {
-    let model = state.model(&model)?;
+    let pipeline = Pipeline::new(&state, &model)?;
+    let model = pipeline.model.clone();
     if upload.images.len() > 1 {
         return Err(ApiError::BadRequest(
             "the whole-model view takes one image; ask /activations/{layer} for a batch".into(),
@@ -302,15 +280,11 @@ async fn all_activations(
             "the whole-model view is format=png or format=json; use /activations/{layer}?format=npy for one layer".into(),
         ));
     }
-    let limits = limits(&state);
-    let m = model.clone();
     let format = params.format;
     let cmap = params.colormap.unwrap_or(Colormap::Viridis);
-    let result = state
-        .compute
-        .run(move || {
-            let x = prepare_batch(&m, &upload.images, limits)?;
-            let outputs = act::all_outputs(&m, &x)?;
+    let result = pipeline
+        .on_images(upload.images, move |m, x, _| {
+            let outputs = act::all_outputs(m, &x)?;
             let first = |t: &Tensor| t.get(0).map_err(model_store::Error::from);
             match format {
                 Format::Json => {
@@ -323,18 +297,9 @@ async fn all_activations(
                 _ => {
                     let mut maps = Vec::with_capacity(outputs.len());
                     for (name, t) in &outputs {
-                        let t = first(t)?;
-                        // The mean over channels of a [C, H, W] map; a flat output as is.
-                        let (h, w, values) = match t.dims()[..] {
-                            // Globally pooled maps: the channel vector says more than its mean.
-                            [c, 1, 1] => (1, c, host(&t)?),
-                            [_, h, w] => {
-                                (h, w, host(&t.mean(0).map_err(model_store::Error::from)?)?)
-                            }
-                            [f] => (1, f, host(&t)?),
-                            _ => continue,
-                        };
-                        maps.push((name.clone(), h, w, values));
+                        if let Some((h, w, values)) = act::summary_map(&first(t)?)? {
+                            maps.push((name.clone(), h, w, values));
+                        }
                     }
                     Ok(Sheet::Png(sheet(&maps, cmap).png()))
                 }
@@ -428,18 +393,6 @@ pub(crate) fn check_scale(scale: Option<u32>) -> ApiResult<Option<u32>> {
         ))),
         other => Ok(other),
     }
-}
-
-fn limits(state: &AppState) -> DecodeLimits {
-    DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    }
-}
-
-fn host(t: &Tensor) -> ApiResult<Vec<f32>> {
-    Ok(t.flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(model_store::Error::from)?)
 }
 
 /// An `image/png` response.

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::State;
 use model_store::inspect::embeddings::{self as emb, Metric};
-use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -15,8 +14,9 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, LabelledImageForm};
+use crate::pipeline::Pipeline;
 use crate::state::AppState;
 
 /// Query of the embeddings endpoint.
@@ -90,7 +90,8 @@ async fn embeddings(
     ApiQuery(params): ApiQuery<EmbeddingParams>,
     upload: ImageUpload,
 ) -> ApiResult<Json<EmbeddingResponse>> {
-    let model = state.model(&model)?;
+    let pipeline = Pipeline::new(&state, &model)?;
+    let model = pipeline.model.clone();
     let layer = match params.layer {
         Some(l) => {
             model_store::inspect::activations::check_layer(&model, &l)?;
@@ -122,15 +123,10 @@ async fn embeddings(
         upload.labels.clone()
     };
     emb::check_labels(&labels, upload.images.len())?;
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
-    let (m, l) = (model.clone(), layer.clone());
-    let embeddings = state
-        .compute
-        .run(move || {
-            let x = prepare_batch(&m, &upload.images, limits)?;
-            Ok(emb::embeddings(&m, &x, &l)?)
+    let l = layer.clone();
+    let embeddings = pipeline
+        .on_images(upload.images, move |m, x, _| {
+            Ok(emb::embeddings(m, &x, &l)?)
         })
         .await?;
     let mut distances = BTreeMap::new();

@@ -97,7 +97,7 @@ async fn layer_filters(
     let (o, i, kh, kw) = (dims[0], dims[1], dims[2], dims[3]);
     let per_kernel = i * kh * kw;
     let selection: Vec<usize> = match &params.channels {
-        Some(spec) => parse_channels(spec, o).map_err(ApiError::BadRequest)?,
+        Some(spec) => parse_channels(spec, o)?,
         None => (0..o).collect(),
     };
     // Every parameter is checked whatever the format, so a bad one is
@@ -140,13 +140,7 @@ async fn layer_filters(
                         let scaled = render::min_max(k);
                         scaled.chunks(k2).map(<[f32]>::to_vec).collect()
                     } else {
-                        let p: Vec<f32> = match plane {
-                            Some(n) => k[n * k2..(n + 1) * k2].to_vec(),
-                            None => (0..k2)
-                                .map(|j| (0..i).map(|ch| k[ch * k2 + j]).sum::<f32>() / i as f32)
-                                .collect(),
-                        };
-                        vec![render::min_max(&p)]
+                        vec![render::min_max(&filters::kernel_plane(k, i, plane))]
                     };
                     Tile {
                         label: c.to_string(),

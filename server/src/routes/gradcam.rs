@@ -4,8 +4,9 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
+use model_store::LoadedModel;
 use model_store::inspect::grad_cam::{self, Method, Target};
-use model_store::preprocess::{self, DecodeLimits};
+use model_store::preprocess;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -13,8 +14,9 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, CamMethod, ImageErrors, ImageForm};
+use crate::pipeline::Pipeline;
 use crate::render::{self, Colormap};
 use crate::routes::activations::png_response;
 use crate::state::AppState;
@@ -146,74 +148,26 @@ async fn gradcam(
     ApiQuery(params): ApiQuery<CamParams>,
     upload: ImageUpload,
 ) -> ApiResult<Response> {
-    let model = state.model(&model)?;
-    let layer = match &params.layer {
-        Some(l) => l.clone(),
-        None => grad_cam::default_layer(&model).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "model '{}' has no layer with a spatial output",
-                model.name()
-            ))
-        })?,
-    };
-    grad_cam::check_layer(&model, &layer).map_err(|e| match e {
-        model_store::Error::Shape { layer, reason } => {
-            ApiError::BadRequest(format!("layer '{layer}' {reason}"))
-        }
-        other => ApiError::from(other),
-    })?;
-    let method = match params.method.as_deref() {
-        None => Method::GradCam,
-        Some(m) => Method::parse(m).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "unknown method {m:?}; choose from {} (send gradcam++ as gradcam%2B%2B or gradcampp)",
-                grad_cam::METHODS.map(Method::name).join(", ")
-            ))
-        })?,
-    };
-    let alpha = params.alpha.unwrap_or(0.5);
-    if !(0.0..=1.0).contains(&alpha) {
-        return Err(ApiError::BadRequest(format!(
-            "alpha must be in [0, 1], got {alpha}"
-        )));
-    }
-    let alpha = alpha as f32;
-    let classes: Vec<Option<usize>> = match params.class.as_deref() {
-        None | Some("") => vec![None],
-        Some(list) => list
-            .split(',')
-            .map(|c| class_index(&model.classes, c.trim()).map(Some))
-            .collect::<ApiResult<_>>()?,
-    };
-    let targets: Vec<Target> = (0..upload.images.len())
-        .flat_map(|image| classes.iter().map(move |&class| Target { image, class }))
-        .collect();
-    if targets.len() > state.settings.max_batch {
-        return Err(ApiError::TooLarge(format!(
-            "{} explanations (images × classes) in one request; the limit is {} (--max-batch)",
-            targets.len(),
-            state.settings.max_batch
-        )));
-    }
-    if params.output != Output::Json && targets.len() > 1 {
-        return Err(ApiError::BadRequest(
-            "an overlay or heatmap shows one image and one class; ask for output=json for several"
-                .into(),
-        ));
-    }
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
+    let pipeline = Pipeline::new(&state, &model)?;
+    let model = pipeline.model.clone();
+    let checked = check(
+        &params,
+        &model,
+        upload.images.len(),
+        state.settings.max_batch,
+    )?;
+    let Checked {
+        layer,
+        method,
+        targets,
+        alpha,
+    } = checked;
     let cmap = params.colormap.unwrap_or(Colormap::Jet);
     let output = params.output;
-    let m = model.clone();
-    let l = layer.clone();
-    let images = upload.images;
-    let result = state
-        .compute
-        .run(move || {
-            let x = prepare_batch(&m, &images, limits)?;
-            let set = grad_cam::grad_cam(&m, &x, &l, &targets, method)?;
+    let (l, limits) = (layer.clone(), pipeline.limits);
+    let (set, picture) = pipeline
+        .on_images(upload.images, move |m, x, images| {
+            let set = grad_cam::grad_cam(m, &x, &l, &targets, method)?;
             let picture = match output {
                 Output::Json => None,
                 Output::Heatmap => {
@@ -244,10 +198,82 @@ async fn gradcam(
             Ok((set, picture))
         })
         .await?;
-    let (set, picture) = result;
     if let Some(png) = picture {
         return Ok(png_response(png));
     }
+    Ok(Json(cam_json(&model, method, set)).into_response())
+}
+
+/// The parameters of a Grad-CAM request, checked against the model.
+struct Checked {
+    layer: String,
+    method: Method,
+    targets: Vec<Target>,
+    alpha: f32,
+}
+
+fn check(
+    params: &CamParams,
+    model: &LoadedModel,
+    images: usize,
+    max_batch: usize,
+) -> ApiResult<Checked> {
+    let layer = match &params.layer {
+        Some(l) => l.clone(),
+        None => grad_cam::default_layer(model).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "model '{}' has no layer with a spatial output",
+                model.name()
+            ))
+        })?,
+    };
+    grad_cam::check_layer(model, &layer)?;
+    let method = match params.method.as_deref() {
+        None => Method::GradCam,
+        Some(m) => Method::parse(query_plus(m)).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "unknown method {m:?}; choose from {} (send gradcam++ as gradcam%2B%2B or gradcampp)",
+                grad_cam::METHODS.map(Method::name).join(", ")
+            ))
+        })?,
+    };
+    let alpha = params.alpha.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&alpha) {
+        return Err(ApiError::BadRequest(format!(
+            "alpha must be in [0, 1], got {alpha}"
+        )));
+    }
+    let classes: Vec<Option<usize>> = match params.class.as_deref() {
+        None | Some("") => vec![None],
+        Some(list) => list
+            .split(',')
+            .map(|c| Ok(Some(model.class_index(c.trim())?)))
+            .collect::<ApiResult<_>>()?,
+    };
+    let targets: Vec<Target> = (0..images)
+        .flat_map(|image| classes.iter().map(move |&class| Target { image, class }))
+        .collect();
+    if targets.len() > max_batch {
+        return Err(ApiError::TooLarge(format!(
+            "{} explanations (images × classes) in one request; the limit is {max_batch} (--max-batch)",
+            targets.len(),
+        )));
+    }
+    if params.output != Output::Json && targets.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "an overlay or heatmap shows one image and one class; ask for output=json for several"
+                .into(),
+        ));
+    }
+    Ok(Checked {
+        layer,
+        method,
+        targets,
+        alpha: alpha as f32,
+    })
+}
+
+fn cam_json(model: &LoadedModel, method: Method, set: grad_cam::CamSet) -> CamJson {
     let (h, w) = set.shape;
     let rows = |v: &[f32]| v.chunks(w).map(<[f32]>::to_vec).collect::<Vec<_>>();
     let results: Vec<CamResult> = set
@@ -264,35 +290,23 @@ async fn gradcam(
         })
         .collect();
     let first = results[0].clone();
-    Ok(Json(CamJson {
+    CamJson {
         model: model.name().to_string(),
         layer: set.layer,
         method: method.name(),
         shape: [h, w],
         first,
         results,
-    })
-    .into_response())
+    }
 }
 
-/// A class given by index or by label.
-pub fn class_index(labels: &[String], token: &str) -> ApiResult<usize> {
-    if let Ok(i) = token.parse::<usize>()
-        && i < labels.len()
-    {
-        return Ok(i);
+/// `gradcam++` sent unencoded in a query arrives as `gradcam` and two
+/// spaces (a `+` is a space in a query string), and `gradcam%2B%2B`
+/// encoded twice arrives as itself: both mean `gradcam++`. Anything else is
+/// trimmed.
+pub fn query_plus(method: &str) -> &str {
+    match method {
+        "gradcam  " | "gradcam%2B%2B" => "gradcam++",
+        other => other.trim(),
     }
-    if let Some(i) = labels.iter().position(|l| l == token) {
-        return Ok(i);
-    }
-    if let Some(i) = labels.iter().position(|l| l.eq_ignore_ascii_case(token)) {
-        return Ok(i);
-    }
-    let shown: Vec<&str> = labels.iter().take(20).map(String::as_str).collect();
-    Err(ApiError::BadRequest(format!(
-        "unknown class {token:?}: give an index 0-{} or a label ({}{})",
-        labels.len() - 1,
-        shown.join(", "),
-        if labels.len() > 20 { ", ..." } else { "" }
-    )))
 }

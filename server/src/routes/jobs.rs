@@ -1,26 +1,25 @@
 //! Training over HTTP: queue a job, follow it (JSON, Server-Sent Events, a
-//! plot), cancel it; list datasets; evaluate a model.
+//! plot), cancel it. (Datasets: `datasets.rs`; evaluation: `evaluate.rs`.)
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use model_store::train::{self, Evaluation};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use model_store::train;
+use serde::Serialize;
+use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::extract::ApiPath;
 use crate::jobs::store::CancelOutcome;
 use crate::jobs::{JobView, plot};
-use crate::openapi::{Binary, ImageErrors, LabelledImageForm, LookupErrors, Problem};
+use crate::openapi::{Binary, LookupErrors, Problem};
 use crate::routes::activations::png_response;
 use crate::state::AppState;
 
@@ -40,63 +39,7 @@ pub struct JobList {
     pub jobs: Vec<JobView>,
 }
 
-/// A dataset (`model_store::train::data::DatasetInfo`).
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetView {
-    /// Name in job bodies.
-    pub name: String,
-    /// `mnist`, `cifar10` or `imagefolder`.
-    pub format: String,
-    /// `[C, H, W]`, when fixed.
-    pub shape: Option<[usize; 3]>,
-    /// Class names.
-    pub classes: Vec<String>,
-    /// Training images (ImageFolder: all, before the split).
-    pub train_size: usize,
-    /// Test images.
-    pub test_size: usize,
-}
-
-/// `GET /datasets`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetList {
-    /// What jobs can train and evaluate on.
-    pub datasets: Vec<DatasetView>,
-}
-
-/// `POST /models/{model}/evaluate`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EvaluationView {
-    /// The model.
-    pub model: String,
-    /// The dataset, or `upload`.
-    pub dataset: String,
-    /// Accuracy, confusion matrix (`M[true][predicted]`), per-class scores.
-    #[serde(flatten)]
-    pub evaluation: Evaluation,
-}
-
-/// The JSON body of `POST /models/{model}/evaluate`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EvaluateBody {
-    /// A name from `GET /datasets`; its test split is used.
-    pub dataset: String,
-    /// Only the first N test images.
-    #[schema(minimum = 1)]
-    pub limit: Option<usize>,
-}
-
-/// Query of the evaluate endpoint.
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct EvaluateParams {
-    /// `json` (default) or `png` (the confusion matrix as a labelled heatmap).
-    #[param(pattern = "^(json|png)$", example = "json")]
-    pub format: Option<String>,
-}
-
-/// Jobs, datasets and evaluation.
+/// `/jobs` and what hangs off a job.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_jobs, submit))
@@ -104,8 +47,6 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(events))
         .routes(routes!(cancel))
         .routes(routes!(job_plot))
-        .routes(routes!(datasets))
-        .routes(routes!(evaluate))
 }
 
 fn job_not_found(id: &str) -> ApiError {
@@ -334,126 +275,4 @@ async fn job_plot(
     let epochs = job.spec["epochs"].as_u64().unwrap_or(1) as usize;
     let png = plot::training_curves(&job.curve, &job.history, epochs);
     Ok(png_response(png))
-}
-
-/// The datasets jobs can train and evaluate on (`--datasets`).
-#[utoipa::path(
-    get,
-    path = "/datasets",
-    tag = "training",
-    responses(
-        (status = 200, description = "The datasets.", body = DatasetList),
-        (status = 401, description = "Reads are protected (`--protect-reads`): send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-async fn datasets(State(state): State<AppState>) -> Json<DatasetList> {
-    let list = train::data::list(&state.jobs.context().datasets);
-    Json(DatasetList {
-        datasets: list
-            .into_iter()
-            .map(|d| DatasetView {
-                name: d.name,
-                format: d.format.to_string(),
-                shape: d.shape,
-                classes: d.classes,
-                train_size: d.train_size,
-                test_size: d.test_size,
-            })
-            .collect(),
-    })
-}
-
-/// Accuracy, per-class precision and recall, and the confusion matrix: on a
-/// dataset's test split (JSON body), or on uploaded images with labels
-/// (multipart `image` and `label` fields in order).
-#[utoipa::path(
-    post,
-    path = "/models/{model}/evaluate",
-    tag = "training",
-    params(("model" = String, Path, description = "A name from `GET /models`.", example = "cnn-a-mnist"), EvaluateParams),
-    request_body(content(
-        (EvaluateBody = "application/json", example = json!({"dataset": "mnist", "limit": 1000})),
-        (LabelledImageForm = "multipart/form-data"),
-    )),
-    responses(
-        (status = 200, description = "The scores, or with `format=png` the confusion matrix as a labelled heatmap.", content(
-            (EvaluationView = "application/json"), (Binary = "image/png"))),
-        ImageErrors,
-    )
-)]
-async fn evaluate(
-    State(state): State<AppState>,
-    ApiPath(model): ApiPath<String>,
-    ApiQuery(params): ApiQuery<EvaluateParams>,
-    req: Request,
-) -> ApiResult<Response> {
-    let model = state.model(&model)?;
-    let png = match params.format.as_deref() {
-        None | Some("json") => false,
-        Some("png") => true,
-        Some(f) => {
-            return Err(ApiError::BadRequest(format!(
-                "format must be json or png, got '{f}'"
-            )));
-        }
-    };
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    let (dataset, evaluation) = if is_json {
-        let crate::extract::ApiJson(body) =
-            crate::extract::ApiJson::<EvaluateBody>::from_request(req, &state).await?;
-        if body.limit == Some(0) {
-            return Err(ApiError::Unprocessable("limit must be at least 1".into()));
-        }
-        let dir = state.jobs.context().datasets.clone();
-        let m = model.clone();
-        let name = body.dataset.clone();
-        let e = state
-            .compute
-            .run(move || Ok(train::evaluate(&m, &dir, &name, body.limit)?))
-            .await?;
-        (body.dataset, e)
-    } else {
-        let upload = ImageUpload::from_request(req, &state).await?;
-        if upload.labels.len() != upload.images.len() {
-            return Err(ApiError::BadRequest(format!(
-                "send one `label` field per `image` field (got {} images, {} labels)",
-                upload.images.len(),
-                upload.labels.len()
-            )));
-        }
-        let labels = upload
-            .labels
-            .iter()
-            .map(|l| crate::routes::gradcam::class_index(&model.classes, l).map(|i| i as u32))
-            .collect::<ApiResult<Vec<u32>>>()?;
-        let limits = model_store::preprocess::DecodeLimits {
-            max_pixels: state.settings.max_pixels,
-        };
-        let m = model.clone();
-        let predicted = state
-            .compute
-            .run(move || {
-                let x = prepare_batch(&m, &upload.images, limits)?;
-                let logits = m.logits(&x)?;
-                Ok(train::net::argmax(&logits).map_err(model_store::Error::from)?)
-            })
-            .await?;
-        (
-            "upload".to_string(),
-            train::score(&labels, &predicted, &model.classes),
-        )
-    };
-    if png {
-        return Ok(png_response(plot::confusion_png(&evaluation)));
-    }
-    Ok(Json(EvaluationView {
-        model: model.name().to_string(),
-        dataset,
-        evaluation,
-    })
-    .into_response())
 }

@@ -6,7 +6,6 @@ use axum::extract::{FromRequest, Request, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use model_store::inspect::maximize::{self, Objective, Settings};
-use model_store::preprocess::DecodeLimits;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -16,9 +15,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::{ImageUpload, prepare_batch};
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
+use crate::pipeline::Pipeline;
 use crate::render;
 use crate::routes::activations::png_response;
-use crate::routes::gradcam::class_index;
 use crate::state::AppState;
 
 /// Query of the maximise endpoint.
@@ -135,7 +134,8 @@ async fn maximize_route(
     ApiQuery(params): ApiQuery<MaximizeParams>,
     req: Request,
 ) -> ApiResult<Response> {
-    let model = state.model(&model)?;
+    let pipeline = Pipeline::new(&state, &model)?;
+    let model = pipeline.model.clone();
     // The start image is optional: noise unless the request carries one.
     let start = if params.input.is_some() || crate::input::has_body(req.headers()) {
         let upload = ImageUpload::from_request(req, &state).await?;
@@ -148,22 +148,73 @@ async fn maximize_route(
     } else {
         None
     };
+    let (settings, scale, json) = check(&params, &model, &state.settings)?;
+    let objective = settings.objective.clone();
+    let (result, png) = pipeline
+        .compute(move |m, limits| {
+            let x = match &start {
+                Some(images) => Some(prepare_batch(m, images, limits)?),
+                None => None,
+            };
+            let r = maximize::maximize(m, x.as_ref(), &settings)?;
+            let png = picture(m, &r.pixels, scale);
+            Ok((r, png))
+        })
+        .await?;
+    if !json {
+        return Ok(png_response(png));
+    }
+    let (layer, channel, class_index) = match objective {
+        Objective::Class(k) => (None, None, Some(k)),
+        Objective::Layer { layer, channel } => (Some(layer), channel, None),
+    };
+    Ok(Json(MaximizeJson {
+        model: model.name().to_string(),
+        layer,
+        channel,
+        class_index,
+        start_objective: result.start,
+        final_objective: result.end,
+        objective: result.curve,
+        image_png_base64: base64::engine::general_purpose::STANDARD.encode(png),
+    })
+    .into_response())
+}
+
+/// The input as a PNG: RGB for 3-channel models, grey otherwise, scaled up.
+fn picture(m: &model_store::LoadedModel, pixels: &[f32], scale: u32) -> Vec<u8> {
+    let s = &m.manifest.input;
+    let (c, h, w) = (s.channels, s.height, s.width);
+    let planes: Vec<Vec<f32>> = pixels.chunks(h * w).map(<[f32]>::to_vec).collect();
+    let mut canvas = render::Canvas::new(w as u32 * scale, h as u32 * scale);
+    if c == 3 {
+        canvas.map_rgb((0, 0), [&planes[0], &planes[1], &planes[2]], (h, w), scale);
+    } else {
+        canvas.map((0, 0), &planes[0], (h, w), scale, render::Colormap::Gray);
+    }
+    canvas.png()
+}
+
+/// The maximisation's settings, the PNG scale and whether JSON was asked
+/// for, every parameter checked against the model and the server's limits.
+fn check(
+    params: &MaximizeParams,
+    model: &model_store::LoadedModel,
+    server: &crate::settings::Settings,
+) -> ApiResult<(Settings, u32, bool)> {
     let objective = match (&params.class, &params.layer) {
-        (Some(c), _) => Objective::Class(class_index(&model.classes, c.trim())?),
+        (Some(c), _) => Objective::Class(model.class_index(c.trim())?),
         (None, layer) => Objective::Layer {
             layer: match layer {
                 Some(l) => l.clone(),
-                None => model_store::inspect::grad_cam::default_layer(&model)
+                None => model_store::inspect::grad_cam::default_layer(model)
                     .ok_or_else(|| ApiError::BadRequest("name a layer to maximise".into()))?,
             },
             channel: params.channel,
         },
     };
-    maximize::check(&model, &objective).map_err(|e| match e {
-        model_store::Error::ImageInput(m) => ApiError::BadRequest(m),
-        other => ApiError::from(other),
-    })?;
-    let max_steps = state.settings.max_steps;
+    maximize::check(model, &objective)?;
+    let max_steps = server.max_steps;
     // The default never exceeds the server's limit.
     let steps = params.steps.unwrap_or(64.min(max_steps));
     if !(1..=max_steps).contains(&steps) {
@@ -183,7 +234,6 @@ async fn maximize_route(
             "tv_weight must be in [0, 100], got {tv_weight}"
         )));
     }
-    let (lr, tv_weight) = (lr as f32, tv_weight as f32);
     let input = &model.manifest.input;
     let jitter = params
         .jitter
@@ -212,57 +262,16 @@ async fn maximize_route(
         }
     };
     let settings = Settings {
-        objective: objective.clone(),
+        objective,
         steps,
-        lr,
+        lr: lr as f32,
         seed: seed(params.seed)?,
         jitter,
-        tv_weight,
+        tv_weight: tv_weight as f32,
         deadline: Some(
             std::time::Instant::now()
-                + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1)),
+                + std::time::Duration::from_secs(server.request_timeout_secs.max(1)),
         ),
     };
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
-    let m = model.clone();
-    let (result, png) = state
-        .compute
-        .run(move || {
-            let x = match &start {
-                Some(images) => Some(prepare_batch(&m, images, limits)?),
-                None => None,
-            };
-            let r = maximize::maximize(&m, x.as_ref(), &settings)?;
-            let s = &m.manifest.input;
-            let (c, h, w) = (s.channels, s.height, s.width);
-            let planes: Vec<Vec<f32>> = r.pixels.chunks(h * w).map(<[f32]>::to_vec).collect();
-            let mut canvas = render::Canvas::new(w as u32 * scale, h as u32 * scale);
-            if c == 3 {
-                canvas.map_rgb((0, 0), [&planes[0], &planes[1], &planes[2]], (h, w), scale);
-            } else {
-                canvas.map((0, 0), &planes[0], (h, w), scale, render::Colormap::Gray);
-            }
-            Ok((r, canvas.png()))
-        })
-        .await?;
-    if !json {
-        return Ok(png_response(png));
-    }
-    let (layer, channel, class_index) = match objective {
-        Objective::Class(k) => (None, None, Some(k)),
-        Objective::Layer { layer, channel } => (Some(layer), channel, None),
-    };
-    Ok(Json(MaximizeJson {
-        model: model.name().to_string(),
-        layer,
-        channel,
-        class_index,
-        start_objective: result.start,
-        final_objective: result.end,
-        objective: result.curve,
-        image_png_base64: base64::engine::general_purpose::STANDARD.encode(png),
-    })
-    .into_response())
+    Ok((settings, scale, json))
 }

@@ -3,7 +3,9 @@
 //! the router and the document together.
 
 pub mod activations;
+pub mod datasets;
 pub mod embeddings;
+pub mod evaluate;
 pub mod filters;
 pub mod gradcam;
 pub mod health;
@@ -42,6 +44,8 @@ pub fn api_router_with(max_model_bytes: usize) -> OpenApiRouter<AppState> {
         .merge(embeddings::router())
         .merge(inputs::router())
         .merge(jobs::router())
+        .merge(datasets::router())
+        .merge(evaluate::router())
 }
 
 /// The documented routes with the default upload limit (for the document).

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
-use model_store::preprocess::DecodeLimits;
+use model_store::inspect::predict;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -12,8 +12,9 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
+use crate::pipeline::Pipeline;
 use crate::state::AppState;
 
 /// Query of the predict endpoints.
@@ -27,18 +28,7 @@ pub struct PredictParams {
     pub input: Option<String>,
 }
 
-/// One class of a prediction.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ClassScore {
-    /// Output index.
-    pub class_index: usize,
-    /// Its label.
-    pub label: String,
-    /// Softmax probability.
-    pub probability: f64,
-    /// Raw score before softmax.
-    pub logit: f32,
-}
+pub use model_store::inspect::predict::ClassScore;
 
 /// The prediction for one image.
 #[derive(Debug, Serialize, ToSchema)]
@@ -89,8 +79,8 @@ async fn predict_model(
     ApiQuery(params): ApiQuery<PredictParams>,
     upload: ImageUpload,
 ) -> ApiResult<Json<PredictResponse>> {
-    let model = state.model(&model)?;
-    predict(state, model, params, upload).await
+    let pipeline = Pipeline::new(&state, &model)?;
+    predict(&state, pipeline, params, upload).await
 }
 
 /// Classifies images with the default model (`--default-model`).
@@ -114,36 +104,30 @@ async fn predict_default(
     ApiQuery(params): ApiQuery<PredictParams>,
     upload: ImageUpload,
 ) -> ApiResult<Json<PredictResponse>> {
-    let model = state.default_model()?;
-    predict(state, model, params, upload).await
+    let pipeline = Pipeline::for_model(&state, state.default_model()?);
+    predict(&state, pipeline, params, upload).await
 }
 
 async fn predict(
-    state: AppState,
-    model: std::sync::Arc<model_store::LoadedModel>,
+    state: &AppState,
+    pipeline: Pipeline,
     params: PredictParams,
     upload: ImageUpload,
 ) -> ApiResult<Json<PredictResponse>> {
+    let model = pipeline.model.clone();
     let top_k = match params.top_k {
         Some(0) => return Err(ApiError::BadRequest("top_k must be at least 1".into())),
         Some(k) => k.min(model.classes.len()),
         None => 5.min(model.classes.len()),
     };
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
     let started = Instant::now();
-    let m = model.clone();
-    let x = state
-        .compute
-        .run(move || prepare_batch(&m, &upload.images, limits))
-        .await?;
+    let x = pipeline.on_images(upload.images, |_, x, _| Ok(x)).await?;
     // Concurrent requests for this model share one forward pass.
     let logits = state.batcher.logits(model.clone(), x).await?;
     let predictions = logits
         .iter()
         .map(|row| Prediction {
-            top_k: top_classes(row, top_k, &model.classes),
+            top_k: predict::top_classes(row, top_k, &model.classes),
         })
         .collect();
     Ok(Json(PredictResponse {
@@ -151,41 +135,4 @@ async fn predict(
         predictions,
         elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
     }))
-}
-
-/// The `k` most probable classes; softmax in f64 with the max subtracted.
-fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> Vec<ClassScore> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    // Stable sort: ties keep the lower index first, as torch.topk does on CPU.
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order
-        .into_iter()
-        .take(k)
-        .map(|i| ClassScore {
-            class_index: i,
-            label: labels[i].clone(),
-            probability: exps[i] / sum,
-            logit: logits[i],
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn top_classes_are_sorted_and_probabilities_sum_to_one() {
-        let labels: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        let top = top_classes(&[1.0, 3.0, 2.0], 3, &labels);
-        assert_eq!(
-            top.iter().map(|c| c.class_index).collect::<Vec<_>>(),
-            [1, 2, 0]
-        );
-        let total: f64 = top.iter().map(|c| c.probability).sum();
-        assert!((total - 1.0).abs() < 1e-12);
-    }
 }

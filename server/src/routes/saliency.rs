@@ -5,7 +5,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use model_store::inspect::saliency;
-use model_store::preprocess::{self, DecodeLimits};
+use model_store::preprocess;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -13,11 +13,12 @@ use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
-use crate::input::{ImageUpload, prepare_batch};
+use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
+use crate::pipeline::Pipeline;
 use crate::render::{self, Colormap};
 use crate::routes::activations::png_response;
-use crate::routes::gradcam::{Output, class_index};
+use crate::routes::gradcam::Output;
 use crate::state::AppState;
 
 /// `vanilla` or `smoothgrad`.
@@ -146,10 +147,11 @@ async fn saliency_map(
     ApiQuery(params): ApiQuery<SaliencyParams>,
     upload: ImageUpload,
 ) -> ApiResult<Response> {
-    let model = state.model(&model)?;
+    let pipeline = Pipeline::new(&state, &model)?;
+    let model = pipeline.model.clone();
     let class = match params.class.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(class_index(&model.classes, c.trim())?),
+        Some(c) => Some(model.class_index(c.trim())?),
     };
     // Checked whatever the method, so a bad value never passes silently.
     let samples = match params.samples.unwrap_or(25) {
@@ -183,19 +185,13 @@ async fn saliency_map(
             "a picture shows one image; ask for output=json for a batch".into(),
         ));
     }
-    let limits = DecodeLimits {
-        max_pixels: state.settings.max_pixels,
-    };
+    let limits = pipeline.limits;
     let cmap = params.colormap.unwrap_or(Colormap::Gray);
     let seed = crate::routes::maximize::seed(params.seed)?;
-    let m = model.clone();
-    let images = upload.images;
-    let (result, picture) = state
-        .compute
-        .run(move || {
-            let x = prepare_batch(&m, &images, limits)?;
+    let (result, picture) = pipeline
+        .on_images(upload.images, move |m, x, images| {
             let classes = vec![class; images.len()];
-            let s = saliency::saliency(&m, &x, &classes, samples, noise, seed)?;
+            let s = saliency::saliency(m, &x, &classes, samples, noise, seed)?;
             let size = (m.manifest.input.height, m.manifest.input.width);
             let picture = match output {
                 Output::Json => None,
