@@ -26,11 +26,14 @@ impl Application {
     /// Loads every model in the models directory (a model that fails is
     /// logged, listed in `GET /models` under `load_errors`, and skipped),
     /// then binds, so that `port()` is known before serving starts.
-    pub async fn build(settings: Settings) -> anyhow_like::Result<Self> {
-        let device = parse_device(&settings.device)?;
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let device = parse_device(&settings.device).map_err(StartupError::Device)?;
         let (path, dev) = (settings.models.clone(), device.clone());
-        let models =
-            Arc::new(tokio::task::spawn_blocking(move || ModelStore::open(&path, &dev)).await??);
+        let models = tokio::task::spawn_blocking(move || ModelStore::open(&path, &dev))
+            .await
+            .map_err(|e| StartupError::Loading(e.to_string()))?
+            .map_err(StartupError::Models)?;
+        let models = Arc::new(models);
         for m in models.list() {
             tracing::info!(model = %m.name(), architecture = %m.manifest.architecture, params = m.network.total_params(), "loaded model");
         }
@@ -87,7 +90,13 @@ impl Application {
             .layer(axum::middleware::from_fn(crate::catch_panic::catch_panic))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
-        let listener = TcpListener::bind(settings.addr).await?;
+        let listener =
+            TcpListener::bind(settings.addr)
+                .await
+                .map_err(|source| StartupError::Bind {
+                    addr: settings.addr,
+                    source,
+                })?;
         Ok(Self {
             listener,
             router,
@@ -154,10 +163,29 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Start-up errors: anything, with its message.
-pub mod anyhow_like {
-    /// A boxed error.
-    pub type Error = Box<dyn std::error::Error + Send + Sync>;
-    /// Result with a boxed error.
-    pub type Result<T> = std::result::Result<T, Error>;
+/// Why the server could not start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// `--device` names no usable device.
+    #[error("--device: {0}")]
+    Device(model_store::Error),
+    /// The models directory cannot be opened (a model that fails to load
+    /// is not an error: it is skipped and listed in `load_errors`).
+    #[error("--models: {0}")]
+    Models(model_store::Error),
+    /// Loading was interrupted (a panic in the loader).
+    #[error("loading the models failed: {0}")]
+    Loading(String),
+    /// The job store cannot be opened or migrated.
+    #[error("--jobs-db: {0}")]
+    Jobs(#[from] crate::jobs::store::StoreError),
+    /// The address is taken or not ours.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// `--addr`.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }

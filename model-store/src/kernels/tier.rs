@@ -37,11 +37,11 @@ impl Tier {
     }
 
     /// Parses a `CONVSCOPE_KERNELS` value.
-    pub fn parse(s: &str) -> Result<Tier, String> {
+    pub fn parse(s: &str) -> Result<Tier, UnknownTier> {
         Tier::ALL
             .into_iter()
             .find(|t| t.name() == s)
-            .ok_or_else(|| format!("CONVSCOPE_KERNELS={s:?}: use portable, avx2 or avx512"))
+            .ok_or_else(|| UnknownTier(s.to_string()))
     }
 
     /// Whether this CPU has the tier's instructions.
@@ -79,9 +79,14 @@ impl std::fmt::Display for Tier {
     }
 }
 
+/// A `CONVSCOPE_KERNELS` value that names no tier.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CONVSCOPE_KERNELS={0:?}: use portable, avx2 or avx512")]
+pub struct UnknownTier(pub String);
+
 /// The cap from `CONVSCOPE_KERNELS`, if set; an unknown value is an error,
 /// which [`check_env`] reports at start-up.
-fn cap() -> Result<Option<Tier>, String> {
+fn cap() -> Result<Option<Tier>, UnknownTier> {
     match std::env::var("CONVSCOPE_KERNELS") {
         Ok(v) if !v.is_empty() => Tier::parse(&v).map(Some),
         _ => Ok(None),
@@ -90,7 +95,7 @@ fn cap() -> Result<Option<Tier>, String> {
 
 /// Checks `CONVSCOPE_KERNELS` (so a typo stops the server at start-up
 /// instead of being ignored) and returns the tier the kernels will run at.
-pub fn check_env() -> Result<Tier, String> {
+pub fn check_env() -> Result<Tier, UnknownTier> {
     cap()?;
     Ok(active())
 }
@@ -137,6 +142,7 @@ mod tests {
         assert!(
             Tier::parse("avx-2")
                 .unwrap_err()
+                .to_string()
                 .contains("portable, avx2 or avx512")
         );
         assert!(Tier::Portable < Tier::Avx2 && Tier::Avx2 < Tier::Avx512);

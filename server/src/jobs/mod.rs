@@ -289,12 +289,8 @@ impl Jobs {
         id: &str,
         manifest: &model_store::Manifest,
         weights: &[u8],
-    ) -> Result<(), String> {
-        self.ctx
-            .models
-            .replace(id, manifest, weights)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    ) -> model_store::Result<()> {
+        self.ctx.models.replace(id, manifest, weights).map(|_| ())
     }
 
     fn run_job(&self, job: JobRecord) {
@@ -381,14 +377,16 @@ impl Jobs {
         work: &std::path::Path,
         epoch: usize,
         history: &[EpochRecord],
-    ) -> Result<String, String> {
+    ) -> model_store::Result<String> {
         let mut m = manifest.clone();
         m.name = Self::snapshot_name(&spec.model_name, epoch);
         m.extra.insert(
             "training".into(),
             serde_json::json!({"job_id": id, "epoch": epoch, "of": spec.epochs, "history": history}),
         );
-        let weights = std::fs::read(train::last_snapshot(work)).map_err(|e| e.to_string())?;
+        let path = train::last_snapshot(work);
+        let weights =
+            std::fs::read(&path).map_err(|source| model_store::Error::Io { path, source })?;
         self.register(id, &m, &weights)?;
         Ok(m.name)
     }
@@ -400,7 +398,7 @@ impl Jobs {
         &self,
         e: &Ended,
         outcome: model_store::Result<Outcome>,
-        snapshot_error: Option<String>,
+        snapshot_error: Option<model_store::Error>,
     ) {
         let (id, work) = (e.id, e.work);
         let fail = |msg: String| {
@@ -420,7 +418,6 @@ impl Jobs {
                 weights, manifest, ..
             }) => {
                 let result = train::safetensors_bytes(&weights)
-                    .map_err(|e| e.to_string())
                     .and_then(|bytes| self.register(id, &manifest, &bytes));
                 match result {
                     Ok(()) => {
@@ -442,7 +439,7 @@ impl Jobs {
                 cleanup();
                 fail(format!(
                     "could not register an epoch snapshot: {}",
-                    snapshot_error.unwrap_or_default()
+                    snapshot_error.map(|e| e.to_string()).unwrap_or_default()
                 ));
             }
             Ok(Outcome::Cancelled) if !e.cancelled => {

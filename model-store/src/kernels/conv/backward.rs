@@ -1,0 +1,123 @@
+//! The gradients of one image: input (`Wᵀ·G`, then col2im) and weight
+//! (`G·colᵀ`), and their depthwise forms.
+
+use super::im2col::*;
+use super::*;
+
+impl ConvOp {
+    /// `dx` for one image from its masked output gradient `g` `[O, P]`.
+    pub(super) fn input_grad_image(&self, d: &Dims, w: &[f32], g: &[f32], dx: &mut [f32]) {
+        let (k, p) = (d.k(), d.p());
+        let plane = d.h * d.w;
+        let mut dcol = vec![0f32; if self.pointwise(d) { 0 } else { k * p }];
+        for grp in 0..self.groups {
+            let wt = Mat {
+                data: &w[grp * d.og * k..(grp + 1) * d.og * k],
+                rows: k,
+                cols: d.og,
+                rs: 1,
+                cs: k,
+            };
+            let gg = Mat {
+                data: &g[grp * d.og * p..(grp + 1) * d.og * p],
+                rows: d.og,
+                cols: p,
+                rs: p,
+                cs: 1,
+            };
+            let dxg = &mut dx[grp * d.cg * plane..(grp + 1) * d.cg * plane];
+            if self.pointwise(d) {
+                matmul(dxg, wt, gg, false, 1);
+            } else {
+                matmul(&mut dcol, wt, gg, false, 1);
+                for (r, row) in dcol.chunks(p).enumerate() {
+                    col2im_row(d, self, row, r, dxg);
+                }
+            }
+        }
+    }
+
+    /// `dW += G · colᵀ` for one image.
+    pub(super) fn weight_grad_image(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        g: &[f32],
+        dw: &mut [f32],
+        col: &mut Vec<f32>,
+    ) {
+        let (k, p) = (d.k(), d.p());
+        for grp in 0..self.groups {
+            let xg = &x[grp * d.cg * d.h * d.w..(grp + 1) * d.cg * d.h * d.w];
+            let cols = if self.pointwise(d) {
+                xg
+            } else {
+                col.resize(k * p, 0.0);
+                im2col(d, self, xg, col, 1);
+                &col[..]
+            };
+            matmul(
+                &mut dw[grp * d.og * k..(grp + 1) * d.og * k],
+                Mat {
+                    data: &g[grp * d.og * p..(grp + 1) * d.og * p],
+                    rows: d.og,
+                    cols: p,
+                    rs: p,
+                    cs: 1,
+                },
+                Mat {
+                    data: cols,
+                    rows: p,
+                    cols: k,
+                    rs: 1,
+                    cs: p,
+                },
+                true,
+                1,
+            );
+        }
+    }
+
+    /// Depthwise input gradient of one plane.
+    pub(super) fn depthwise_input_grad(&self, d: &Dims, w: &[f32], g: &[f32], dx: &mut [f32]) {
+        let sw = self.stride.1;
+        for ky in 0..d.kh {
+            for kx in 0..d.kw {
+                let wv = w[ky * d.kw + kx];
+                let (ox0, ox1, off) = column_span(d, self, kx);
+                for (oy, src) in g.chunks_exact(d.ow).enumerate() {
+                    let Some(iy) = input_row(d, self, oy, ky) else {
+                        continue;
+                    };
+                    let dst = &mut dx[iy * d.w..(iy + 1) * d.w];
+                    let first = ((ox0 * sw) as isize + off) as usize;
+                    for (j, v) in src[ox0..ox1].iter().enumerate() {
+                        dst[first + j * sw] += wv * v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Depthwise weight gradient of one plane, added to `dw` `[kh * kw]`.
+    pub(super) fn depthwise_weight_grad(&self, d: &Dims, x: &[f32], g: &[f32], dw: &mut [f32]) {
+        let sw = self.stride.1;
+        for ky in 0..d.kh {
+            for kx in 0..d.kw {
+                let (ox0, ox1, off) = column_span(d, self, kx);
+                let mut acc = 0f32;
+                for (oy, src) in g.chunks_exact(d.ow).enumerate() {
+                    let Some(iy) = input_row(d, self, oy, ky) else {
+                        continue;
+                    };
+                    let row = &x[iy * d.w..(iy + 1) * d.w];
+                    let first = ((ox0 * sw) as isize + off) as usize;
+                    for (j, v) in src[ox0..ox1].iter().enumerate() {
+                        acc += v * row[first + j * sw];
+                    }
+                }
+                dw[ky * d.kw + kx] += acc;
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The forward pass: per image and group, depthwise planes, the padded
+//! stride-1 path, bias and activation fused into the pass that writes.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, Layout, Result, Shape, bail};
+use rayon::prelude::*;
+
+use super::im2col::*;
+use super::plan::*;
+use super::*;
+
+impl ConvOp {
+    /// A 1×1, stride-1, unpadded convolution: the input is its own im2col.
+    pub(super) fn pointwise(&self, d: &Dims) -> bool {
+        d.kh == 1
+            && d.kw == 1
+            && self.stride == (1, 1)
+            && self.padding == (0, 0, 0, 0)
+            && d.oh == d.h
+            && d.ow == d.w
+    }
+
+    pub(super) fn depthwise(&self, d: &Dims) -> bool {
+        d.cg == 1 && d.og == 1
+    }
+
+    pub(in crate::kernels) fn dims(&self, x: &Layout, w: &Layout) -> Result<Dims> {
+        let (n, c, h, wd) = x.shape().dims4()?;
+        let (o, cg, kh, kw) = w.shape().dims4()?;
+        let g = self.groups;
+        if g == 0 || c % g != 0 || o % g != 0 || c / g != cg {
+            bail!(
+                "conv2d: input [{n}, {c}, {h}, {wd}] and weight [{o}, {cg}, {kh}, {kw}] do not fit groups={g}"
+            );
+        }
+        let (t, b, l, r) = self.padding;
+        let (eh, ew) = (
+            self.dilation.0 * (kh - 1) + 1,
+            self.dilation.1 * (kw - 1) + 1,
+        );
+        if h + t + b < eh || wd + l + r < ew || self.stride.0 == 0 || self.stride.1 == 0 {
+            bail!("conv2d: a {kh}x{kw} kernel does not fit the padded {h}x{wd} input");
+        }
+        Ok(Dims {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            kh,
+            kw,
+            oh: (h + t + b - eh) / self.stride.0 + 1,
+            ow: (wd + l + r - ew) / self.stride.1 + 1,
+            cg,
+            og: o / g,
+        })
+    }
+
+    /// One image, by the plan's path.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn image(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        plan: &Plan,
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        match plan {
+            Plan::Padded(padded) => self.forward_image_padded(d, x, w, padded, bias, out, threads),
+            Plan::General(gemmless) => {
+                self.forward_image(d, x, w, gemmless.as_ref(), bias, out, threads)
+            }
+        }
+    }
+
+    /// One image's output `[O, P]` from its input `[C, H, W]`, before the
+    /// bias and activation. `threads` goes to gemm.
+    ///
+    /// With `gemmless` (one group, whole vectors of positions), the product
+    /// is [`direct`]'s instead of gemm's, epilogue included.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_image(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        gemmless: Option<&Direct>,
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        let (k, p) = (d.k(), d.p());
+        if let Some(dir) = gemmless {
+            if self.pointwise(d) {
+                dir.run(d, x, out, p, bias, self.activation, threads);
+            } else {
+                with_scratch(k * p, NO_PADDED_INPUT, |col, _| {
+                    im2col(d, self, x, col, threads);
+                    dir.run(d, col, out, p, bias, self.activation, threads);
+                });
+            }
+            return;
+        }
+        let col_len = if self.pointwise(d) { 0 } else { k * p };
+        with_scratch(col_len, NO_PADDED_INPUT, |col, _| {
+            for g in 0..self.groups {
+                let xg = &x[g * d.cg * d.h * d.w..(g + 1) * d.cg * d.h * d.w];
+                let rhs = if self.pointwise(d) {
+                    xg
+                } else {
+                    im2col(d, self, xg, col, threads);
+                    &col[..]
+                };
+                matmul(
+                    &mut out[g * d.og * p..(g + 1) * d.og * p],
+                    Mat {
+                        data: &w[g * d.og * k..(g + 1) * d.og * k],
+                        rows: d.og,
+                        cols: k,
+                        rs: k,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: rhs,
+                        rows: k,
+                        cols: p,
+                        rs: p,
+                        cs: 1,
+                    },
+                    false,
+                    threads,
+                );
+            }
+        });
+    }
+
+    /// Stride 1 without groups: the im2col of a zero-padded copy of the
+    /// input, computed over every padded column. Each im2col row is then
+    /// one contiguous copy (`OH · Wp` values) instead of one per output row,
+    /// and the `kw − 1` extra columns per row are dropped by the epilogue
+    /// that adds the bias and applies the activation.
+    pub(super) fn padded_path(&self, d: &Dims) -> bool {
+        self.stride == (1, 1) && self.groups == 1 && !self.pointwise(d) && !self.depthwise(d)
+    }
+
+    /// One image through [`Self::padded_path`], epilogue included: the
+    /// product by [`direct`] when the plan has it, else by im2col + gemm.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_image_padded(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        plan: &Padded,
+        bias: &[f32],
+        out: &mut [f32],
+        threads: usize,
+    ) {
+        let (t, _, l, _) = self.padding;
+        let (hp, wp, np) = (plan.hp, plan.wp, plan.np);
+        let (k, p) = (d.k(), d.p());
+        with_scratch(plan.scratch(d), plan.key(self, d), |buf, zeroed| {
+            let (xp, rest) = buf.split_at_mut(plan.xp_len);
+            if !zeroed {
+                xp.fill(0.0);
+            }
+            for c in 0..d.c {
+                for y in 0..d.h {
+                    let at = (c * hp + y + t) * wp + l;
+                    xp[at..at + d.w].copy_from_slice(&x[(c * d.h + y) * d.w..][..d.w]);
+                }
+            }
+            let xp = &*xp;
+            if let Some(dir) = &plan.direct {
+                let (target, ld) = if dir.straight {
+                    (&mut out[..d.o * p], p)
+                } else {
+                    (&mut rest[..d.o * np], np)
+                };
+                dir.run(d, xp, target, ld, bias, self.activation, threads);
+                if !dir.straight {
+                    for (o, y) in out[..d.o * p].chunks_exact_mut(p).enumerate() {
+                        for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
+                            dst.copy_from_slice(&rest[o * np + oy * wp..][..d.ow]);
+                        }
+                    }
+                }
+                return;
+            }
+            let (col, tmp) = rest.split_at_mut(k * np);
+            for_each_chunk(col, np, threads, |(row, dst)| {
+                let start = plan.offsets[row];
+                dst.copy_from_slice(&xp[start..start + np]);
+            });
+            matmul(
+                tmp,
+                Mat {
+                    data: w,
+                    rows: d.o,
+                    cols: k,
+                    rs: k,
+                    cs: 1,
+                },
+                Mat {
+                    data: col,
+                    rows: k,
+                    cols: np,
+                    rs: np,
+                    cs: 1,
+                },
+                false,
+                threads,
+            );
+            let tmp = &*tmp;
+            let finish = |(o, y): (usize, &mut [f32])| {
+                let bo = bias.get(o).copied().unwrap_or(0.0);
+                for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
+                    let src = &tmp[o * np + oy * wp..][..d.ow];
+                    for (v, s) in dst.iter_mut().zip(src) {
+                        *v = self.activation.apply(s + bo);
+                    }
+                }
+            };
+            for_each_chunk(&mut out[..d.o * p], p, threads, finish);
+        });
+    }
+
+    /// Depthwise: each output plane from its one input plane.
+    pub(super) fn forward_depthwise_plane(&self, d: &Dims, x: &[f32], w: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        let sw = self.stride.1;
+        for ky in 0..d.kh {
+            for kx in 0..d.kw {
+                let wv = w[ky * d.kw + kx];
+                let (ox0, ox1, off) = column_span(d, self, kx);
+                for (oy, dst) in out.chunks_exact_mut(d.ow).enumerate() {
+                    let Some(iy) = input_row(d, self, oy, ky) else {
+                        continue;
+                    };
+                    let src = &x[iy * d.w..(iy + 1) * d.w];
+                    let first = ((ox0 * sw) as isize + off) as usize;
+                    if sw == 1 {
+                        for (o, i) in dst[ox0..ox1].iter_mut().zip(&src[first..]) {
+                            *o += wv * i;
+                        }
+                    } else {
+                        for (j, o) in dst[ox0..ox1].iter_mut().enumerate() {
+                            *o += wv * src[first + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`CustomOp3::cpu_fwd`], with the weight already packed or not.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn cpu_forward(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        packed: Option<&Arc<[f32]>>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims(xl, wl)?;
+        let (x, w, b) = operands(&d, (xs, xl), (ws, wl), (bs, bl))?;
+        let out = self.forward(&d, x, w, b, packed);
+        Ok((CpuStorage::F32(out), Shape::from((d.n, d.o, d.oh, d.ow))))
+    }
+
+    pub(super) fn forward(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        packed: Option<&Arc<[f32]>>,
+    ) -> Vec<f32> {
+        self.forward_by(d, x, w, bias, direct::available(), packed)
+    }
+
+    /// The forward pass, with the product by [`direct`] where it applies
+    /// when `direct` is set (the caller checked [`direct::available`]) and
+    /// by im2col + gemm otherwise; `packed` is `w` packed for [`direct`]
+    /// already ([`pack_weights`]), or `None` to pack it here.
+    pub(super) fn forward_by(
+        &self,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        direct: bool,
+        packed: Option<&Arc<[f32]>>,
+    ) -> Vec<f32> {
+        let (p, threads) = (d.p(), rayon::current_num_threads());
+        let mut out = vec![0f32; d.n * d.o * p];
+        let in_image = d.c * d.h * d.w;
+        // Without input channels there is nothing to multiply: gemm's
+        // path writes the bias alone.
+        let direct = direct && d.k() > 0;
+        let plan = if self.padded_path(d) {
+            Plan::Padded(Padded::new(self, d, w, direct, packed))
+        } else {
+            let gemmless =
+                direct && self.groups == 1 && !self.depthwise(d) && p.is_multiple_of(direct::LANES);
+            Plan::General(gemmless.then(|| Direct::general(d, w, packed)))
+        };
+        if self.depthwise(d) {
+            out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
+                let (img, ch) = (plane / d.o, plane % d.o);
+                let xs = &x[img * in_image + ch * d.h * d.w..][..d.h * d.w];
+                let ws = &w[ch * d.kh * d.kw..(ch + 1) * d.kh * d.kw];
+                self.forward_depthwise_plane(d, xs, ws, y);
+            });
+        } else if d.n >= threads || threads == 1 {
+            out.par_chunks_mut(d.o * p)
+                .enumerate()
+                .for_each(|(img, y)| {
+                    let x = &x[img * in_image..(img + 1) * in_image];
+                    self.image(d, x, w, &plan, bias, y, 1)
+                });
+        } else {
+            for (img, y) in out.chunks_mut(d.o * p).enumerate() {
+                self.image(
+                    d,
+                    &x[img * in_image..(img + 1) * in_image],
+                    w,
+                    &plan,
+                    bias,
+                    y,
+                    threads,
+                );
+            }
+        }
+        // The padded path and the direct kernel applied the bias and
+        // activation themselves.
+        if matches!(plan, Plan::General(None))
+            && (!bias.is_empty() || self.activation != Activation::Identity)
+        {
+            out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
+                let b = bias.get(plane % d.o).copied().unwrap_or(0.0);
+                for v in y {
+                    *v = self.activation.apply(*v + b);
+                }
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,74 @@
+//! Weights packed once, at load, in the order the direct kernel reads them.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use super::*;
+
+/// `w` (`[O, K]`) in [`direct`]'s order: `packed` when given (made by
+/// [`pack_weights`] from the same weights), else packed now.
+pub(super) fn packed_or_pack(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Arc<[f32]> {
+    match packed {
+        Some(p) => p.clone(),
+        None => Arc::from(direct::pack(w, d.o, d.k())),
+    }
+}
+
+/// A one-group convolution's weights `[O, I, kh, kw]` packed once (at load,
+/// for [`PackedConvOp`]) in the order the direct kernel reads them; `None`
+/// when this CPU does not run it. Packed on every call, they took 6% of a
+/// batch-1 ResNet-20 forward, so the predict path packs them once.
+pub fn pack_weights(w: &[f32], o: usize, k: usize) -> Option<Arc<[f32]>> {
+    (direct::available() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
+}
+
+/// [`ConvOp`] with its weight already packed by [`pack_weights`]; the
+/// same results and the same backward.
+#[derive(Debug, Clone)]
+pub struct PackedConvOp {
+    /// The geometry and activation.
+    pub base: ConvOp,
+    /// The weight applied with it, packed.
+    pub packed: Arc<[f32]>,
+}
+
+impl CustomOp3 for PackedConvOp {
+    fn name(&self) -> &'static str {
+        "convscope-conv2d-packed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.base.dims(xl, wl)?;
+        if self.base.groups != 1
+            || self.packed.len() != d.o.div_ceil(direct::MR) * d.k() * direct::MR
+        {
+            bail!(
+                "conv2d: packed weights that do not fit a [{}, {}] weight",
+                d.o,
+                d.k()
+            );
+        }
+        self.base
+            .cpu_forward(xs, xl, ws, wl, bs, bl, Some(&self.packed))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.base.bwd(x, w, bias, res, grad_res)
+    }
+}
