@@ -103,6 +103,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// Another process holds the models directory alone (or this one needs
+    /// it alone and another has it open).
+    #[error(
+        "the models directory {path} is in use by another convscope process; stop it first (a running server: use POST /jobs to train instead of convscope train)"
+    )]
+    DirectoryInUse {
+        /// The directory.
+        path: PathBuf,
+    },
+
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -83,25 +83,25 @@ impl Node {
         Self { name: None, op }
     }
 
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> NodeKind {
         match &self.op {
-            Op::Conv(_) => "conv2d",
-            Op::BatchNorm(_) => "batch_norm2d",
-            Op::Relu => "relu",
-            Op::Relu6 => "relu6",
-            Op::Pool(p) if p.kind == PoolKind::Max => "max_pool2d",
-            Op::Pool(_) => "avg_pool2d",
-            Op::AdaptiveAvgPool(_) => "adaptive_avg_pool2d",
+            Op::Conv(_) => NodeKind::Conv2d,
+            Op::BatchNorm(_) => NodeKind::BatchNorm2d,
+            Op::Relu => NodeKind::Relu,
+            Op::Relu6 => NodeKind::Relu6,
+            Op::Pool(p) if p.kind == PoolKind::Max => NodeKind::MaxPool2d,
+            Op::Pool(_) => NodeKind::AvgPool2d,
+            Op::AdaptiveAvgPool(_) => NodeKind::AdaptiveAvgPool2d,
             Op::Dropout {
                 channelwise: false, ..
-            } => "dropout",
-            Op::Dropout { .. } => "dropout2d",
-            Op::Flatten => "flatten",
-            Op::Linear(_) => "linear",
-            Op::Softmax => "softmax",
-            Op::Seq(_) => "sequential",
-            Op::Residual { .. } => "residual_block",
-            Op::ShortcutA { .. } => "shortcut",
+            } => NodeKind::Dropout,
+            Op::Dropout { .. } => NodeKind::Dropout2d,
+            Op::Flatten => NodeKind::Flatten,
+            Op::Linear(_) => NodeKind::Linear,
+            Op::Softmax => NodeKind::Softmax,
+            Op::Seq(_) => NodeKind::Sequential,
+            Op::Residual { .. } => NodeKind::ResidualBlock,
+            Op::ShortcutA { .. } => NodeKind::Shortcut,
         }
     }
 
@@ -385,13 +385,78 @@ fn even_indices(n: usize, like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::new(idx.as_slice(), like.device())?)
 }
 
+/// What a named layer is, by its PyTorch name (`GET /models/{model}`'s
+/// `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// `nn.Conv2d`.
+    Conv2d,
+    /// `nn.BatchNorm2d`.
+    BatchNorm2d,
+    /// `nn.ReLU`.
+    Relu,
+    /// `nn.ReLU6`.
+    Relu6,
+    /// `nn.MaxPool2d`.
+    MaxPool2d,
+    /// `nn.AvgPool2d`.
+    AvgPool2d,
+    /// `nn.AdaptiveAvgPool2d`.
+    AdaptiveAvgPool2d,
+    /// `nn.Dropout`.
+    Dropout,
+    /// `nn.Dropout2d`.
+    Dropout2d,
+    /// `nn.Flatten`.
+    Flatten,
+    /// `nn.Linear`.
+    Linear,
+    /// `nn.Softmax`.
+    Softmax,
+    /// `nn.Sequential`.
+    Sequential,
+    /// A residual block (`BasicBlock`, `Bottleneck`).
+    ResidualBlock,
+    /// The CIFAR ResNets' option-A shortcut (subsample and zero-pad).
+    Shortcut,
+}
+
+impl NodeKind {
+    /// The name the API shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeKind::Conv2d => "conv2d",
+            NodeKind::BatchNorm2d => "batch_norm2d",
+            NodeKind::Relu => "relu",
+            NodeKind::Relu6 => "relu6",
+            NodeKind::MaxPool2d => "max_pool2d",
+            NodeKind::AvgPool2d => "avg_pool2d",
+            NodeKind::AdaptiveAvgPool2d => "adaptive_avg_pool2d",
+            NodeKind::Dropout => "dropout",
+            NodeKind::Dropout2d => "dropout2d",
+            NodeKind::Flatten => "flatten",
+            NodeKind::Linear => "linear",
+            NodeKind::Softmax => "softmax",
+            NodeKind::Sequential => "sequential",
+            NodeKind::ResidualBlock => "residual_block",
+            NodeKind::Shortcut => "shortcut",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One row of the model summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerInfo {
     /// Module path.
     pub name: String,
     /// `conv2d`, `residual_block`, ...
-    pub kind: &'static str,
+    pub kind: NodeKind,
     /// Output shape for one image of the manifest's input size, no batch dim.
     pub output_shape: Vec<usize>,
     /// Learned parameters in this layer and everything inside it.
@@ -497,7 +562,9 @@ impl Network {
 
     /// Whether the last layer is a softmax (its output is then probabilities).
     pub fn ends_with_softmax(&self) -> bool {
-        self.layers.last().is_some_and(|l| l.kind == "softmax")
+        self.layers
+            .last()
+            .is_some_and(|l| l.kind == NodeKind::Softmax)
     }
 
     /// The kernels of a convolution layer, `[O, I/groups, kh, kw]`.

@@ -40,7 +40,7 @@ pub mod tap;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use graph::{LayerInfo, Network};
+pub use graph::{LayerInfo, Network, NodeKind};
 pub use manifest::Manifest;
 pub use model::{LoadFailure, LoadedModel, parse_device};
 pub use model_dir::ModelDir;

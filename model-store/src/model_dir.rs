@@ -15,6 +15,13 @@
 //! idempotent: a rename whose source is gone already happened), then every
 //! stray temporary file is removed. A crash before step 2 therefore leaves
 //! the old state, a crash after it the new one.
+//!
+//! Every process that opens the directory holds a shared lock on it (on
+//! the directory itself, so no lock file appears among the models); recovery runs only when a process can take that lock alone
+//! (no other process is using the directory, so no journal or temporary file
+//! is live), and [`ModelDir::open_exclusive`] (for `convscope train`) keeps
+//! it alone, so two writers that cannot see each other's names never share
+//! a directory.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,6 +40,20 @@ const JOURNAL_PREFIX: &str = ".commit-";
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     path: PathBuf,
+    /// The directory opened as a file, locked shared (or exclusive) while
+    /// any clone of this handle lives.
+    _lock: std::sync::Arc<std::fs::File>,
+    /// Journals found at open that could not be carried out.
+    recovery_failures: Vec<LoadFailure>,
+}
+
+/// How a directory is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// With other processes (servers reading and writing through journals).
+    Shared,
+    /// Alone: no other process may open it meanwhile.
+    Exclusive,
 }
 
 /// One step of a journal, with file names relative to the directory.
@@ -45,15 +66,55 @@ enum Step {
 
 impl ModelDir {
     /// Uses `path`, creating it if needed, and finishes or discards whatever
-    /// a crash left half-done there.
+    /// a crash left half-done there (when no other process has it open).
     pub fn open(path: impl Into<PathBuf>) -> Result<Self> {
-        let path = path.into();
-        std::fs::create_dir_all(&path).map_err(|source| Error::Io {
+        Self::open_as(path.into(), Hold::Shared)
+    }
+
+    /// Uses `path` alone: fails with [`Error::DirectoryInUse`] while another
+    /// process (a server) has it open, and keeps others out until dropped.
+    pub fn open_exclusive(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_as(path.into(), Hold::Exclusive)
+    }
+
+    fn open_as(path: PathBuf, hold: Hold) -> Result<Self> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::create_dir_all(&path).map_err(io(&path))?;
+        let lock_path = path.clone();
+        let lock = lock_handle(&path).map_err(io(&lock_path))?;
+        let in_use = || Error::DirectoryInUse { path: path.clone() };
+        let alone = match lock.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) if hold == Hold::Shared => false,
+            Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+        };
+        let mut dir = Self {
             path: path.clone(),
-            source,
-        })?;
-        let dir = Self { path };
-        dir.recover()?;
+            _lock: std::sync::Arc::new(lock),
+            recovery_failures: Vec::new(),
+        };
+        if alone {
+            dir.recovery_failures = dir.recover()?;
+            if hold == Hold::Shared {
+                // From alone to shared: other servers may open it now.
+                dir._lock.unlock().map_err(io(&lock_path))?;
+                match dir._lock.try_lock_shared() {
+                    Ok(()) => {}
+                    Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+                }
+            }
+        } else {
+            match dir._lock.try_lock_shared() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+            }
+        }
         Ok(dir)
     }
 
@@ -65,6 +126,12 @@ impl ModelDir {
     /// Loads every manifest in the directory. A model that fails is reported
     /// and skipped; the others load.
     pub fn load_all(&self, device: &Device) -> (Vec<LoadedModel>, Vec<LoadFailure>) {
+        let (loaded, mut failed) = self.load_manifests(device);
+        failed.extend(self.recovery_failures.iter().cloned());
+        (loaded, failed)
+    }
+
+    fn load_manifests(&self, device: &Device) -> (Vec<LoadedModel>, Vec<LoadFailure>) {
         let mut manifests: Vec<PathBuf> = match self.entries() {
             Ok(names) => names
                 .into_iter()
@@ -105,6 +172,25 @@ impl ModelDir {
             }
         }
         (loaded, failed)
+    }
+
+    /// The model names in the directory (from either file) that start with
+    /// `prefix`.
+    pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .entries()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix))
+            .filter_map(|n| {
+                n.strip_suffix(".json")
+                    .or_else(|| n.strip_suffix(".safetensors"))
+                    .map(str::to_string)
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Whether either file of `name` exists.
@@ -207,24 +293,34 @@ impl ModelDir {
             self.io(&journal)(e)
         })?;
         sync_dir(&self.path);
-        self.apply(&steps)?;
+        // Committed: the change happens, now or (if a step fails here) when
+        // the journal, left in place, is carried out at the next open.
+        let done = self
+            .apply(&steps, Replay::No)
+            .or_else(|_| self.apply(&steps, Replay::Yes));
         sync_dir(&self.path);
-        std::fs::remove_file(self.path.join(&journal)).map_err(self.io(&journal))?;
-        sync_dir(&self.path);
+        if done.is_ok() {
+            let _ = std::fs::remove_file(self.path.join(&journal));
+            sync_dir(&self.path);
+        }
         Ok(())
     }
 
-    fn apply(&self, steps: &[Step]) -> Result<()> {
+    /// Carries out `steps`. Replaying a journal after a crash, a file already
+    /// gone means its step already happened; in a live commit it is an error.
+    fn apply(&self, steps: &[Step], replay: Replay) -> Result<()> {
+        let gone =
+            |e: &std::io::Error| replay == Replay::Yes && e.kind() == std::io::ErrorKind::NotFound;
         for step in steps {
             match step {
                 Step::Rename { from, to } => {
                     match std::fs::rename(self.path.join(from), self.path.join(to)) {
                         Ok(()) => {}
-                        // Replaying a journal: this rename already happened.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) if gone(&e) => {}
                         Err(e) => return Err(self.io(to)(e)),
                     }
                 }
+                // Removing what is not there is done, replayed or not.
                 Step::Remove { file } => match std::fs::remove_file(self.path.join(file)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -236,8 +332,10 @@ impl ModelDir {
     }
 
     /// Carries out the journals a crash left (oldest first), then removes
-    /// temporary files that no journal names.
-    fn recover(&self) -> Result<()> {
+    /// temporary files that no journal names; returns the journals that
+    /// could not be carried out, for `load_errors`.
+    fn recover(&self) -> Result<Vec<LoadFailure>> {
+        let mut failures = Vec::new();
         let names = self.entries().map_err(self.io(""))?;
         let mut journals: Vec<&String> = names
             .iter()
@@ -246,15 +344,26 @@ impl ModelDir {
         journals.sort_by_key(|n| journal_order(n));
         for journal in journals {
             let path = self.path.join(journal);
-            let text = std::fs::read(&path).map_err(self.io(journal))?;
-            // A journal is renamed into place only once complete, so an
-            // unreadable one is not ours: leave it for a person to look at.
-            let Ok(steps) = serde_json::from_slice::<Vec<Step>>(&text) else {
-                continue;
-            };
-            self.apply(&steps)?;
-            sync_dir(&self.path);
-            std::fs::remove_file(&path).map_err(self.io(journal))?;
+            // A journal is renamed into place only once complete, so one that
+            // does not read or parse is not ours: it stays, for a person to
+            // look at, and is reported.
+            let steps = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    serde_json::from_slice::<Vec<Step>>(&text).map_err(|e| e.to_string())
+                });
+            let done =
+                steps.and_then(|steps| self.apply(&steps, Replay::Yes).map_err(|e| e.to_string()));
+            match done {
+                Ok(()) => {
+                    sync_dir(&self.path);
+                    std::fs::remove_file(&path).map_err(self.io(journal))?;
+                }
+                Err(error) => failures.push(LoadFailure {
+                    file: path,
+                    error: format!("an unfinished change that cannot be carried out: {error}"),
+                }),
+            }
         }
         for name in &names {
             if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
@@ -262,8 +371,32 @@ impl ModelDir {
             }
         }
         sync_dir(&self.path);
-        Ok(())
+        Ok(failures)
     }
+}
+
+/// What the directory's lock is taken on: the directory itself where the
+/// OS can lock one (Unix), else a hidden `.lock` file in it.
+fn lock_handle(dir: &Path) -> std::io::Result<std::fs::File> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+    }
+}
+
+/// Whether steps are a journal being replayed after a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    Yes,
+    No,
 }
 
 /// `(pid, counter)` of a journal's name, so journals replay in the order
@@ -321,7 +454,8 @@ mod tests {
         )
         .unwrap();
         // ... and halfway through the renames.
-        dir.apply(&steps[..1]).unwrap();
+        dir.apply(&steps[..1], Replay::No).unwrap();
+        drop(dir); // the process dies: its lock goes with it
         ModelDir::open(tmp.path()).unwrap();
         assert_eq!(files(tmp.path()), ["m.json", "m.safetensors"]);
         assert_eq!(
@@ -340,12 +474,44 @@ mod tests {
         let dir = ModelDir::open(tmp.path()).unwrap();
         dir.save("m", b"old manifest", b"old weights").unwrap();
         dir.write_temp(b"half a new upload").unwrap();
+        drop(dir);
         ModelDir::open(tmp.path()).unwrap();
         assert_eq!(files(tmp.path()), ["m.json", "m.safetensors"]);
         assert_eq!(
             std::fs::read(tmp.path().join("m.json")).unwrap(),
             b"old manifest"
         );
+    }
+
+    #[test]
+    fn an_exclusive_holder_keeps_others_out_and_a_shared_one_keeps_it_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = ModelDir::open(tmp.path()).unwrap();
+        let b = ModelDir::open(tmp.path()).unwrap();
+        assert!(matches!(
+            ModelDir::open_exclusive(tmp.path()),
+            Err(Error::DirectoryInUse { .. })
+        ));
+        drop((a, b));
+        let alone = ModelDir::open_exclusive(tmp.path()).unwrap();
+        assert!(ModelDir::open(tmp.path()).is_err());
+        drop(alone);
+        ModelDir::open(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_read_is_kept_and_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join(".commit-1-1.tmp"), b"{not json").unwrap();
+        let dir = ModelDir::open(tmp.path()).unwrap();
+        let (_, failures) = dir.load_all(&Device::Cpu);
+        assert_eq!(failures.len(), 1);
+        assert!(
+            failures[0].error.contains("unfinished change"),
+            "{:?}",
+            failures[0]
+        );
+        assert!(tmp.path().join(".commit-1-1.tmp").exists());
     }
 
     #[test]

@@ -98,7 +98,17 @@ impl ModelStore {
     /// loads every model in it; a model that fails is kept in
     /// [`ModelStore::failures`] and skipped.
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        let dir = ModelDir::open(path)?;
+        Self::over(ModelDir::open(path)?, device)
+    }
+
+    /// The same, with the directory held alone (for `convscope train`,
+    /// which cannot see a running server's held names): fails while another
+    /// process has it open.
+    pub fn open_exclusive(path: &Path, device: &Device) -> Result<Self> {
+        Self::over(ModelDir::open_exclusive(path)?, device)
+    }
+
+    fn over(dir: ModelDir, device: &Device) -> Result<Self> {
         let (loaded, failures) = dir.load_all(device);
         let models = loaded
             .into_iter()
@@ -170,6 +180,8 @@ impl ModelStore {
     }
 
     fn free(state: &State, dir: &ModelDir, name: &str) -> Result<()> {
+        // Before any file is looked at: a name is never a path.
+        crate::manifest::validate_model_name(name)?;
         if let Some(owner) = state.holder(name) {
             return Err(Error::NameHeld {
                 name: name.to_string(),
@@ -201,6 +213,19 @@ impl ModelStore {
     pub fn reserve(&self, name: &str, job: &str) -> Result<()> {
         let mut state = self.write();
         Self::free(&state, &self.dir, name)?;
+        // The job will write `name@epoch-N`: none of those may be someone
+        // else's already (an upload, a finished job's snapshot).
+        let prefix = format!("{name}@epoch-");
+        let taken = state
+            .models
+            .keys()
+            .chain(state.claims.keys())
+            .find(|n| n.starts_with(&prefix))
+            .cloned()
+            .or_else(|| self.dir.names_with_prefix(&prefix).into_iter().next());
+        if let Some(snapshot) = taken {
+            return Err(Error::NameTaken { name: snapshot });
+        }
         state
             .claims
             .insert(name.to_string(), Owner::Job(job.to_string()));
@@ -380,6 +405,21 @@ mod tests {
         let again = ModelStore::open(tmp.path(), &Device::Cpu).unwrap();
         assert_eq!(again.names(), ["cnn-a-mnist"]);
         assert!(again.failures().is_empty());
+    }
+
+    #[test]
+    fn a_job_cannot_take_a_name_whose_snapshots_are_someone_elses() {
+        let (_tmp, store, manifest, weights) = store();
+        let mut m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        m["name"] = serde_json::json!("x@epoch-1");
+        store.register(m.to_string().as_bytes(), &weights).unwrap();
+        let err = store.reserve("x", "job-1").unwrap_err();
+        assert!(
+            matches!(&err, Error::NameTaken { name } if name == "x@epoch-1"),
+            "{err}"
+        );
+        // A name that is no name is refused before any file is looked at.
+        assert!(store.check_free("../../etc/passwd").is_err());
     }
 
     #[test]

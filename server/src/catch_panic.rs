@@ -1,7 +1,9 @@
 //! No panic escapes a request: whatever panics while a request is handled
 //! (an extractor, a handler, a renderer, a middleware inside this one)
 //! becomes a logged 500 problem+json that carries the request id, and the
-//! connection and the server go on serving.
+//! connection and the server go on serving. Every other 500 (a panic on the
+//! compute pool, a failed store) gets the request id in its body too, so a
+//! client's report leads straight to the log line with the cause.
 //!
 //! tower-http's `CatchPanicLayer` does the same but hands its callback only
 //! the panic payload, not the request, so the id could not go in the body.
@@ -27,6 +29,9 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
     // A handler's state is cheap handles whose locks ignore poisoning, so
     // nothing it leaves half-done is observed after the unwind.
     match AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(response) if response.status() == StatusCode::INTERNAL_SERVER_ERROR => {
+            with_request_id(response, &id).await
+        }
         Ok(response) => response,
         Err(panic) => {
             let what = panic
@@ -37,6 +42,30 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
             tracing::error!(request_id = %id, %route, panic = %what, "request handler panicked");
             problem(&id)
         }
+    }
+}
+
+/// A 500 problem+json with `request_id` added to its body (its detail is
+/// already generic: the cause is in the log).
+async fn with_request_id(response: Response, request_id: &str) -> Response {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !is_problem {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    // Problem bodies are a few hundred bytes; anything larger is not one.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return problem(request_id);
+    };
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(mut v) if v.is_object() => {
+            v["request_id"] = json!(request_id);
+            Response::from_parts(parts, axum::body::Body::from(v.to_string()))
+        }
+        _ => Response::from_parts(parts, axum::body::Body::from(bytes)),
     }
 }
 

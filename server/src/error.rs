@@ -102,9 +102,11 @@ impl From<model_store::Error> for ApiError {
             E::DeadlineExceeded(_) => {
                 ApiError::Timeout(format!("{e} (--request-timeout-secs); try fewer steps"))
             }
-            E::Io { .. } | E::Forward { .. } | E::Candle(_) | E::NotReserved { .. } => {
-                ApiError::Internal(e.to_string())
-            }
+            E::Io { .. }
+            | E::Forward { .. }
+            | E::Candle(_)
+            | E::NotReserved { .. }
+            | E::DirectoryInUse { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

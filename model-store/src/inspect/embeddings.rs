@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::graph::NodeKind;
 use crate::model::LoadedModel;
 
 /// The metrics, in the order the contract lists them.
@@ -107,7 +108,7 @@ fn log_softmax(v: &[f32]) -> Vec<f64> {
 /// second-to-last layer when there is no linear layer.
 pub fn default_layer(model: &LoadedModel) -> String {
     let layers = model.network.layers();
-    let last_linear = layers.iter().rposition(|l| l.kind == "linear");
+    let last_linear = layers.iter().rposition(|l| l.kind == NodeKind::Linear);
     let idx = match last_linear {
         Some(i) if i > 0 => i - 1,
         _ => layers.len().saturating_sub(2),

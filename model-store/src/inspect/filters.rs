@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::graph::NodeKind;
 use crate::model::LoadedModel;
 
 /// Why a layer has no kernels to show.
@@ -25,7 +26,10 @@ pub fn kernels(model: &LoadedModel, layer: &str) -> std::result::Result<Tensor, 
     match model.network.conv_weight(layer) {
         Some(w) => Ok(w.clone()),
         None => Err(NoKernels::NotConv {
-            kind: model.network.layer(layer).map_or("layer", |l| l.kind),
+            kind: model
+                .network
+                .layer(layer)
+                .map_or("layer", |l| l.kind.name()),
             conv_layers: conv_layers(model),
         }),
     }
@@ -37,7 +41,7 @@ pub fn conv_layers(model: &LoadedModel) -> Vec<String> {
         .network
         .layers()
         .iter()
-        .filter(|l| l.kind == "conv2d")
+        .filter(|l| l.kind == NodeKind::Conv2d)
         .map(|l| l.name.clone())
         .collect()
 }

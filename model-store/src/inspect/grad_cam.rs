@@ -27,6 +27,7 @@
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::graph::NodeKind;
 use crate::model::LoadedModel;
 use crate::tap::Tap;
 
@@ -132,16 +133,16 @@ pub fn default_layer(model: &LoadedModel) -> Option<String> {
     let spatial = |i: usize| matches!(layers[i].output_shape[..], [_, h, w] if h * w > 1);
     let pick = (0..layers.len())
         .rev()
-        .find(|&i| layers[i].kind == "residual_block" && spatial(i))
+        .find(|&i| layers[i].kind == NodeKind::ResidualBlock && spatial(i))
         .or_else(|| {
             (0..layers.len())
                 .rev()
-                .find(|&i| layers[i].kind == "conv2d" && spatial(i))
+                .find(|&i| layers[i].kind == NodeKind::Conv2d && spatial(i))
         })?;
     let next = layers.get(pick + 1);
     match next {
         Some(n)
-            if matches!(n.kind, "relu" | "relu6")
+            if matches!(n.kind, NodeKind::Relu | NodeKind::Relu6)
                 && n.output_shape == layers[pick].output_shape =>
         {
             Some(n.name.clone())

@@ -131,7 +131,12 @@ pub(super) fn block(
     assert!(lanes != Lanes::Split(0), "direct conv: split lanes 0 apart");
     #[cfg(target_arch = "x86_64")]
     {
-        assert!(available(), "direct conv: the CPU lacks AVX-512 F or DQ");
+        // The CPU's instructions, not the capped tier: a test may run this
+        // kernel under a CONVSCOPE_KERNELS cap, but never on a CPU without it.
+        assert!(
+            super::tier::Tier::Avx512.supported(),
+            "direct conv: the CPU lacks AVX-512 F or DQ"
+        );
         let mut rest = vectors;
         while !rest.is_empty() {
             // Tiles of three vectors; four left go as two and two, since a

@@ -11,7 +11,7 @@ use super::data::{self, DatasetFormat, DatasetInfo};
 use super::net;
 use super::spec::{JobSpec, cnn_a_layers};
 use crate::checkpoint::Checkpoint;
-use crate::graph::Network;
+use crate::graph::{Network, NodeKind};
 use crate::manifest::{InputSpec, Manifest};
 use crate::model::LoadedModel;
 use crate::store::ModelStore;
@@ -282,7 +282,7 @@ fn head_problems(spec: &JobSpec, network: &Network, initialised: &[String], p: &
         .layers()
         .iter()
         .rev()
-        .find(|l| l.kind == "linear")
+        .find(|l| l.kind == NodeKind::Linear)
         .map(|l| l.name.clone())
         .unwrap_or_default();
     let strays: Vec<&String> = initialised

@@ -22,8 +22,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
-use model_store::ModelStore;
 use model_store::train::{self, Control, EpochRecord, Event, JobSpec, Outcome, Progress};
+use model_store::{ModelStore, Owner};
 use serde::Serialize;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
@@ -198,6 +198,32 @@ impl Jobs {
         Ok(outcome)
     }
 
+    /// Runs `change` (a registration, a deletion, a reservation); when it is
+    /// refused because a job holds the name but that job has ended (it ran
+    /// in another process, which released the name there), the stale hold
+    /// is dropped and `change` runs once more.
+    pub fn unless_stale<T>(
+        &self,
+        change: impl Fn() -> model_store::Result<T>,
+    ) -> model_store::Result<T> {
+        match change() {
+            Err(model_store::Error::NameHeld {
+                owner: Owner::Job(job),
+                ..
+            }) if self
+                .store
+                .get(&job)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.status.is_final()) =>
+            {
+                self.ctx.models.release(&job);
+                change()
+            }
+            other => other,
+        }
+    }
+
     /// Asks a running job to stop after its current batch.
     fn cancel_running(&self, id: &str) {
         if let Some(flag) = self
@@ -245,7 +271,29 @@ impl Jobs {
                 Ok(Some(job)) => {
                     let id = job.id.clone();
                     self.publish(&id, "state");
-                    pool.install(|| self.run_job(job));
+                    // A panic in training must not leave the job `running`
+                    // and its name held, nor end this worker.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        pool.install(|| self.run_job(job))
+                    }));
+                    if let Err(panic) = ran {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(job = %id, panic = %what, "training panicked");
+                        self.cancels
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
+                        self.finish(
+                            &id,
+                            Status::Failed,
+                            None,
+                            Some(&format!("training stopped on an internal error: {what}")),
+                        );
+                    }
                 }
                 Ok(None) => {
                     let (lock, cv) = &self.wake;
@@ -310,6 +358,13 @@ impl Jobs {
             self.finish(&id, Status::Succeeded, Some(&spec.model_name), None);
             return;
         }
+        // The job holds its name from POST /jobs on; a process that did not
+        // see that POST (it started later, or another process queued the
+        // job) takes the hold now, or fails the job if the name is taken.
+        let holds = self.ctx.models.holder(&spec.model_name) == Some(Owner::Job(id.clone()));
+        if !holds && let Err(e) = self.ctx.models.reserve(&spec.model_name, &id) {
+            return fail(format!("model_name: {e}"));
+        }
         let env = train::Env {
             models: &self.ctx.models,
             datasets_dir: &self.ctx.datasets,
@@ -326,6 +381,10 @@ impl Jobs {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), cancel.clone());
+        // A cancel that came between the claim and the line above.
+        if self.store.cancel_requested(&id).unwrap_or(false) {
+            cancel.store(true, Ordering::SeqCst);
+        }
         let mut registered: Vec<String> = Vec::new();
         let mut snapshot_error = None;
         let mut on_event = |event: Event| -> Control {

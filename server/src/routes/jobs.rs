@@ -99,7 +99,8 @@ async fn submit(
     // A body with problems is refused whole (a taken name among them); a
     // sound body whose name is taken or held is a conflict.
     if let Some(mut problems) = problems {
-        if let Err(e) = state.models.check_free(&spec.model_name) {
+        let named = model_store::manifest::validate_model_name(&spec.model_name).is_ok();
+        if named && let Err(e) = state.models.check_free(&spec.model_name) {
             problems.insert(0, format!("model_name: {e}"));
         }
         return Err(ApiError::Invalid(problems));
@@ -107,7 +108,9 @@ async fn submit(
     let id = uuid::Uuid::new_v4().to_string();
     // The name is held from here until the job ends, so no upload can take
     // it meanwhile and no second job can be queued for it.
-    state.models.reserve(&spec.model_name, &id)?;
+    state
+        .jobs
+        .unless_stale(|| state.models.reserve(&spec.model_name, &id))?;
     if let Err(e) = state.jobs.store.insert(&id, &body) {
         state.models.release(&id);
         return Err(e.into());

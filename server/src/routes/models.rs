@@ -236,8 +236,11 @@ async fn register(
             "send multipart fields `manifest` (the JSON manifest) and `weights` (the .safetensors file)".into(),
         ));
     };
-    // The store claims the name before loading, so a taken or held name
-    // (an upload under way, a job that will register it) is refused at once.
+    // A malformed manifest or a taken or held name (an upload under way, a
+    // job that will register it) is refused before waiting for the compute
+    // pool; the store checks the name again, atomically, as it claims it.
+    let name = model_store::Manifest::from_json(&manifest)?.name;
+    state.jobs.unless_stale(|| state.models.check_free(&name))?;
     let store = state.models.clone();
     let model = state
         .compute
@@ -270,7 +273,7 @@ async fn unregister(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    state.models.delete(&name)?;
+    state.jobs.unless_stale(|| state.models.delete(&name))?;
     tracing::info!(model = %name, "unregistered model");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -319,7 +322,7 @@ fn row(l: &LayerInfo) -> LayerRow {
     };
     LayerRow {
         name: l.name.clone(),
-        kind: l.kind,
+        kind: l.kind.name(),
         output_shape: l.output_shape.clone(),
         params: l.params,
         receptive_field: pair(l.receptive_field),

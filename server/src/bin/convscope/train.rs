@@ -55,21 +55,22 @@ pub(crate) fn train(
         serde_json::from_str(&text).map_err(|source| TrainError::Json { path, source })?;
     let spec = train::parse(&body).map_err(TrainError::Problems)?;
     let device = parse_device(device)?;
-    // The same store the server uses: the name is held for this run, and
+    // The same store the server uses, held alone (a running server's held
+    // names are not visible from here): the name is held for this run, and
     // the model and its snapshots are written through it (loaded back
     // first, so what is written is a model the server will serve).
-    let store = ModelStore::open(models, &device)?;
-    let owner = format!("cli-{}", std::process::id());
-    store.reserve(&spec.model_name, &owner)?;
-    let save = |manifest: &model_store::Manifest, weights: &[u8]| {
-        store.replace(&owner, manifest, weights).map(|_| ())
-    };
+    let store = ModelStore::open_exclusive(models, &device)?;
     let env = train::Env {
         models: &store,
         datasets_dir: datasets,
         device: &device,
     };
     let plan = train::plan(&spec, &env).map_err(TrainError::Problems)?;
+    let owner = format!("cli-{}", std::process::id());
+    store.reserve(&spec.model_name, &owner)?;
+    let save = |manifest: &model_store::Manifest, weights: &[u8]| {
+        store.replace(&owner, manifest, weights).map(|_| ())
+    };
     let manifest = plan.manifest.clone();
     let work = models
         .join(".jobs")
