@@ -7,7 +7,8 @@
 //! - [`arch`]: the zoo (`sequential`, CIFAR ResNets, torchvision ResNet/VGG/
 //!   AlexNet, MobileNet v1), each built as the same module tree.
 //! - [`layers`]: the leaf operations with their geometry.
-//! - [`kernels`]: CPU custom ops with their own backward (pooling).
+//! - [`kernels`]: CPU custom ops (convolution, pooling, elementwise) with
+//!   their own backward, at the instruction-set tier `kernels::tier` picks.
 //! - [`graph`]: the module tree, its one forward pass and its summary.
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.

@@ -310,3 +310,25 @@ pub fn query_plus(method: &str) -> &str {
         other => other.trim(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradcam_plus_plus_survives_query_decoding() {
+        assert_eq!(
+            Method::parse(query_plus("gradcam  ")),
+            Some(Method::GradCamPlusPlus)
+        );
+        assert_eq!(
+            Method::parse(query_plus("gradcam%2B%2B")),
+            Some(Method::GradCamPlusPlus)
+        );
+        assert_eq!(
+            Method::parse(query_plus(" layercam ")),
+            Some(Method::LayerCam)
+        );
+        assert_eq!(Method::parse(query_plus("gradcam")), Some(Method::GradCam));
+    }
+}

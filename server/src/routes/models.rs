@@ -197,7 +197,7 @@ async fn detail(
          headers(("location" = String, description = "`/models/{name}`"))),
         (status = 400, description = "Not a multipart body with `manifest` and `weights`.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A model of that name exists, or a queued or running job holds the name (`detail` names the job).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A model of that name exists. Or a queued or running job holds the name (`detail` names the job).", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over `--max-model-bytes`.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The manifest is invalid or does not match the weights; `detail` names every tensor.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The compute queue is full; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
