@@ -97,8 +97,8 @@ pub struct Problem {
     pub detail: String,
     /// Every problem, when a body is checked whole (job bodies).
     pub errors: Option<Vec<String>>,
-    /// On a 500 from a panic: the request id its cause is logged under
-    /// (also in the `x-request-id` header of every answer).
+    /// On a 500: the request id its cause is logged under (also in the
+    /// `x-request-id` header of every answer).
     pub request_id: Option<String>,
 }
 
