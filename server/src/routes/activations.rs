@@ -9,7 +9,6 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use candle_core::Tensor;
 use model_store::inspect::activations::{self as act, LayerStats};
@@ -24,20 +23,8 @@ use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::pipeline::Pipeline;
 use crate::render::{self, Canvas, Colormap, GridStyle, Tile};
+use crate::routes::output::{Format, check_scale, npy_response, png_response};
 use crate::state::AppState;
-
-/// Output formats.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// A PNG picture (the default).
-    #[default]
-    Png,
-    /// Numbers as JSON.
-    Json,
-    /// A NumPy `.npy` file, little-endian float32.
-    Npy,
-}
 
 /// How maps are scaled to colours.
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
@@ -384,39 +371,4 @@ fn grid_of_maps(
         })
         .collect();
     render::grid(&tiles, h, w, style)
-}
-
-pub(crate) fn check_scale(scale: Option<u32>) -> ApiResult<Option<u32>> {
-    match scale {
-        Some(s) if !(1..=64).contains(&s) => Err(ApiError::BadRequest(format!(
-            "scale must be an integer in 1..=64, got {s}"
-        ))),
-        other => Ok(other),
-    }
-}
-
-/// An `image/png` response.
-pub fn png_response(bytes: Vec<u8>) -> Response {
-    let mut resp = bytes.into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
-    resp
-}
-
-/// An `.npy` download.
-pub fn npy_response(name: &str, shape: &[usize], data: &[f32]) -> Response {
-    let mut resp = render::npy(shape, data).into_response();
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    let safe: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}.npy\"")) {
-        headers.insert(header::CONTENT_DISPOSITION, v);
-    }
-    resp
 }

@@ -17,7 +17,7 @@ use crate::input::ImageUpload;
 use crate::jobs::plot;
 use crate::openapi::{Binary, ImageErrors, LabelledImageForm};
 use crate::pipeline::Pipeline;
-use crate::routes::activations::png_response;
+use crate::routes::output::png_response;
 use crate::state::AppState;
 
 /// `POST /models/{model}/evaluate`.

@@ -20,7 +20,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::openapi::{Binary, LookupErrors};
 use crate::render::{self, Colormap, GridStyle, Tile};
-use crate::routes::activations::{Format, check_scale, npy_response, png_response};
+use crate::routes::output::{Format, check_scale, npy_response, png_response};
 use crate::state::AppState;
 
 /// Query of the filters endpoint.

@@ -18,21 +18,8 @@ use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, CamMethod, ImageErrors, ImageForm};
 use crate::pipeline::Pipeline;
 use crate::render::{self, Colormap};
-use crate::routes::activations::png_response;
+use crate::routes::output::{Output, png_response};
 use crate::state::AppState;
-
-/// What comes back.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Output {
-    /// The heatmap blended onto the uploaded image, at its own size (default).
-    #[default]
-    Overlay,
-    /// The heatmap alone, at the model's input size.
-    Heatmap,
-    /// The numbers.
-    Json,
-}
 
 /// Query of the Grad-CAM endpoint.
 #[derive(Debug, Deserialize, IntoParams)]

@@ -20,7 +20,7 @@ use crate::extract::ApiPath;
 use crate::jobs::store::CancelOutcome;
 use crate::jobs::{JobView, plot};
 use crate::openapi::{Binary, LookupErrors, Problem};
-use crate::routes::activations::png_response;
+use crate::routes::output::png_response;
 use crate::state::AppState;
 
 /// `POST /jobs` → 202.

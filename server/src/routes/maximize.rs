@@ -17,7 +17,7 @@ use crate::input::{ImageUpload, prepare_batch};
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::pipeline::Pipeline;
 use crate::render;
-use crate::routes::activations::png_response;
+use crate::routes::output::png_response;
 use crate::state::AppState;
 
 /// Query of the maximise endpoint.

@@ -13,6 +13,7 @@ pub mod inputs;
 pub mod jobs;
 pub mod maximize;
 pub mod models;
+pub mod output;
 pub mod pages;
 pub mod predict;
 pub mod saliency;

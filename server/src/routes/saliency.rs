@@ -17,8 +17,7 @@ use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::pipeline::Pipeline;
 use crate::render::{self, Colormap};
-use crate::routes::activations::png_response;
-use crate::routes::gradcam::Output;
+use crate::routes::output::{Output, png_response};
 use crate::state::AppState;
 
 /// `vanilla` or `smoothgrad`.
