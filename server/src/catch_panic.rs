@@ -34,11 +34,7 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
         }
         Ok(response) => response,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a non-string payload".into());
+            let what = panic_message(panic.as_ref());
             tracing::error!(request_id = %id, %route, panic = %what, "request handler panicked");
             problem(&id)
         }
@@ -67,6 +63,17 @@ async fn with_request_id(response: Response, request_id: &str) -> Response {
         }
         _ => Response::from_parts(parts, axum::body::Body::from(bytes)),
     }
+}
+
+/// The text a panic was raised with (`panic!("...")` gives a `&str` or a
+/// `String`), for the log; shared by the request, compute-pool and
+/// training-worker catches.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".into())
 }
 
 fn problem(request_id: &str) -> Response {

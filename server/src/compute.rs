@@ -106,11 +106,7 @@ impl Compute {
             .await
             .map_err(|_| ApiError::Internal("compute task vanished".into()))?;
         let result = result.map_err(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = crate::catch_panic::panic_message(panic.as_ref());
             ApiError::Internal(format!("compute task panicked: {what}"))
         });
         let result = result.and_then(|r| r);

@@ -277,11 +277,7 @@ impl Jobs {
                         pool.install(|| self.run_job(job))
                     }));
                     if let Err(panic) = ran {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
+                        let what = crate::catch_panic::panic_message(panic.as_ref());
                         tracing::error!(job = %id, panic = %what, "training panicked");
                         self.cancels
                             .lock()
