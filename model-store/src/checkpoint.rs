@@ -197,6 +197,14 @@ impl Checkpoint {
         }
     }
 
+    /// Marks `name` as deliberately unused (a manifest's `unused_weights`):
+    /// accepted when present, not required.
+    pub fn discard(&mut self, name: &str) {
+        if self.tensors.contains_key(name) {
+            self.used.insert(name.to_string());
+        }
+    }
+
     /// Fails with every problem found, including tensors nobody asked for.
     pub fn finish(mut self) -> Result<()> {
         for name in self.tensors.keys() {

@@ -35,6 +35,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// A manifest's `check` logits are not what its weights give.
+    #[error("check failed: {0}")]
+    Check(String),
+
     /// The uploaded bytes are not an image we can decode.
     #[error("cannot decode image: {0}")]
     ImageDecode(String),

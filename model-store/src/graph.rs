@@ -58,6 +58,8 @@ pub enum Op {
         /// Zero channels added before and after.
         pad: usize,
     },
+    /// A whole network given as a DAG of named nodes (`graph` manifests).
+    Graph(Box<crate::dag::Dag>),
 }
 
 /// A module, named when PyTorch would let a hook see it.
@@ -102,6 +104,7 @@ impl Node {
             Op::Seq(_) => NodeKind::Sequential,
             Op::Residual { .. } => NodeKind::ResidualBlock,
             Op::ShortcutA { .. } => NodeKind::Shortcut,
+            Op::Graph(_) => NodeKind::Block,
         }
     }
 
@@ -145,6 +148,7 @@ impl Node {
                 }
                 crate::kernels::elementwise::add_relu(&h, &s).map_err(ctx)?
             }
+            Op::Graph(dag) => return dag.forward(&x, tap),
             Op::ShortcutA { pad } => {
                 let (_, _, h, w) = x.dims4().map_err(ctx)?;
                 let rows = even_indices(h, &x)?;
@@ -236,6 +240,32 @@ impl Node {
                 }
                 geo.rf = (geo.rf.0.max(sg.rf.0), geo.rf.1.max(sg.rf.1));
                 (geo, params, macs)
+            }
+            Op::Graph(dag) => {
+                out.extend_from_slice(dag.layers());
+                let params = dag
+                    .layers()
+                    .iter()
+                    .filter(|l| l.kind != NodeKind::Block)
+                    .map(|l| l.params)
+                    .sum();
+                let macs = dag
+                    .layers()
+                    .iter()
+                    .filter(|l| l.kind != NodeKind::Block)
+                    .map(|l| l.macs)
+                    .sum();
+                let last = dag
+                    .layers()
+                    .iter()
+                    .rev()
+                    .find(|l| l.kind != NodeKind::Block);
+                let geo = Geo {
+                    shape: dag.output_shape().to_vec(),
+                    rf: last.map_or((1, 1), |l| l.receptive_field),
+                    jump: last.map_or((1, 1), |l| l.jump),
+                };
+                return Ok((geo, params, macs));
             }
             Op::ShortcutA { pad } => match g.shape[..] {
                 [c, h, w] => (
@@ -419,6 +449,51 @@ pub enum NodeKind {
     ResidualBlock,
     /// The CIFAR ResNets' option-A shortcut (subsample and zero-pad).
     Shortcut,
+    /// A container module of a graph model (`layer1.0`, `features`): the
+    /// output of the node that ends it.
+    Block,
+    /// `nn.LayerNorm` (and ConvNeXt's `LayerNorm2d`).
+    LayerNorm,
+    /// `nn.LeakyReLU`.
+    LeakyRelu,
+    /// `nn.Hardswish`.
+    Hardswish,
+    /// `nn.Hardsigmoid`.
+    Hardsigmoid,
+    /// `nn.SiLU`.
+    Silu,
+    /// `nn.Sigmoid`.
+    Sigmoid,
+    /// `nn.GELU`.
+    Gelu,
+    /// `nn.Tanh`.
+    Tanh,
+    /// `nn.AdaptiveMaxPool2d`.
+    AdaptiveMaxPool2d,
+    /// `nn.Identity`, `contiguous`, stochastic depth.
+    Identity,
+    /// `a + b`.
+    Add,
+    /// `a - b`.
+    Sub,
+    /// `a * b`.
+    Mul,
+    /// `a / b`.
+    Div,
+    /// `torch.cat`.
+    Cat,
+    /// `view` / `reshape`.
+    Reshape,
+    /// `permute`.
+    Permute,
+    /// `transpose`.
+    Transpose,
+    /// One piece of `chunk` / `split`.
+    Narrow,
+    /// `mean` over dimensions.
+    Mean,
+    /// A learned tensor used as a value.
+    Parameter,
 }
 
 impl NodeKind {
@@ -440,6 +515,28 @@ impl NodeKind {
             NodeKind::Sequential => "sequential",
             NodeKind::ResidualBlock => "residual_block",
             NodeKind::Shortcut => "shortcut",
+            NodeKind::Block => "block",
+            NodeKind::LayerNorm => "layer_norm",
+            NodeKind::LeakyRelu => "leaky_relu",
+            NodeKind::Hardswish => "hardswish",
+            NodeKind::Hardsigmoid => "hardsigmoid",
+            NodeKind::Silu => "silu",
+            NodeKind::Sigmoid => "sigmoid",
+            NodeKind::Gelu => "gelu",
+            NodeKind::Tanh => "tanh",
+            NodeKind::AdaptiveMaxPool2d => "adaptive_max_pool2d",
+            NodeKind::Identity => "identity",
+            NodeKind::Add => "add",
+            NodeKind::Sub => "sub",
+            NodeKind::Mul => "mul",
+            NodeKind::Div => "div",
+            NodeKind::Cat => "cat",
+            NodeKind::Reshape => "reshape",
+            NodeKind::Permute => "permute",
+            NodeKind::Transpose => "transpose",
+            NodeKind::Narrow => "narrow",
+            NodeKind::Mean => "mean",
+            NodeKind::Parameter => "parameter",
         }
     }
 }
@@ -525,6 +622,11 @@ impl Network {
         &self.root
     }
 
+    /// Whether this is a `graph` model (a DAG rather than a module tree).
+    pub fn is_graph(&self) -> bool {
+        matches!(self.root.op, Op::Graph(_))
+    }
+
     /// Plain inference: `[N, classes]`.
     pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
         self.forward(x, &mut crate::tap::NoTap)
@@ -572,6 +674,7 @@ impl Network {
         fn find<'a>(node: &'a Node, name: &str) -> Option<&'a Tensor> {
             match &node.op {
                 Op::Conv(c) if node.name.as_deref() == Some(name) => Some(&c.weight),
+                Op::Graph(dag) => dag.conv_weight(name),
                 Op::Seq(children) => children.iter().find_map(|c| find(c, name)),
                 Op::Residual { body, shortcut } => body
                     .iter()

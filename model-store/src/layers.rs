@@ -37,7 +37,7 @@ impl Geo {
         }
     }
 
-    fn chw(&self, layer: &str) -> Result<(usize, usize, usize)> {
+    pub(crate) fn chw(&self, layer: &str) -> Result<(usize, usize, usize)> {
         match self.shape[..] {
             [c, h, w] => Ok((c, h, w)),
             _ => Err(Error::Shape {

@@ -10,9 +10,15 @@
 //! - [`kernels`]: CPU custom ops (convolution, pooling, elementwise) with
 //!   their own backward, at the instruction-set tier `kernels::tier` picks.
 //! - [`graph`]: the module tree, its one forward pass and its summary.
+//! - [`dag`]: `graph` manifests: any torch.fx-traceable CNN as a DAG of
+//!   named nodes, with its interpreter.
+//! - [`check`]: a manifest's `check` entry (an input and PyTorch's logits),
+//!   recomputed on registration.
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.
 //! - [`inspect`]: activations and statistics, filters, embeddings and distances.
 //! - [`preprocess`]: image bytes → input tensor, as torchvision would.
+//! - [`pth`]: PyTorch zip checkpoints (`.pth`) read without running code,
+//!   kept as safetensors.
 //! - [`rng`]: the seeded generator every random draw comes from.
 //! - [`model`]: a loaded model: manifest, network, labels.
 //! - [`model_dir`]: the models directory, changed through a commit journal.
@@ -25,7 +31,9 @@
 #![warn(missing_docs)]
 
 pub mod arch;
+pub mod check;
 pub mod checkpoint;
+pub mod dag;
 pub mod error;
 pub mod graph;
 pub mod inspect;
@@ -35,6 +43,7 @@ pub mod manifest;
 pub mod model;
 pub mod model_dir;
 pub mod preprocess;
+pub mod pth;
 pub mod rng;
 pub mod store;
 pub mod tap;

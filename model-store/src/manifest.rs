@@ -22,6 +22,20 @@ pub struct Manifest {
     /// The layer list of a `sequential` model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<Vec<Value>>,
+    /// The nodes of a `graph` model, in topological order (see [`crate::dag`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<Vec<Value>>,
+    /// The node whose output is the model's (default: the last node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// Checkpoint tensors the graph does not use (training-only heads such
+    /// as Inception's `AuxLogits`), accepted and dropped rather than refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unused_weights: Vec<String>,
+    /// An input and the logits PyTorch gave for it, recomputed on
+    /// registration and load ([`crate::check`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::check::CheckSpec>,
     /// What the network takes and how to get there from an image file.
     pub input: InputSpec,
     /// Class labels in output order; optional (labels are then the indices).

@@ -30,20 +30,32 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Validates a manifest and its checkpoint together: every tensor's name
     /// and shape, then that the layers chain for the declared input size.
+    /// `weights` are safetensors or a PyTorch zip checkpoint ([`crate::pth`]).
     pub fn from_bytes(manifest_json: &[u8], weights: &[u8], device: &Device) -> Result<Self> {
         let manifest = Manifest::from_json(manifest_json)?;
-        let ck = Checkpoint::from_bytes(weights, device)?;
+        let ck = Checkpoint::from_bytes(&crate::pth::to_safetensors(weights)?, device)?;
         Self::build(manifest, ck)
     }
 
-    /// Loads `<dir>/<stem>.json` and `<dir>/<stem>.safetensors`.
+    /// Loads `<dir>/<stem>.json` with `<dir>/<stem>.safetensors`, or with
+    /// `<dir>/<stem>.pth` when there is no safetensors file.
     pub fn from_files(manifest_path: &Path, device: &Device) -> Result<Self> {
         let json = std::fs::read(manifest_path).map_err(|source| Error::Io {
             path: manifest_path.to_path_buf(),
             source,
         })?;
         let manifest = Manifest::from_json(&json)?;
-        let ck = Checkpoint::from_file(&manifest_path.with_extension("safetensors"), device)?;
+        let st = manifest_path.with_extension("safetensors");
+        let pth = manifest_path.with_extension("pth");
+        let ck = if !st.exists() && pth.exists() {
+            let bytes = std::fs::read(&pth).map_err(|source| Error::Io {
+                path: pth.clone(),
+                source,
+            })?;
+            Checkpoint::from_bytes(&crate::pth::to_safetensors(&bytes)?, device)?
+        } else {
+            Checkpoint::from_file(&st, device)?
+        };
         Self::build(manifest, ck)
     }
 
@@ -64,12 +76,24 @@ impl LoadedModel {
             Some(c) => c.clone(),
             None => (0..network.outputs()).map(|i| i.to_string()).collect(),
         };
-        Ok(Self {
+        let model = Self {
             manifest,
             network,
             classes,
             device,
-        })
+        };
+        model.run_check()?;
+        Ok(model)
+    }
+
+    /// Recomputes the manifest's `check` logits, when it has one.
+    fn run_check(&self) -> Result<()> {
+        let Some(check) = &self.manifest.check else {
+            return Ok(());
+        };
+        let x = check.input_tensor(self.network.input(), &self.device)?;
+        let got = self.logits(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        check.verify(&got)
     }
 
     /// A class given by index or by label (exact, then ignoring ASCII case).

@@ -195,7 +195,9 @@ impl ModelDir {
 
     /// Whether either file of `name` exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.file(name, "json").exists() || self.file(name, "safetensors").exists()
+        ["json", "safetensors", "pth"]
+            .iter()
+            .any(|ext| self.file(name, ext).exists())
     }
 
     /// Writes (or overwrites) a model's two files as one commit.
@@ -229,6 +231,10 @@ impl ModelDir {
             },
             Step::Remove {
                 file: format!("{name}.safetensors"),
+            },
+            // A model placed on disk as `.pth` (read and converted at load).
+            Step::Remove {
+                file: format!("{name}.pth"),
             },
         ])
     }

@@ -201,8 +201,10 @@ impl ModelStore {
     pub fn register(&self, manifest_json: &[u8], weights: &[u8]) -> Result<Arc<LoadedModel>> {
         let name = Manifest::from_json(manifest_json)?.name;
         let _claim = self.claim(&name, Owner::Registration)?;
-        let model = LoadedModel::from_bytes(manifest_json, weights, &self.device)?;
-        self.dir.save(&name, manifest_json, weights)?;
+        // A `.pth` upload is kept as the safetensors it converts to.
+        let weights = crate::pth::to_safetensors(weights)?;
+        let model = LoadedModel::from_bytes(manifest_json, &weights, &self.device)?;
+        self.dir.save(&name, manifest_json, &weights)?;
         let model = Arc::new(model);
         self.write().models.insert(name, model.clone());
         Ok(model)

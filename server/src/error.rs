@@ -92,6 +92,7 @@ impl From<model_store::Error> for ApiError {
             E::Manifest(_)
             | E::UnknownArchitecture { .. }
             | E::Checkpoint { .. }
+            | E::Check(_)
             | E::Shape { .. } => ApiError::Unprocessable(e.to_string()),
             E::ImageDecode(_) | E::ImageInput(_) | E::Dataset(_) => {
                 ApiError::Unprocessable(e.to_string())

@@ -402,7 +402,7 @@ pub fn hash_tensor(name: &str, shape: &[usize], is_bn: bool) -> Vec<f32> {
     }
     let n: usize = shape.iter().product();
     let leaf = name.rsplit('.').next().unwrap();
-    let fan_in: usize = shape[1..].iter().product();
+    let fan_in: usize = shape.iter().skip(1).product();
     (0..n as u64)
         .map(|i| {
             let mut x = (seed ^ i).wrapping_add(0x9E3779B97F4A7C15);
@@ -416,7 +416,8 @@ pub fn hash_tensor(name: &str, shape: &[usize], is_bn: bool) -> Vec<f32> {
                 "bias" => (2.0 * u - 1.0) * if is_bn { 0.2 } else { 0.1 },
                 "running_mean" => (2.0 * u - 1.0) * 0.2,
                 "running_var" => 0.5 + u,
-                other => panic!("no hash rule for {other}"),
+                // Any other learned tensor (ConvNeXt's layer_scale): a scale.
+                _ => 0.5 + u,
             };
             v as f32
         })

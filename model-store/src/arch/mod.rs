@@ -14,6 +14,7 @@ use crate::manifest::Manifest;
 /// Every architecture name a manifest may give.
 pub const ARCHITECTURES: &[&str] = &[
     "sequential",
+    "graph",
     "resnet20-cifar",
     "resnet32-cifar",
     "resnet44-cifar",
@@ -41,6 +42,8 @@ pub const ARCHITECTURES: &[&str] = &[
 pub enum Architecture {
     /// A layer list given in the manifest.
     Sequential,
+    /// A DAG of nodes given in the manifest ([`crate::dag`]).
+    Graph,
     /// He et al.'s CIFAR ResNets: `blocks` per stage (3 for ResNet-20).
     ResNetCifar {
         /// Residual blocks in each of the three stages.
@@ -72,6 +75,7 @@ impl Architecture {
         let resnet = |bottleneck, blocks| Architecture::TorchvisionResNet { bottleneck, blocks };
         Ok(match name {
             "sequential" => Architecture::Sequential,
+            "graph" => Architecture::Graph,
             "resnet20-cifar" => Architecture::ResNetCifar { blocks: 3 },
             "resnet32-cifar" => Architecture::ResNetCifar { blocks: 5 },
             "resnet44-cifar" => Architecture::ResNetCifar { blocks: 7 },
@@ -113,6 +117,22 @@ pub fn build(manifest: &Manifest, ck: &mut Checkpoint) -> Result<Node> {
                 Error::Manifest("architecture 'sequential' needs a `layers` list".into())
             })?;
             sequential::build(raw, ck)
+        }
+        Architecture::Graph => {
+            let raw = manifest.nodes.as_deref().ok_or_else(|| {
+                Error::Manifest("architecture 'graph' needs a `nodes` list".into())
+            })?;
+            for name in &manifest.unused_weights {
+                ck.discard(name);
+            }
+            let s = &manifest.input;
+            let dag = crate::dag::Dag::build(
+                raw,
+                manifest.output.as_deref(),
+                ck,
+                (s.channels, s.height, s.width),
+            )?;
+            Ok(Node::anon(crate::graph::Op::Graph(Box::new(dag))))
         }
         Architecture::ResNetCifar { blocks } => resnet_cifar::build(ck, blocks, classes),
         Architecture::TorchvisionResNet { bottleneck, blocks } => {

@@ -128,9 +128,19 @@ pub struct CamSet {
 
 /// The default target layer: the last residual block, else the last
 /// convolution, followed by its activation function when one comes next.
+/// For a `graph` model: the last node whose output is a `[C, H, W]` map
+/// (the last 4-D node before global pooling).
 pub fn default_layer(model: &LoadedModel) -> Option<String> {
     let layers = model.network.layers();
     let spatial = |i: usize| matches!(layers[i].output_shape[..], [_, h, w] if h * w > 1);
+    if model.network.is_graph() {
+        return (0..layers.len())
+            .rev()
+            .find(|&i| {
+                spatial(i) && !matches!(layers[i].kind, NodeKind::Block | NodeKind::Parameter)
+            })
+            .map(|i| layers[i].name.clone());
+    }
     let pick = (0..layers.len())
         .rev()
         .find(|&i| layers[i].kind == NodeKind::ResidualBlock && spatial(i))

@@ -1,4 +1,6 @@
-//! Pages for people: the inspector at `/` and Swagger UI at `/docs`.
+//! Pages for people: the inspector at `/`, Swagger UI at `/docs`, and the
+//! exporter at `/export.py` (so a student can `curl -O host:8080/export.py`
+//! next to their notebook).
 //!
 //! Both are static files compiled into the binary (`server/assets/`), so
 //! they work offline and need no build step; Swagger UI is vendored from
@@ -15,6 +17,8 @@ const INSPECTOR_HTML: &str = include_str!("../../assets/inspector.html");
 const DOCS_HTML: &str = include_str!("../../assets/docs.html");
 const SWAGGER_JS: &str = include_str!("../../assets/swagger-ui/swagger-ui-bundle.js");
 const SWAGGER_CSS: &str = include_str!("../../assets/swagger-ui/swagger-ui.css");
+/// The very file in the repository, compiled in: what is served is what is tested.
+const EXPORT_PY: &str = include_str!("../../../tools/export/convscope_export.py");
 
 /// A day: the assets change only with the binary.
 const CACHE: &str = "public, max-age=86400";
@@ -26,6 +30,24 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(docs))
         .routes(routes!(swagger_js))
         .routes(routes!(swagger_css))
+        .routes(routes!(export_py))
+}
+
+/// The exporter: a torch.fx-traceable `nn.Module` → a `graph` manifest and
+/// its safetensors, which `POST /models` takes as they are.
+#[utoipa::path(get, path = "/export.py", tag = "models",
+    responses((status = 200, description = "tools/export/convscope_export.py (needs Python with torch; run it with --help).", content_type = "text/x-python", body = String)))]
+async fn export_py() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/x-python; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"convscope_export.py\"",
+            ),
+        ],
+        EXPORT_PY,
+    )
 }
 
 /// The inspector: pick a model, drop an image, see its predictions,

@@ -9,6 +9,8 @@ mod ecosystem;
 mod fidelity;
 mod gradcam;
 mod gradients;
+mod graph_api;
+mod graph_fidelity;
 mod hostile;
 mod inspection;
 mod openapi;

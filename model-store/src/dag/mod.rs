@@ -1,0 +1,416 @@
+//! Networks given as a DAG of named nodes (`"architecture": "graph"`), as
+//! `tools/export/convscope_export.py` writes them from a torch.fx trace.
+//!
+//! A node names its op, its tensor inputs (earlier nodes, or `input` for
+//! the image) and the op's PyTorch arguments; a module call also names the
+//! module path its weights live under, and a node may carry `aliases`: the
+//! container modules (`layer1.0`, `features`) whose output it is. Node
+//! names and aliases are the API's layer names.
+//!
+//! [`Dag::forward`] is the interpreter: one pass in topological order that
+//! reports every named output to the tap, frees each value after its last
+//! use, and runs a convolution with the batch norm and ReLU after it (and a
+//! residual add with its ReLU) as one kernel whenever the tap wants none of
+//! the intermediates.
+
+pub mod ops;
+mod parse;
+
+use candle_core::Tensor;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::graph::{LayerInfo, NodeKind};
+use crate::kernels::conv::Activation;
+use crate::layers::Geo;
+use crate::tap::Tap;
+pub use ops::GraphOp;
+
+/// One node of the graph.
+#[derive(Debug, Clone)]
+pub struct DagNode {
+    /// Module path or fx name.
+    pub name: String,
+    /// Container modules whose output this node's output is.
+    pub aliases: Vec<String>,
+    /// The module path the weights come from (a parameter node: the
+    /// tensor's own name); `None` for functional steps.
+    pub module: Option<String>,
+    /// The computation.
+    pub op: GraphOp,
+    /// Indices of the input nodes; [`INPUT`] is the image.
+    pub inputs: Vec<usize>,
+}
+
+/// The index that stands for the network input in [`DagNode::inputs`].
+pub const INPUT: usize = usize::MAX;
+
+/// A chain run as one kernel: conv (+ its batch norm) (+ ReLU/ReLU6), or
+/// add + ReLU. `covers` lists the nodes after the first, in order.
+#[derive(Debug, Clone)]
+struct Fusion {
+    covers: Vec<usize>,
+    activation: Activation,
+}
+
+/// A validated graph with its summary.
+#[derive(Debug, Clone)]
+pub struct Dag {
+    nodes: Vec<DagNode>,
+    output: usize,
+    fusions: Vec<Option<Fusion>>,
+    /// `frees[t]`: the values no node after `t` reads.
+    frees: Vec<Vec<usize>>,
+    layers: Vec<LayerInfo>,
+    out_shape: Vec<usize>,
+}
+
+impl Dag {
+    /// Builds the graph from a manifest's `nodes`, taking each module's
+    /// weights from `ck`, and checks that the shapes chain for `input`.
+    pub fn build(
+        raw_nodes: &[serde_json::Value],
+        output: Option<&str>,
+        ck: &mut Checkpoint,
+        input: (usize, usize, usize),
+    ) -> Result<Self> {
+        let nodes = parse::nodes(raw_nodes, ck)?;
+        let output = match output {
+            Some(name) => nodes.iter().position(|n| n.name == name).ok_or_else(|| {
+                Error::Manifest(format!("`output` names '{name}', which is not a node"))
+            })?,
+            None => nodes.len().checked_sub(1).ok_or_else(|| {
+                Error::Manifest("a graph manifest needs at least one node".into())
+            })?,
+        };
+        let (layers, shapes) = summarise(&nodes, input)?;
+        let out_shape = shapes[output][1..].to_vec();
+        let mut dag = Self {
+            fusions: vec![None; nodes.len()],
+            frees: Vec::new(),
+            nodes,
+            output,
+            layers,
+            out_shape,
+        };
+        dag.plan_frees();
+        dag.plan_fusions()?;
+        Ok(dag)
+    }
+
+    /// The nodes in topological order.
+    pub fn nodes(&self) -> &[DagNode] {
+        &self.nodes
+    }
+
+    /// One summary row per node and per alias, in the order forward hooks fire.
+    pub fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+
+    /// The output shape without the batch dimension.
+    pub fn output_shape(&self) -> &[usize] {
+        &self.out_shape
+    }
+
+    fn consumers(&self) -> Vec<Vec<usize>> {
+        let mut out = vec![Vec::new(); self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for &j in &n.inputs {
+                if j != INPUT && !out[j].contains(&i) {
+                    out[j].push(i);
+                }
+            }
+        }
+        out
+    }
+
+    fn plan_frees(&mut self) {
+        let consumers = self.consumers();
+        let mut frees = vec![Vec::new(); self.nodes.len()];
+        for (j, cs) in consumers.iter().enumerate() {
+            if j == self.output {
+                continue;
+            }
+            if let Some(&last) = cs.iter().max() {
+                frees[last].push(j);
+            }
+        }
+        self.frees = frees;
+    }
+
+    /// Finds the chains to fuse and prepares every convolution's weights
+    /// (folding the batch norm that is its only consumer).
+    fn plan_fusions(&mut self) -> Result<()> {
+        let consumers = self.consumers();
+        let sole: Vec<Option<usize>> = (0..self.nodes.len())
+            .map(|i| match consumers[i][..] {
+                [j] if i != self.output && self.nodes[j].inputs.len() == 1 => Some(j),
+                _ => None,
+            })
+            .collect();
+        let only = |i: usize| sole[i];
+        for i in 0..self.nodes.len() {
+            let mut covers = Vec::new();
+            let mut activation = Activation::Identity;
+            match &self.nodes[i].op {
+                GraphOp::Conv(conv) => {
+                    let mut last = i;
+                    let bn = only(i).and_then(|j| match &self.nodes[j].op {
+                        GraphOp::BatchNorm(bn) => Some((j, bn)),
+                        _ => None,
+                    });
+                    let prepared =
+                        conv.prepare(bn.map(|(_, b)| b))
+                            .map_err(|source| Error::Forward {
+                                layer: self.nodes[i].name.clone(),
+                                source,
+                            })?;
+                    if let Some((j, _)) = bn {
+                        covers.push(j);
+                        last = j;
+                    }
+                    if let Some(k) = only(last)
+                        && let Some(a) = relu_of(&self.nodes[k].op)
+                    {
+                        covers.push(k);
+                        activation = a;
+                    }
+                    if let GraphOp::Conv(conv) = &mut self.nodes[i].op {
+                        conv.prepared = Some(std::sync::Arc::new(prepared));
+                    }
+                }
+                GraphOp::Binary {
+                    op: ops::BinOp::Add,
+                    scalar: None,
+                } => {
+                    let [a, b] = self.nodes[i].inputs[..] else {
+                        continue;
+                    };
+                    let same = self.shape_of(a) == self.shape_of(b);
+                    if let Some(k) = only(i)
+                        && same
+                        && relu_of(&self.nodes[k].op) == Some(Activation::Relu)
+                    {
+                        covers.push(k);
+                        activation = Activation::Relu;
+                    }
+                }
+                _ => {}
+            }
+            if !covers.is_empty() {
+                self.fusions[i] = Some(Fusion { covers, activation });
+            }
+        }
+        Ok(())
+    }
+
+    fn shape_of(&self, i: usize) -> Option<&[usize]> {
+        if i == INPUT {
+            return None;
+        }
+        self.layers
+            .iter()
+            .find(|l| l.name == self.nodes[i].name)
+            .map(|l| l.output_shape.as_slice())
+    }
+
+    /// The forward pass on an NCHW batch, observed by `tap`.
+    pub fn forward(&self, x: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
+        let n = self.nodes.len();
+        let mut vals: Vec<Option<Tensor>> = vec![None; n];
+        let mut covered = vec![false; n];
+        let hidden = |tap: &dyn Tap, node: &DagNode| {
+            !tap.wants(&node.name) && node.aliases.iter().all(|a| !tap.wants(a))
+        };
+        let mut latest = x.clone();
+        for i in 0..n {
+            if !covered[i] {
+                let node = &self.nodes[i];
+                let ctx = |source| Error::Forward {
+                    layer: node.name.clone(),
+                    source,
+                };
+                let fused = self.fusions[i].as_ref().filter(|f| {
+                    std::iter::once(i)
+                        .chain(f.covers[..f.covers.len() - 1].iter().copied())
+                        .all(|j| hidden(tap, &self.nodes[j]))
+                });
+                let get = |j: usize| -> Result<&Tensor> {
+                    if j == INPUT {
+                        return Ok(x);
+                    }
+                    vals[j].as_ref().ok_or_else(|| Error::Shape {
+                        layer: node.name.clone(),
+                        reason: format!("input '{}' was not computed", self.nodes[j].name),
+                    })
+                };
+                let inputs = node
+                    .inputs
+                    .iter()
+                    .map(|&j| get(j))
+                    .collect::<Result<Vec<_>>>()?;
+                let (last, y) = match fused {
+                    Some(f) => {
+                        let last = *f.covers.last().expect("non-empty");
+                        let y = match &node.op {
+                            GraphOp::Conv(conv) => {
+                                let p = conv.prepared.as_deref().expect("prepared at build");
+                                // The prepared weights fold the batch norm only
+                                // when the chain covers one.
+                                conv.forward_fused(inputs[0], p, f.activation)
+                            }
+                            _ => crate::kernels::elementwise::add_relu(inputs[0], inputs[1]),
+                        }
+                        .map_err(|source| Error::Forward {
+                            layer: self.nodes[last].name.clone(),
+                            source,
+                        })?;
+                        for &j in &f.covers {
+                            covered[j] = true;
+                        }
+                        (last, y)
+                    }
+                    None => (i, self.unfused(node, &inputs).map_err(ctx)?),
+                };
+                let out = &self.nodes[last];
+                let mut y = tap.on_output(&out.name, y)?;
+                for alias in &out.aliases {
+                    y = tap.on_output(alias, y)?;
+                }
+                if tap.is_done() {
+                    return Ok(y);
+                }
+                latest = y.clone();
+                vals[last] = Some(y);
+            }
+            for &j in &self.frees[i] {
+                vals[j] = None;
+            }
+        }
+        Ok(vals[self.output].take().unwrap_or(latest))
+    }
+
+    /// One node alone. A convolution runs with its prepared weights unless
+    /// they fold a batch norm (which then runs as its own node).
+    fn unfused(&self, node: &DagNode, inputs: &[&Tensor]) -> candle_core::Result<Tensor> {
+        match &node.op {
+            GraphOp::Conv(conv) => match conv.prepared.as_deref() {
+                Some(p) if !p.folds_bn => conv.forward_fused(inputs[0], p, Activation::Identity),
+                _ => conv.forward(inputs[0]),
+            },
+            op => op.forward(inputs),
+        }
+    }
+
+    /// The kernels of the convolution node (or alias) `name`.
+    pub fn conv_weight(&self, name: &str) -> Option<&Tensor> {
+        self.nodes.iter().find_map(|n| match &n.op {
+            GraphOp::Conv(c) if n.name == name => Some(&c.weight),
+            _ => None,
+        })
+    }
+}
+
+fn relu_of(op: &GraphOp) -> Option<Activation> {
+    match op {
+        GraphOp::Unary(ops::Unary::Relu) => Some(Activation::Relu),
+        GraphOp::Unary(ops::Unary::Relu6) => Some(Activation::Relu6),
+        _ => None,
+    }
+}
+
+/// Shapes, parameters and MACs of every node, and the summary rows (an
+/// alias row sums the parameters and MACs of the modules under it).
+fn summarise(
+    nodes: &[DagNode],
+    input: (usize, usize, usize),
+) -> Result<(Vec<LayerInfo>, Vec<Vec<usize>>)> {
+    let input_shape = vec![1, input.0, input.1, input.2];
+    let input_geo = Geo::input(input.0, input.1, input.2);
+    let mut shapes: Vec<Vec<usize>> = Vec::with_capacity(nodes.len());
+    let mut geos: Vec<Geo> = Vec::with_capacity(nodes.len());
+    let mut rows = Vec::new();
+    let mut per_node = Vec::with_capacity(nodes.len());
+    for (i, node) in nodes.iter().enumerate() {
+        let ins: Vec<(&[usize], &Geo)> = node
+            .inputs
+            .iter()
+            .map(|&j| {
+                if j == INPUT {
+                    (input_shape.as_slice(), &input_geo)
+                } else {
+                    (shapes[j].as_slice(), &geos[j])
+                }
+            })
+            .collect();
+        let inferred = node
+            .op
+            .infer(&node.name, &ins)
+            .map_err(|reason| Error::Shape {
+                layer: node.name.clone(),
+                reason,
+            })?;
+        let batched = !matches!(node.op, GraphOp::Parameter(_));
+        let shown = if batched {
+            inferred.shape[1..].to_vec()
+        } else {
+            inferred.shape.clone()
+        };
+        per_node.push((node.op.params(), inferred.macs));
+        rows.push((i, None, shown));
+        for alias in &node.aliases {
+            rows.push((
+                i,
+                Some(alias.clone()),
+                rows.last().expect("pushed").2.clone(),
+            ));
+        }
+        shapes.push(inferred.shape);
+        geos.push(inferred.geo);
+    }
+    // Parameters belong to modules, which a second call does not repeat.
+    let mut counted = std::collections::HashSet::new();
+    let owned: Vec<(Option<&str>, u64, u64)> = nodes
+        .iter()
+        .zip(&per_node)
+        .map(|(n, &(p, m))| {
+            let owner = n.module.as_deref();
+            let p = if owner.is_some_and(|o| !counted.insert(o.to_string())) {
+                0
+            } else {
+                p
+            };
+            (owner, p, m)
+        })
+        .collect();
+    let layers = rows
+        .into_iter()
+        .map(|(i, alias, shape)| {
+            let (params, macs) = match &alias {
+                None => (owned[i].1, owned[i].2),
+                Some(a) => {
+                    let prefix = format!("{a}.");
+                    nodes.iter().zip(&owned).fold((0, 0), |(p, m), (n, o)| {
+                        let inside = n.module.as_ref().is_some_and(|t| t.starts_with(&prefix));
+                        if inside { (p + o.1, m + o.2) } else { (p, m) }
+                    })
+                }
+            };
+            LayerInfo {
+                name: alias.clone().unwrap_or_else(|| nodes[i].name.clone()),
+                kind: if alias.is_some() {
+                    NodeKind::Block
+                } else {
+                    nodes[i].op.kind()
+                },
+                output_shape: shape,
+                params,
+                receptive_field: geos[i].rf,
+                jump: geos[i].jump,
+                macs,
+            }
+        })
+        .collect();
+    Ok((layers, shapes))
+}
