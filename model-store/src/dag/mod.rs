@@ -303,6 +303,46 @@ impl Dag {
         }
     }
 
+    /// The nodes, to swap parameters for `Var`s (training).
+    pub(crate) fn nodes_mut(&mut self) -> &mut [DagNode] {
+        &mut self.nodes
+    }
+
+    /// The pass without taps or fused kernels, each node computed by
+    /// `eval` (training: batch statistics, dropout draws, `Var` weights).
+    pub fn run_with(
+        &self,
+        x: &Tensor,
+        mut eval: impl FnMut(&DagNode, &[&Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let mut vals: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
+        for (i, node) in self.nodes.iter().enumerate() {
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|&j| {
+                    if j == INPUT {
+                        Some(x)
+                    } else {
+                        vals[j].as_ref()
+                    }
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::Shape {
+                    layer: node.name.clone(),
+                    reason: "an input was not computed".into(),
+                })?;
+            vals[i] = Some(eval(node, &inputs)?);
+            for &j in &self.frees[i] {
+                vals[j] = None;
+            }
+        }
+        vals[self.output].take().ok_or_else(|| Error::Shape {
+            layer: self.nodes[self.output].name.clone(),
+            reason: "produced no output".into(),
+        })
+    }
+
     /// The kernels of the convolution node (or alias) `name`.
     pub fn conv_weight(&self, name: &str) -> Option<&Tensor> {
         self.nodes.iter().find_map(|n| match &n.op {

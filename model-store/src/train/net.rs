@@ -12,8 +12,9 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Tensor, Var};
 
+use crate::dag::GraphOp;
 use crate::error::{Error, Result};
-use crate::graph::{Network, Node, Op};
+use crate::graph::{Network, Node, NodeKind, Op};
 use crate::layers::softmax;
 
 use super::Rng;
@@ -188,9 +189,156 @@ fn make_vars(
                 make_vars(s, &name, freeze, params, buffers)?;
             }
         }
+        Op::Graph(dag) => graph_vars(dag, freeze, params, buffers)?,
         _ => {}
     }
     Ok(())
+}
+
+/// The `Var`s of a graph model: every module node's parameters (once per
+/// module, however often it is called) and its batch-norm buffers.
+fn graph_vars(
+    dag: &mut crate::dag::Dag,
+    freeze: &[String],
+    params: &mut Vec<Param>,
+    buffers: &mut HashMap<String, Var>,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for node in dag.nodes_mut() {
+        let Some(module) = node.module.clone() else {
+            continue;
+        };
+        if !seen.insert(module.clone()) {
+            continue;
+        }
+        let frozen = is_frozen(&module, freeze);
+        let mut push = |suffix: Option<&str>, t: &mut Tensor| -> Result<()> {
+            if !frozen {
+                params.push(Param {
+                    name: suffix.map_or_else(|| module.clone(), |s| format!("{module}.{s}")),
+                    var: var_of(t)?,
+                });
+            }
+            Ok(())
+        };
+        match &mut node.op {
+            GraphOp::Conv(c) => {
+                c.prepared = None;
+                push(Some("weight"), &mut c.weight)?;
+                if let Some(b) = c.bias.as_mut() {
+                    push(Some("bias"), b)?;
+                }
+            }
+            GraphOp::Linear { weight, bias }
+            | GraphOp::LayerNorm {
+                weight: Some(weight),
+                bias,
+                ..
+            } => {
+                push(Some("weight"), weight)?;
+                if let Some(b) = bias.as_mut() {
+                    push(Some("bias"), b)?;
+                }
+            }
+            GraphOp::BatchNorm(b) => {
+                if b.affine() {
+                    push(Some("weight"), &mut b.weight)?;
+                    push(Some("bias"), &mut b.bias)?;
+                }
+                if !frozen {
+                    buffers.insert(
+                        format!("{module}.running_mean"),
+                        var_of(&mut b.running_mean)?,
+                    );
+                    buffers.insert(format!("{module}.running_var"), var_of(&mut b.running_var)?);
+                }
+            }
+            GraphOp::Parameter(t) => push(None, t)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A graph model's `state_dict`, module by module.
+fn graph_collect(dag: &crate::dag::Dag, out: &mut Vec<(String, Tensor)>) {
+    let mut seen = std::collections::HashSet::new();
+    for node in dag.nodes() {
+        let Some(m) = node.module.as_deref() else {
+            continue;
+        };
+        if !seen.insert(m) {
+            continue;
+        }
+        let mut put = |suffix: &str, t: &Tensor| out.push((format!("{m}.{suffix}"), t.clone()));
+        match &node.op {
+            GraphOp::Conv(c) => {
+                put("weight", &c.weight);
+                if let Some(b) = &c.bias {
+                    put("bias", b);
+                }
+            }
+            GraphOp::Linear { weight, bias } => {
+                put("weight", weight);
+                if let Some(b) = bias {
+                    put("bias", b);
+                }
+            }
+            GraphOp::LayerNorm { weight, bias, .. } => {
+                if let Some(w) = weight {
+                    put("weight", w);
+                }
+                if let Some(b) = bias {
+                    put("bias", b);
+                }
+            }
+            GraphOp::BatchNorm(b) => {
+                if b.affine() {
+                    put("weight", &b.weight);
+                    put("bias", &b.bias);
+                }
+                put("running_mean", &b.running_mean);
+                put("running_var", &b.running_var);
+            }
+            GraphOp::Parameter(t) => out.push((m.to_string(), t.clone())),
+            _ => {}
+        }
+    }
+}
+
+/// One graph node in training (or evaluation) mode.
+fn graph_node(node: &crate::dag::DagNode, inputs: &[&Tensor], ctx: &mut Ctx) -> Result<Tensor> {
+    let err = |source| Error::Forward {
+        layer: node.name.clone(),
+        source,
+    };
+    let x = inputs[0];
+    Ok(match &node.op {
+        GraphOp::BatchNorm(b) => {
+            let module = node.module.as_deref().unwrap_or(&node.name);
+            match (
+                ctx.rng.is_some(),
+                ctx.buffers.get(&format!("{module}.running_mean")),
+            ) {
+                (true, Some(mean)) => {
+                    let var = &ctx.buffers[&format!("{module}.running_var")];
+                    batch_norm_train(x, b, mean, var).map_err(err)?
+                }
+                _ => batch_norm_eval(x, b).map_err(err)?,
+            }
+        }
+        GraphOp::Identity { kind, p }
+            if matches!(kind, NodeKind::Dropout | NodeKind::Dropout2d) =>
+        {
+            match ctx.rng.as_deref_mut() {
+                Some(rng) if *p > 0.0 => {
+                    dropout(x, *p, *kind == NodeKind::Dropout2d, rng).map_err(err)?
+                }
+                _ => x.clone(),
+            }
+        }
+        op => op.forward(inputs).map_err(err)?,
+    })
 }
 
 fn collect(node: &Node, out: &mut Vec<(String, Tensor)>) {
@@ -217,6 +365,7 @@ fn collect(node: &Node, out: &mut Vec<(String, Tensor)>) {
             out.push((format!("{name}.running_var"), b.running_var.clone()));
         }
         Op::Seq(children) => children.iter().for_each(|c| collect(c, out)),
+        Op::Graph(dag) => graph_collect(dag, out),
         Op::Residual { body, shortcut } => {
             body.iter().for_each(|c| collect(c, out));
             if let Some(s) = shortcut {
@@ -271,6 +420,7 @@ fn forward(node: &Node, x: Tensor, ctx: &mut Ctx, scope: &str) -> Result<Tensor>
             (h + s).and_then(|t| t.relu()).map_err(err)?
         }
         Op::Softmax => softmax(&x).map_err(err)?,
+        Op::Graph(dag) => dag.run_with(&x, |n, inputs| graph_node(n, inputs, ctx))?,
         // Everything else behaves the same in training: the inference
         // implementation of the node.
         _ => crate::graph::forward_leaf(node, x)?,

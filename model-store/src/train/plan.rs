@@ -179,9 +179,18 @@ fn manifest_for(
         let mut m = serde_json::to_value(&src.manifest).expect("manifests serialise");
         m["name"] = json!(spec.model_name);
         m["classes"] = json!(classes);
-        for k in ["test_accuracy", "training", "description"] {
+        // The check is PyTorch's logits for the source's weights; training
+        // changes them.
+        for k in ["test_accuracy", "training", "description", "check"] {
             if let Some(o) = m.as_object_mut() {
                 o.remove(k);
+            }
+        }
+        if let Some(nodes) = m.get_mut("nodes").and_then(Value::as_array_mut) {
+            // A graph model's head: the last linear node gets the dataset's
+            // class count (its weights are then initialised afresh).
+            if let Some(head) = nodes.iter_mut().rev().find(|n| n["op"] == "linear") {
+                head["out_features"] = json!(classes.len());
             }
         }
         m
