@@ -657,6 +657,33 @@ impl Network {
         self.total_macs
     }
 
+    /// Bytes of the weights: float32 parameters and batch-norm running
+    /// statistics (two per channel).
+    pub fn param_bytes(&self) -> u64 {
+        let buffers: u64 = self
+            .layers
+            .iter()
+            .filter(|l| l.kind == NodeKind::BatchNorm2d)
+            .map(|l| 2 * l.output_shape.first().copied().unwrap_or(0) as u64)
+            .sum();
+        4 * (self.total_params + buffers)
+    }
+
+    /// Bytes of every layer's float32 output for one image, containers
+    /// (whose output is a child's) not counted twice.
+    pub fn activation_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .filter(|l| {
+                !matches!(
+                    l.kind,
+                    NodeKind::Sequential | NodeKind::ResidualBlock | NodeKind::Block
+                )
+            })
+            .map(|l| 4 * l.output_shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
     /// Size of the output vector.
     pub fn outputs(&self) -> usize {
         self.outputs

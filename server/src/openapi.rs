@@ -27,7 +27,7 @@ as base64 JSON, or stored once with `POST /inputs` and named with `?input=<id>`.
 Errors are `application/problem+json` (RFC 9457) with a `detail` that says what to fix.",
         license(name = "MIT OR Apache-2.0")
     ),
-    components(schemas(Problem, Binary)),
+    components(schemas(Problem, Binary, crate::routes::models::GraphNode)),
     tags(
         (name = "service", description = "Health, readiness, metrics and this document."),
         (name = "models", description = "The model store: list, describe, register, unregister."),

@@ -251,6 +251,8 @@ class Exporter:
             where = f" (in module '{path}' of type {getattr(cls, '__name__', cls)})"
         elif node.op == "call_module":
             where = f" (module '{node.target}' of type {type(self.modules[node.target]).__name__})"
+        else:
+            where = f" (in the forward of the top-level {type(self.model).__name__})"
         raise ExportError(f"node '{node.name}' ({node.op} {self.describe(node)}){where}: {why}")
 
     @staticmethod

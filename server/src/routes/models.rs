@@ -88,6 +88,11 @@ pub struct LayerRow {
     pub jump: Extent,
     /// Multiply-accumulates per image (conv and linear; blocks sum their children).
     pub macs: u64,
+    /// Whether the layer holds learned parameters (torchinfo's `trainable`;
+    /// a served model has no frozen layers).
+    pub trainable: bool,
+    /// Its share of `total_params`, in percent (torchinfo's `params_percent`).
+    pub params_percent: f64,
 }
 
 /// A size in pixels: one integer when square, `[h, w]` otherwise.
@@ -106,8 +111,59 @@ pub struct RegisterForm {
     /// The manifest (JSON, as in the contract's "Model manifest").
     #[schema(example = json!({"name": "my-net", "architecture": "resnet20-cifar", "input": {"channels": 3, "height": 32, "width": 32}, "classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}))]
     pub manifest: String,
-    /// The `.safetensors` file with PyTorch `state_dict` names.
+    /// The weights with PyTorch `state_dict` names: a `.safetensors` file,
+    /// or a PyTorch zip checkpoint (`torch.save(model.state_dict(), "m.pth")`;
+    /// a dict holding it under `state_dict` or `model` counts), read without
+    /// running code and stored as safetensors.
     pub weights: Binary,
+}
+
+/// One node of a `graph` manifest (`"architecture": "graph"`, `"nodes": [...]`
+/// in topological order, optional `"output"`: the node whose output is the
+/// model's, default the last; optional `"unused_weights"`: checkpoint tensors
+/// to accept and ignore; optional `"check"`: `{"input": {"generator":
+/// "splitmix64", "seed", "low", "high"}, "logits": [...]}`, recomputed on
+/// registration, 422 when a logit differs by more than 1e-3 × max(1, max
+/// |logit|)). `tools/export/convscope_export.py` (also `GET /export.py`)
+/// writes these from any torch.fx-traceable module.
+///
+/// Ops and their arguments (PyTorch's names and defaults; dims count the
+/// batch as 0): `conv2d` (in_channels, out_channels, kernel_size, stride,
+/// padding: int, [h, w], "same" or "valid", dilation, groups, bias),
+/// `batch_norm2d` (num_features, eps, affine), `layer_norm`
+/// (normalized_shape: [C], eps, elementwise_affine, bias, dim: -1 or 1),
+/// `linear` (in_features, out_features, bias; on the last dim of any rank),
+/// `max_pool2d` / `avg_pool2d` (kernel_size, stride, padding, ceil_mode,
+/// count_include_pad), `adaptive_avg_pool2d` / `adaptive_max_pool2d`
+/// (output_size), `relu`, `relu6`, `leaky_relu` (negative_slope),
+/// `hardswish`, `hardsigmoid`, `silu`, `sigmoid`, `gelu` (approximate:
+/// "none" or "tanh"), `tanh`, `softmax` (dim), `dropout` / `dropout2d` (p),
+/// `identity`, `flatten` (start_dim, end_dim), `add` / `sub` / `mul` / `div`
+/// (two inputs, broadcasting; or one input and `scalar`, with
+/// `scalar_first: true` for `s - x`), `cat` (dim), `reshape` (shape: the
+/// per-sample shape), `permute` (dims), `transpose` (dim0, dim1), `narrow`
+/// (dim, start, length), `mean` (dims, keepdim), `parameter` (target: the
+/// state_dict name, shape; no inputs).
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only: the model store parses nodes
+pub struct GraphNode {
+    /// The module path for a module call (`features.3.conv.0.0`; a second
+    /// call of one module is `path_1`), the torch.fx name for a functional
+    /// step (`add`, `cat_1`). An API layer name.
+    #[schema(example = "layer1.0.conv1")]
+    pub name: String,
+    /// The operation (list above).
+    #[schema(example = "conv2d")]
+    pub op: String,
+    /// Names of earlier nodes, or `input` for the image.
+    #[schema(example = json!(["maxpool"]))]
+    pub inputs: Vec<String>,
+    /// The module whose `state_dict` entries hold this node's weights
+    /// (default: `name`).
+    pub module: Option<String>,
+    /// Container modules whose output this node's output is (`layer1.0`,
+    /// `features`): also API layer names, shown with kind `block`.
+    pub aliases: Option<Vec<String>>,
 }
 
 /// `GET /models/{model}`.
@@ -122,6 +178,13 @@ pub struct ModelDetail {
     pub total_params: u64,
     /// Multiply-accumulates per image.
     pub total_macs: u64,
+    /// Memory of the weights: parameters and batch-norm running
+    /// statistics, float32, in MiB.
+    pub param_mib: f64,
+    /// Memory of one image's forward pass if every layer's output were
+    /// kept (what recording all activations holds; inference frees each
+    /// after its last use), float32, in MiB.
+    pub activation_mib: f64,
     /// Labels in output order.
     pub classes: Vec<String>,
 }
@@ -199,7 +262,7 @@ async fn detail(
         (status = 401, description = "An API key is configured: send `Authorization: Bearer <key>`.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A model of that name exists. Or a queued or running job holds the name (`detail` names the job).", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over `--max-model-bytes`.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The manifest is invalid or does not match the weights; `detail` names every tensor.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The manifest is invalid or does not match the weights; `detail` names every tensor. Also: a `.pth` that cannot be read without running code (a legacy pickle or a TorchScript archive: `detail` says how to re-save it), and a `check` entry the weights do not reproduce (`detail` gives the largest |Δlogit|).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The compute queue is full; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "Loading ran past `--request-timeout-secs`.", body = Problem, content_type = "application/problem+json"),
     )
@@ -305,14 +368,22 @@ fn describe(m: &Arc<LoadedModel>) -> ModelDetail {
     let net = &m.network;
     ModelDetail {
         entry: entry(m),
-        layers: net.layers().iter().map(row).collect(),
+        layers: net
+            .layers()
+            .iter()
+            .map(|l| row(l, net.total_params()))
+            .collect(),
         total_params: net.total_params(),
         total_macs: net.total_macs(),
+        param_mib: net.param_bytes() as f64 / MIB,
+        activation_mib: net.activation_bytes() as f64 / MIB,
         classes: m.classes.clone(),
     }
 }
 
-fn row(l: &LayerInfo) -> LayerRow {
+const MIB: f64 = (1 << 20) as f64;
+
+fn row(l: &LayerInfo, total_params: u64) -> LayerRow {
     let pair = |(h, w): (usize, usize)| {
         if h == w {
             Extent::Square(h)
@@ -328,6 +399,12 @@ fn row(l: &LayerInfo) -> LayerRow {
         receptive_field: pair(l.receptive_field),
         jump: pair(l.jump),
         macs: l.macs,
+        trainable: l.params > 0,
+        params_percent: if total_params == 0 {
+            0.0
+        } else {
+            100.0 * l.params as f64 / total_params as f64
+        },
     }
 }
 
