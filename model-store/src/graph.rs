@@ -1,17 +1,16 @@
-//! A network as a tree of named modules, and the one forward pass over it.
-//!
-//! Every architecture (the manifest-driven `sequential`, the CIFAR ResNets,
-//! torchvision's families, MobileNet) is built as this same tree, so one
-//! interpreter gives all of them the tap, the per-layer summary and the error
-//! context. Node names are PyTorch module paths, which are also the
-//! checkpoint key prefixes and the API's layer names.
+//! A network: the built-in architectures describe themselves as a tree of
+//! named modules ([`Node`], the way their PyTorch code is written), which is
+//! lowered to the one graph IR ([`crate::dag`]) that `graph` manifests are
+//! written in; one interpreter then runs every model for inference, for
+//! every tap and for training. Node names are PyTorch module paths, which
+//! are also the checkpoint key prefixes and the API's layer names.
 
 use candle_core::Tensor;
 
+use crate::dag::ops::Unary;
+use crate::dag::{Alias, Dag, DagNode, GraphOp, INPUT};
 use crate::error::{Error, Result};
-use crate::layers::{
-    Activation, AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Linear, Pool2d, PoolKind, softmax,
-};
+use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, Pool2d};
 use crate::tap::Tap;
 
 /// What a node computes.
@@ -84,335 +83,126 @@ impl Node {
     pub fn anon(op: Op) -> Self {
         Self { name: None, op }
     }
+}
 
-    fn kind(&self) -> NodeKind {
-        match &self.op {
-            Op::Conv(_) => NodeKind::Conv2d,
-            Op::BatchNorm(_) => NodeKind::BatchNorm2d,
-            Op::Relu => NodeKind::Relu,
-            Op::Relu6 => NodeKind::Relu6,
-            Op::Pool(p) if p.kind == PoolKind::Max => NodeKind::MaxPool2d,
-            Op::Pool(_) => NodeKind::AvgPool2d,
-            Op::AdaptiveAvgPool(_) => NodeKind::AdaptiveAvgPool2d,
-            Op::Dropout {
-                channelwise: false, ..
-            } => NodeKind::Dropout,
-            Op::Dropout { .. } => NodeKind::Dropout2d,
-            Op::Flatten => NodeKind::Flatten,
-            Op::Linear(_) => NodeKind::Linear,
-            Op::Softmax => NodeKind::Softmax,
-            Op::Seq(_) => NodeKind::Sequential,
-            Op::Residual { .. } => NodeKind::ResidualBlock,
-            Op::ShortcutA { .. } => NodeKind::Shortcut,
-            Op::Graph(_) => NodeKind::Block,
-        }
+/// Lowers a module tree to the graph IR: every leaf becomes a node (named
+/// leaves visible, anonymous ones hidden), a named `Seq` an alias of its
+/// last node (kind `sequential`), a residual block an add and a ReLU whose
+/// output carries the block's name (kind `residual_block`). Node order is
+/// the order PyTorch's hooks fire in, so the summary rows and the tap's
+/// calls are the module tree's.
+fn lower(root: Node) -> Result<Vec<DagNode>> {
+    struct Lowering {
+        nodes: Vec<DagNode>,
+        hidden: usize,
     }
-
-    /// The forward pass of this subtree, reporting named outputs to `tap`.
-    /// `scope` names the nearest named ancestor, for error messages.
-    fn forward(&self, x: Tensor, tap: &mut dyn Tap, scope: &str) -> Result<Tensor> {
-        let scope = self.name.as_deref().unwrap_or(scope);
-        let ctx = |source| Error::Forward {
-            layer: scope.to_string(),
-            source,
-        };
-        let y = match &self.op {
-            Op::Conv(c) => c.forward(&x).map_err(ctx)?,
-            Op::BatchNorm(b) => b.forward(&x).map_err(ctx)?,
-            Op::Relu => x.relu().map_err(ctx)?,
-            Op::Relu6 => x.clamp(0f32, 6f32).map_err(ctx)?,
-            Op::Pool(p) => p.forward(&x).map_err(ctx)?,
-            Op::AdaptiveAvgPool(p) => p.forward(&x).map_err(ctx)?,
-            Op::Dropout { .. } => x,
-            Op::Flatten => x.flatten_from(1).map_err(ctx)?,
-            Op::Linear(l) => l.forward(&x).map_err(ctx)?,
-            Op::Softmax => softmax(&x).map_err(ctx)?,
-            Op::Seq(children) => {
-                let (h, stopped) = forward_children(children, x, tap, scope)?;
-                if stopped {
-                    return Ok(h);
-                }
-                h
-            }
-            Op::Residual { body, shortcut } => {
-                let (h, stopped) = forward_children(body, x.clone(), tap, scope)?;
-                if stopped {
-                    return Ok(h);
-                }
-                let s = match shortcut {
-                    Some(s) => s.forward(x, tap, scope)?,
-                    None => x,
-                };
-                if tap.is_done() {
-                    return Ok(s);
-                }
-                crate::kernels::elementwise::add_relu(&h, &s).map_err(ctx)?
-            }
-            Op::Graph(dag) => return dag.forward(&x, tap),
-            Op::ShortcutA { pad } => {
-                let (_, _, h, w) = x.dims4().map_err(ctx)?;
-                let rows = even_indices(h, &x)?;
-                let cols = even_indices(w, &x)?;
-                x.index_select(&rows, 2)
-                    .and_then(|t| t.index_select(&cols, 3))
-                    .and_then(|t| t.pad_with_zeros(1, *pad, *pad))
-                    .map_err(ctx)?
-            }
-        };
-        match &self.name {
-            Some(name) => tap.on_output(name, y),
-            None => Ok(y),
-        }
-    }
-
-    /// Walks the subtree like `forward` but over shapes: checks that layers
-    /// chain, and appends a [`LayerInfo`] per named node (children first,
-    /// the order hooks fire in). Returns the output geometry, the subtree's
-    /// parameters and multiply-accumulates.
-    fn summarise(&self, g: &Geo, out: &mut Vec<LayerInfo>) -> Result<(Geo, u64, u64)> {
-        let layer = self.name.as_deref().unwrap_or("<anonymous>");
-        let (geo, params, macs) = match &self.op {
-            Op::Conv(c) => {
-                let geo = c.geometry(layer, g)?;
-                let macs = c.macs(&geo);
-                (geo, c.params(), macs)
-            }
-            Op::BatchNorm(b) => (b.geometry(layer, g)?, b.params(), 0),
-            Op::Relu | Op::Relu6 | Op::Dropout { .. } | Op::Softmax => (g.clone(), 0, 0),
-            Op::Pool(p) => (p.geometry(layer, g)?, 0, 0),
-            Op::AdaptiveAvgPool(p) => (p.geometry(layer, g)?, 0, 0),
-            Op::Flatten => {
-                // Each flat unit sees the whole map: a window over all positions.
-                let (rf, jump) = match g.shape[..] {
-                    [_, h, w] => (
-                        (g.rf.0 + (h - 1) * g.jump.0, g.rf.1 + (w - 1) * g.jump.1),
-                        g.jump,
-                    ),
-                    _ => (g.rf, g.jump),
-                };
-                let n = g.shape.iter().product();
-                (
-                    Geo {
-                        shape: vec![n],
-                        rf,
-                        jump,
-                    },
-                    0,
-                    0,
-                )
-            }
-            Op::Linear(l) => (l.geometry(layer, g)?, l.params(), l.macs()),
-            Op::Seq(children) => {
-                let (mut geo, mut params, mut macs) = (g.clone(), 0, 0);
-                for child in children {
-                    let (cg, cp, cm) = child.summarise(&geo, out)?;
-                    geo = cg;
-                    params += cp;
-                    macs += cm;
-                }
-                (geo, params, macs)
-            }
-            Op::Residual { body, shortcut } => {
-                let (mut geo, mut params, mut macs) = (g.clone(), 0, 0);
-                for child in body {
-                    let (cg, cp, cm) = child.summarise(&geo, out)?;
-                    geo = cg;
-                    params += cp;
-                    macs += cm;
-                }
-                let sg = match shortcut {
-                    Some(s) => {
-                        let (sg, sp, sm) = s.summarise(g, out)?;
-                        params += sp;
-                        macs += sm;
-                        sg
-                    }
-                    None => g.clone(),
-                };
-                if sg.shape != geo.shape {
-                    return Err(Error::Shape {
-                        layer: layer.to_string(),
-                        reason: format!(
-                            "the main path gives {:?} but the shortcut gives {:?}",
-                            geo.shape, sg.shape
-                        ),
-                    });
-                }
-                geo.rf = (geo.rf.0.max(sg.rf.0), geo.rf.1.max(sg.rf.1));
-                (geo, params, macs)
-            }
-            Op::Graph(dag) => {
-                out.extend_from_slice(dag.layers());
-                let params = dag
-                    .layers()
-                    .iter()
-                    .filter(|l| l.kind != NodeKind::Block)
-                    .map(|l| l.params)
-                    .sum();
-                let macs = dag
-                    .layers()
-                    .iter()
-                    .filter(|l| l.kind != NodeKind::Block)
-                    .map(|l| l.macs)
-                    .sum();
-                let last = dag
-                    .layers()
-                    .iter()
-                    .rev()
-                    .find(|l| l.kind != NodeKind::Block);
-                let geo = Geo {
-                    shape: dag.output_shape().to_vec(),
-                    rf: last.map_or((1, 1), |l| l.receptive_field),
-                    jump: last.map_or((1, 1), |l| l.jump),
-                };
-                return Ok((geo, params, macs));
-            }
-            Op::ShortcutA { pad } => match g.shape[..] {
-                [c, h, w] => (
-                    Geo {
-                        shape: vec![c + 2 * pad, h.div_ceil(2), w.div_ceil(2)],
-                        rf: g.rf,
-                        jump: (g.jump.0 * 2, g.jump.1 * 2),
-                    },
-                    0,
-                    0,
-                ),
-                _ => {
-                    return Err(Error::Shape {
-                        layer: layer.to_string(),
-                        reason: format!("expects [C, H, W], got {:?}", g.shape),
-                    });
-                }
-            },
-        };
-        if let Some(name) = &self.name {
-            out.push(LayerInfo {
-                name: name.clone(),
-                kind: self.kind(),
-                output_shape: geo.shape.clone(),
-                params,
-                receptive_field: geo.rf,
-                jump: geo.jump,
-                macs,
+    impl Lowering {
+        fn push(&mut self, name: Option<String>, op: GraphOp, inputs: Vec<usize>) -> usize {
+            let hidden = name.is_none();
+            let name = name.unwrap_or_else(|| {
+                self.hidden += 1;
+                format!("#{}", self.hidden)
             });
+            let module = matches!(
+                op,
+                GraphOp::Conv(_) | GraphOp::BatchNorm(_) | GraphOp::Linear { .. }
+            )
+            .then(|| name.clone());
+            self.nodes.push(DagNode {
+                name,
+                aliases: Vec::new(),
+                hidden,
+                module,
+                op,
+                inputs,
+            });
+            self.nodes.len() - 1
         }
-        Ok((geo, params, macs))
-    }
-}
 
-/// Runs `children` in order; `true` when the tap asked to stop.
-fn forward_children(
-    children: &[Node],
-    x: Tensor,
-    tap: &mut dyn Tap,
-    scope: &str,
-) -> Result<(Tensor, bool)> {
-    let mut h = x;
-    let mut i = 0;
-    while i < children.len() {
-        match forward_fused(&children[i..], &h, tap, scope)? {
-            Some((y, used)) => {
-                h = y;
-                i += used;
-            }
-            None => {
-                h = children[i].forward(h, tap, scope)?;
-                i += 1;
-            }
+        fn alias(&mut self, at: usize, name: String, kind: NodeKind) {
+            self.nodes[at].aliases.push(Alias { name, kind });
         }
-        if tap.is_done() {
-            return Ok((h, true));
+
+        /// Lowers `node` reading `x`; returns the node holding its output.
+        fn node(&mut self, node: Node, x: usize) -> Result<usize> {
+            let Node { name, op } = node;
+            let leaf = |op| Ok::<_, Error>(Some(op));
+            let graph_op = match op {
+                Op::Conv(c) => leaf(GraphOp::Conv(c))?,
+                Op::BatchNorm(b) => leaf(GraphOp::BatchNorm(b))?,
+                Op::Relu => leaf(GraphOp::Unary(Unary::Relu))?,
+                Op::Relu6 => leaf(GraphOp::Unary(Unary::Relu6))?,
+                Op::Pool(p) => leaf(GraphOp::Pool(p))?,
+                Op::AdaptiveAvgPool(p) => leaf(GraphOp::AdaptiveAvgPool(p))?,
+                Op::Dropout { p, channelwise } => leaf(GraphOp::Identity {
+                    kind: if channelwise {
+                        NodeKind::Dropout2d
+                    } else {
+                        NodeKind::Dropout
+                    },
+                    p,
+                })?,
+                Op::Flatten => leaf(GraphOp::Flatten { start: 1, end: -1 })?,
+                Op::Linear(l) => leaf(GraphOp::Linear {
+                    weight: l.weight,
+                    bias: l.bias,
+                    any_rank: false,
+                })?,
+                Op::Softmax => leaf(GraphOp::Softmax { dim: -1 })?,
+                Op::ShortcutA { pad } => leaf(GraphOp::ShortcutA { pad })?,
+                Op::Seq(children) if children.is_empty() => leaf(GraphOp::Identity {
+                    kind: NodeKind::Sequential,
+                    p: 0.0,
+                })?,
+                Op::Seq(children) => {
+                    let mut h = x;
+                    for c in children {
+                        h = self.node(c, h)?;
+                    }
+                    if let Some(name) = name {
+                        self.alias(h, name, NodeKind::Sequential);
+                    }
+                    return Ok(h);
+                }
+                Op::Residual { body, shortcut } => {
+                    let mut h = x;
+                    for c in body {
+                        h = self.node(c, h)?;
+                    }
+                    let s = match shortcut {
+                        Some(s) => self.node(*s, x)?,
+                        None => x,
+                    };
+                    let add = self.push(
+                        None,
+                        GraphOp::Binary {
+                            op: crate::dag::ops::BinOp::Add,
+                            scalar: None,
+                        },
+                        vec![h, s],
+                    );
+                    let out = self.push(None, GraphOp::Unary(Unary::Relu), vec![add]);
+                    if let Some(name) = name {
+                        self.alias(out, name, NodeKind::ResidualBlock);
+                    }
+                    return Ok(out);
+                }
+                Op::Graph(_) => {
+                    return Err(Error::Manifest(
+                        "a graph cannot sit inside a module tree".into(),
+                    ));
+                }
+            };
+            let op = graph_op.expect("a leaf");
+            Ok(self.push(name, op, vec![x]))
         }
     }
-    Ok((h, false))
-}
-
-/// A convolution, then its folded batch norm and/or a ReLU(6), as one
-/// kernel, when the tap wants none of the outputs but the last. Returns the
-/// last one's output (reported to the tap) and how many nodes it covers;
-/// `None` when there is nothing to fuse.
-fn forward_fused(
-    nodes: &[Node],
-    x: &Tensor,
-    tap: &mut dyn Tap,
-    scope: &str,
-) -> Result<Option<(Tensor, usize)>> {
-    let Some(Op::Conv(conv)) = nodes.first().map(|n| &n.op) else {
-        return Ok(None);
+    let mut l = Lowering {
+        nodes: Vec::new(),
+        hidden: 0,
     };
-    let hidden = |n: &Node| n.name.as_deref().is_none_or(|name| !tap.wants(name));
-    if !hidden(&nodes[0]) {
-        return Ok(None);
-    }
-    let Some(prepared) = conv.prepared.as_deref() else {
-        return Ok(None);
-    };
-    let mut used = if prepared.folds_bn { 2 } else { 1 };
-    let mut activation = Activation::Identity;
-    if hidden(&nodes[used - 1]) {
-        match nodes.get(used).map(|n| &n.op) {
-            Some(Op::Relu) => (activation, used) = (Activation::Relu, used + 1),
-            Some(Op::Relu6) => (activation, used) = (Activation::Relu6, used + 1),
-            _ => {}
-        }
-    }
-    if used == 1 {
-        return Ok(None);
-    }
-    let node = &nodes[used - 1];
-    let y = conv
-        .forward_fused(x, prepared, activation)
-        .map_err(|source| Error::Forward {
-            layer: node.name.as_deref().unwrap_or(scope).to_string(),
-            source,
-        })?;
-    let y = match &node.name {
-        Some(name) => tap.on_output(name, y)?,
-        None => y,
-    };
-    Ok(Some((y, used)))
-}
-
-/// Prepares every convolution for the predict path ([`Conv2d::prepared`]),
-/// folding in the batch norm that directly follows it.
-fn prepare_convs(node: &mut Node) -> Result<()> {
-    match &mut node.op {
-        Op::Conv(conv) => prepare(conv, None, &node.name),
-        Op::Seq(children) => prepare_children(children),
-        Op::Residual { body, shortcut } => {
-            prepare_children(body)?;
-            match shortcut {
-                Some(s) => prepare_convs(s),
-                None => Ok(()),
-            }
-        }
-        _ => Ok(()),
-    }
-}
-
-fn prepare_children(children: &mut [Node]) -> Result<()> {
-    for i in 0..children.len() {
-        let (head, rest) = children[i..].split_at_mut(1);
-        match (&mut head[0].op, rest.first().map(|n| &n.op)) {
-            (Op::Conv(conv), Some(Op::BatchNorm(bn))) => prepare(conv, Some(bn), &head[0].name)?,
-            _ => prepare_convs(&mut head[0])?,
-        }
-    }
-    Ok(())
-}
-
-fn prepare(conv: &mut Conv2d, bn: Option<&BatchNorm2d>, name: &Option<String>) -> Result<()> {
-    let prepared = conv.prepare(bn).map_err(|source| Error::Forward {
-        layer: name.clone().unwrap_or_default(),
-        source,
-    })?;
-    conv.prepared = Some(std::sync::Arc::new(prepared));
-    Ok(())
-}
-
-fn even_indices(n: usize, like: &Tensor) -> Result<Tensor> {
-    let idx: Vec<u32> = (0..n as u32).step_by(2).collect();
-    Ok(Tensor::new(idx.as_slice(), like.device())?)
+    l.node(root, INPUT)?;
+    Ok(l.nodes)
 }
 
 /// What a named layer is, by its PyTorch name (`GET /models/{model}`'s
@@ -566,65 +356,78 @@ pub struct LayerInfo {
     pub macs: u64,
 }
 
-/// Runs one node (a leaf, in training) without observers.
-pub(crate) fn forward_leaf(node: &Node, x: Tensor) -> Result<Tensor> {
-    node.forward(x, &mut crate::tap::NoTap, "input")
-}
-
-/// A built, validated network.
+/// A built, validated network: one graph, one interpreter ([`Dag`]).
 #[derive(Debug, Clone)]
 pub struct Network {
-    root: Node,
+    dag: Dag,
     input: (usize, usize, usize),
-    layers: Vec<LayerInfo>,
     total_params: u64,
     total_macs: u64,
     outputs: usize,
+    from_graph_manifest: bool,
 }
 
 impl Network {
-    /// Validates that the tree chains for a `[C, H, W]` input and ends in a
-    /// flat vector, and computes the summary.
-    pub fn new(mut root: Node, input: (usize, usize, usize)) -> Result<Self> {
-        let mut layers = Vec::new();
-        let (geo, total_params, total_macs) =
-            root.summarise(&Geo::input(input.0, input.1, input.2), &mut layers)?;
-        let outputs = match geo.shape[..] {
+    /// Lowers the module tree (or takes the graph of a `graph` manifest),
+    /// validates that it chains for a `[C, H, W]` input and ends in a flat
+    /// vector, and computes the summary.
+    pub fn new(root: Node, input: (usize, usize, usize)) -> Result<Self> {
+        match root {
+            Node {
+                op: Op::Graph(dag), ..
+            } => Self::from_dag(*dag, input, true),
+            tree => Self::from_dag(Dag::new(lower(tree)?, None, input)?, input, false),
+        }
+    }
+
+    fn from_dag(dag: Dag, input: (usize, usize, usize), from_graph_manifest: bool) -> Result<Self> {
+        let outputs = match dag.output_shape()[..] {
             [n] => n,
             _ => {
                 return Err(Error::Shape {
-                    layer: layers.last().map_or_else(String::new, |l| l.name.clone()),
+                    layer: dag
+                        .layers()
+                        .last()
+                        .map_or_else(String::new, |l| l.name.clone()),
                     reason: format!(
                         "the network must end in a flat vector of class scores, but its output shape is {:?}",
-                        geo.shape
+                        dag.output_shape()
                     ),
                 });
             }
         };
-        prepare_convs(&mut root)?;
+        let own = |l: &&LayerInfo| {
+            !matches!(
+                l.kind,
+                NodeKind::Block | NodeKind::Sequential | NodeKind::ResidualBlock
+            )
+        };
+        let total_params = dag.layers().iter().filter(own).map(|l| l.params).sum();
+        let total_macs = dag.layers().iter().filter(own).map(|l| l.macs).sum();
         Ok(Self {
-            root,
+            dag,
             input,
-            layers,
             total_params,
             total_macs,
             outputs,
+            from_graph_manifest,
         })
     }
 
     /// The forward pass on an NCHW batch, observed by `tap`.
     pub fn forward(&self, x: &Tensor, tap: &mut dyn Tap) -> Result<Tensor> {
-        self.root.forward(x.clone(), tap, "input")
+        self.dag.forward(x, tap)
     }
 
-    /// The module tree (training walks it with its own forward).
-    pub fn root(&self) -> &Node {
-        &self.root
+    /// The graph (training swaps its parameters for `Var`s).
+    pub fn dag(&self) -> &Dag {
+        &self.dag
     }
 
-    /// Whether this is a `graph` model (a DAG rather than a module tree).
+    /// Whether this came from a `graph` manifest (rather than a built-in
+    /// architecture lowered to the same graph).
     pub fn is_graph(&self) -> bool {
-        matches!(self.root.op, Op::Graph(_))
+        self.from_graph_manifest
     }
 
     /// Plain inference: `[N, classes]`.
@@ -634,12 +437,12 @@ impl Network {
 
     /// Every named layer in forward order.
     pub fn layers(&self) -> &[LayerInfo] {
-        &self.layers
+        self.dag.layers()
     }
 
     /// The layer called `name`.
     pub fn layer(&self, name: &str) -> Option<&LayerInfo> {
-        self.layers.iter().find(|l| l.name == name)
+        self.layers().iter().find(|l| l.name == name)
     }
 
     /// `(C, H, W)` the network was validated for.
@@ -661,7 +464,7 @@ impl Network {
     /// statistics (two per channel).
     pub fn param_bytes(&self) -> u64 {
         let buffers: u64 = self
-            .layers
+            .layers()
             .iter()
             .filter(|l| l.kind == NodeKind::BatchNorm2d)
             .map(|l| 2 * l.output_shape.first().copied().unwrap_or(0) as u64)
@@ -672,7 +475,7 @@ impl Network {
     /// Bytes of every layer's float32 output for one image, containers
     /// (whose output is a child's) not counted twice.
     pub fn activation_bytes(&self) -> u64 {
-        self.layers
+        self.layers()
             .iter()
             .filter(|l| {
                 !matches!(
@@ -691,25 +494,13 @@ impl Network {
 
     /// Whether the last layer is a softmax (its output is then probabilities).
     pub fn ends_with_softmax(&self) -> bool {
-        self.layers
+        self.layers()
             .last()
             .is_some_and(|l| l.kind == NodeKind::Softmax)
     }
 
     /// The kernels of a convolution layer, `[O, I/groups, kh, kw]`.
     pub fn conv_weight(&self, name: &str) -> Option<&Tensor> {
-        fn find<'a>(node: &'a Node, name: &str) -> Option<&'a Tensor> {
-            match &node.op {
-                Op::Conv(c) if node.name.as_deref() == Some(name) => Some(&c.weight),
-                Op::Graph(dag) => dag.conv_weight(name),
-                Op::Seq(children) => children.iter().find_map(|c| find(c, name)),
-                Op::Residual { body, shortcut } => body
-                    .iter()
-                    .find_map(|c| find(c, name))
-                    .or_else(|| shortcut.as_deref().and_then(|s| find(s, name))),
-                _ => None,
-            }
-        }
-        find(&self.root, name)
+        self.dag.conv_weight(name)
     }
 }

@@ -4,14 +4,17 @@
 //! - [`manifest`]: the JSON manifest beside each checkpoint, typed and validated.
 //! - [`checkpoint`]: safetensors with PyTorch `state_dict` names; every
 //!   missing, extra or mis-shaped tensor reported at once.
-//! - [`arch`]: the zoo (`sequential`, CIFAR ResNets, torchvision ResNet/VGG/
-//!   AlexNet, MobileNet v1), each built as the same module tree.
+//! - [`arch`]: the zoo (`sequential`, `graph`, CIFAR ResNets, torchvision
+//!   ResNet/VGG/AlexNet, MobileNet v1), each described as a module tree and
+//!   lowered to the one graph IR.
 //! - [`layers`]: the leaf operations with their geometry.
 //! - [`kernels`]: CPU custom ops (convolution, pooling, elementwise) with
 //!   their own backward, at the instruction-set tier `kernels::tier` picks.
-//! - [`graph`]: the module tree, its one forward pass and its summary.
-//! - [`dag`]: `graph` manifests: any torch.fx-traceable CNN as a DAG of
-//!   named nodes, with its interpreter.
+//! - [`graph`]: [`Network`]: the module tree the built-ins are written as,
+//!   lowered to the graph IR, and the summary.
+//! - [`dag`]: the graph IR (a DAG of named nodes, what `graph` manifests
+//!   hold) and its one interpreter: inference with fused kernels, every
+//!   tap, and training ([`train::net`]).
 //! - [`check`]: a manifest's `check` entry (an input and PyTorch's logits),
 //!   recomputed on registration.
 //! - [`tap`]: observers of that forward pass: every inspection is a tap.

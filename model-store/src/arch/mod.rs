@@ -1,5 +1,7 @@
-//! The model zoo: one builder per family, each producing the same
-//! [`crate::graph::Node`] tree with PyTorch module paths as names.
+//! The model zoo: one builder per family, each producing a
+//! [`crate::graph::Node`] tree with PyTorch module paths as names (lowered
+//! to the graph IR by [`crate::Network::new`]), and `graph` manifests,
+//! which are that IR already.
 
 mod mobilenet;
 mod resnet_cifar;

@@ -26,13 +26,27 @@ use crate::layers::Geo;
 use crate::tap::Tap;
 pub use ops::GraphOp;
 
+/// A container module whose output is a node's output (`layer1.0`,
+/// `features`): a layer name of its own, with its summary kind.
+#[derive(Debug, Clone)]
+pub struct Alias {
+    /// The module path.
+    pub name: String,
+    /// `block` for graph manifests; `sequential` / `residual_block` for the
+    /// built-in architectures.
+    pub kind: NodeKind,
+}
+
 /// One node of the graph.
 #[derive(Debug, Clone)]
 pub struct DagNode {
     /// Module path or fx name.
     pub name: String,
     /// Container modules whose output this node's output is.
-    pub aliases: Vec<String>,
+    pub aliases: Vec<Alias>,
+    /// A step no forward hook could see (the ReLU after a built-in residual
+    /// add): not a layer of the API, not shown to taps.
+    pub hidden: bool,
     /// The module path the weights come from (a parameter node: the
     /// tensor's own name); `None` for functional steps.
     pub module: Option<String>,
@@ -75,6 +89,16 @@ impl Dag {
         input: (usize, usize, usize),
     ) -> Result<Self> {
         let nodes = parse::nodes(raw_nodes, ck)?;
+        Self::new(nodes, output, input)
+    }
+
+    /// A graph from nodes in topological order; `output` names the node
+    /// whose output is the network's (default: the last).
+    pub fn new(
+        nodes: Vec<DagNode>,
+        output: Option<&str>,
+        input: (usize, usize, usize),
+    ) -> Result<Self> {
         let output = match output {
             Some(name) => nodes.iter().position(|n| n.name == name).ok_or_else(|| {
                 Error::Manifest(format!("`output` names '{name}', which is not a node"))
@@ -221,7 +245,8 @@ impl Dag {
         let mut vals: Vec<Option<Tensor>> = vec![None; n];
         let mut covered = vec![false; n];
         let hidden = |tap: &dyn Tap, node: &DagNode| {
-            !tap.wants(&node.name) && node.aliases.iter().all(|a| !tap.wants(a))
+            node.hidden
+                || (!tap.wants(&node.name) && node.aliases.iter().all(|a| !tap.wants(&a.name)))
         };
         let mut latest = x.clone();
         for i in 0..n {
@@ -274,9 +299,12 @@ impl Dag {
                     None => (i, self.unfused(node, &inputs).map_err(ctx)?),
                 };
                 let out = &self.nodes[last];
-                let mut y = tap.on_output(&out.name, y)?;
+                let mut y = y;
+                if !out.hidden {
+                    y = tap.on_output(&out.name, y)?;
+                }
                 for alias in &out.aliases {
-                    y = tap.on_output(alias, y)?;
+                    y = tap.on_output(&alias.name, y)?;
                 }
                 if tap.is_done() {
                     return Ok(y);
@@ -398,13 +426,11 @@ fn summarise(
             inferred.shape.clone()
         };
         per_node.push((node.op.params(), inferred.macs));
-        rows.push((i, None, shown));
+        if !node.hidden {
+            rows.push((i, None, shown.clone()));
+        }
         for alias in &node.aliases {
-            rows.push((
-                i,
-                Some(alias.clone()),
-                rows.last().expect("pushed").2.clone(),
-            ));
+            rows.push((i, Some(alias.clone()), shown.clone()));
         }
         shapes.push(inferred.shape);
         geos.push(inferred.geo);
@@ -430,7 +456,7 @@ fn summarise(
             let (params, macs) = match &alias {
                 None => (owned[i].1, owned[i].2),
                 Some(a) => {
-                    let prefix = format!("{a}.");
+                    let prefix = format!("{}.", a.name);
                     nodes.iter().zip(&owned).fold((0, 0), |(p, m), (n, o)| {
                         let inside = n.module.as_ref().is_some_and(|t| t.starts_with(&prefix));
                         if inside { (p + o.1, m + o.2) } else { (p, m) }
@@ -438,12 +464,12 @@ fn summarise(
                 }
             };
             LayerInfo {
-                name: alias.clone().unwrap_or_else(|| nodes[i].name.clone()),
-                kind: if alias.is_some() {
-                    NodeKind::Block
-                } else {
-                    nodes[i].op.kind()
-                },
+                name: alias
+                    .as_ref()
+                    .map_or_else(|| nodes[i].name.clone(), |a| a.name.clone()),
+                kind: alias
+                    .as_ref()
+                    .map_or_else(|| nodes[i].op.kind(), |a| a.kind),
                 output_shape: shape,
                 params,
                 receptive_field: geos[i].rf,

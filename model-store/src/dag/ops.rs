@@ -102,12 +102,22 @@ pub enum GraphOp {
         /// Its size.
         size: usize,
     },
-    /// `nn.Linear` on the last dimension of any rank.
+    /// `nn.Linear`: on the last dimension of any rank (graph manifests), or
+    /// only on a flat `[N, in]` input (the built-ins, whose manifests are
+    /// told to add a flatten layer).
     Linear {
         /// `[out, in]`.
         weight: Tensor,
         /// `[out]`.
         bias: Option<Tensor>,
+        /// Whether inputs of rank > 2 are taken.
+        any_rank: bool,
+    },
+    /// ResNet-CIFAR "option A": `x[:, :, ::2, ::2]` then `pad` zero
+    /// channels on each side. No parameters.
+    ShortcutA {
+        /// Zero channels added before and after.
+        pad: usize,
     },
     /// Max or average pooling.
     Pool(Pool2d),
@@ -236,6 +246,13 @@ pub struct Inferred {
     pub macs: u64,
 }
 
+impl Inferred {
+    fn with_geo(mut self, f: impl FnOnce(&mut Geo)) -> Self {
+        f(&mut self.geo);
+        self
+    }
+}
+
 impl GraphOp {
     /// The summary's `kind`.
     pub fn kind(&self) -> NodeKind {
@@ -244,6 +261,7 @@ impl GraphOp {
             GraphOp::BatchNorm(_) => NodeKind::BatchNorm2d,
             GraphOp::LayerNorm { .. } => NodeKind::LayerNorm,
             GraphOp::Linear { .. } => NodeKind::Linear,
+            GraphOp::ShortcutA { .. } => NodeKind::Shortcut,
             GraphOp::Pool(p) if p.kind == PoolKind::Max => NodeKind::MaxPool2d,
             GraphOp::Pool(_) => NodeKind::AvgPool2d,
             GraphOp::AdaptiveAvgPool(_) => NodeKind::AdaptiveAvgPool2d,
@@ -275,7 +293,7 @@ impl GraphOp {
             GraphOp::Conv(c) => c.params(),
             GraphOp::BatchNorm(b) => b.params(),
             GraphOp::LayerNorm { weight, bias, .. } => n(weight) + n(bias),
-            GraphOp::Linear { weight, bias } => weight.elem_count() as u64 + n(bias),
+            GraphOp::Linear { weight, bias, .. } => weight.elem_count() as u64 + n(bias),
             GraphOp::Parameter(t) => t.elem_count() as u64,
             _ => 0,
         }
@@ -365,6 +383,33 @@ impl GraphOp {
                 }
                 plain(x.to_vec(), g)
             }
+            GraphOp::Linear {
+                weight,
+                any_rank: false,
+                ..
+            } => {
+                let (o, i) = weight.dims2().map_err(|e| e.to_string())?;
+                match x[1..] {
+                    [n] if n == i => {}
+                    [n] => return Err(format!("expects {i} input features but receives {n}")),
+                    _ => {
+                        return Err(format!(
+                            "expects a flat input of {i} features but receives shape {:?} (= {} values); add a flatten layer before it",
+                            &x[1..],
+                            x[1..].iter().product::<usize>()
+                        ));
+                    }
+                }
+                Inferred {
+                    macs: (i * o) as u64,
+                    ..plain(vec![1, o], g)
+                }
+            }
+            GraphOp::ShortcutA { pad } => match x[1..] {
+                [c, h, w] => plain(vec![1, c + 2 * pad, h.div_ceil(2), w.div_ceil(2)], g)
+                    .with_geo(|geo| geo.jump = (g.jump.0 * 2, g.jump.1 * 2)),
+                _ => return Err(format!("expects [C, H, W], got {:?}", &x[1..])),
+            },
             GraphOp::Linear { weight, .. } => {
                 let (o, i) = weight.dims2().map_err(|e| e.to_string())?;
                 match x.last() {
@@ -545,7 +590,17 @@ impl GraphOp {
                 dim: d,
                 size,
             } => layer_norm(x, dim(*d)?, *size, weight.as_ref(), bias.as_ref(), *eps),
-            GraphOp::Linear { weight, bias } => {
+            GraphOp::ShortcutA { pad } => {
+                let (_, _, h, w) = x.dims4()?;
+                let even = |n: usize| {
+                    let idx: Vec<u32> = (0..n as u32).step_by(2).collect();
+                    Tensor::new(idx.as_slice(), x.device())
+                };
+                x.index_select(&even(h)?, 2)?
+                    .index_select(&even(w)?, 3)?
+                    .pad_with_zeros(1, *pad, *pad)
+            }
+            GraphOp::Linear { weight, bias, .. } => {
                 let dims = x.dims().to_vec();
                 let rows: usize = dims[..dims.len() - 1].iter().product();
                 let flat = x.contiguous()?.reshape((rows, dims[dims.len() - 1]))?;

@@ -282,7 +282,11 @@ fn op(a: &Args, ck: &mut Checkpoint, module: &str) -> Result<GraphOp> {
                 .bool("bias", true)?
                 .then(|| ck.take(&format!("{module}.bias"), &[o]))
                 .transpose()?;
-            GraphOp::Linear { weight, bias }
+            GraphOp::Linear {
+                weight,
+                bias,
+                any_rank: true,
+            }
         }
         "max_pool2d" => pool(a, PoolKind::Max)?,
         "avg_pool2d" => pool(a, PoolKind::Avg)?,
@@ -435,7 +439,10 @@ pub(super) fn nodes(raw: &[Value], ck: &mut Checkpoint) -> Result<Vec<DagNode>> 
                 .iter()
                 .map(|x| {
                     x.as_str()
-                        .map(str::to_string)
+                        .map(|name| super::Alias {
+                            name: name.to_string(),
+                            kind: NodeKind::Block,
+                        })
                         .ok_or_else(|| a.bad(format!("`aliases` must list names, got {x}")))
                 })
                 .collect::<Result<_>>()?,
@@ -445,6 +452,7 @@ pub(super) fn nodes(raw: &[Value], ck: &mut Checkpoint) -> Result<Vec<DagNode>> 
         out.push(DagNode {
             name: name.to_string(),
             aliases,
+            hidden: false,
             module,
             op,
             inputs,
@@ -453,7 +461,8 @@ pub(super) fn nodes(raw: &[Value], ck: &mut Checkpoint) -> Result<Vec<DagNode>> 
     let mut seen: HashMap<&str, &str> = HashMap::new();
     for n in &out {
         for alias in &n.aliases {
-            if index.contains_key(alias.as_str()) || seen.insert(alias, &n.name).is_some() {
+            let alias = alias.name.as_str();
+            if index.contains_key(alias) || seen.insert(alias, &n.name).is_some() {
                 return Err(Error::Manifest(format!(
                     "node '{}': alias '{alias}' is already the name of another node or alias",
                     n.name

@@ -1,7 +1,7 @@
-//! A network being trained: the same module tree the server runs, with its
-//! parameters swapped for candle `Var`s, and a forward pass with the
-//! training-mode behaviour of PyTorch modules (batch-norm batch statistics
-//! and running-statistics updates, dropout).
+//! A network being trained: the same graph the server runs, with its
+//! parameters swapped for candle `Var`s, run by the same interpreter
+//! ([`Dag::run_with`]) with the training-mode behaviour of PyTorch modules
+//! (batch-norm batch statistics and running-statistics updates, dropout).
 //!
 //! Frozen layers keep plain tensors, so no gradient reaches them and the
 //! optimiser never sees them; batch norms inside them run in eval mode, so
@@ -12,10 +12,9 @@ use std::collections::HashMap;
 
 use candle_core::{D, DType, Tensor, Var};
 
-use crate::dag::GraphOp;
+use crate::dag::{Dag, GraphOp};
 use crate::error::{Error, Result};
-use crate::graph::{Network, Node, NodeKind, Op};
-use crate::layers::softmax;
+use crate::graph::{Network, NodeKind};
 
 use super::Rng;
 
@@ -28,9 +27,9 @@ pub struct Param {
     pub var: Var,
 }
 
-/// The module tree with trainable parameters.
+/// The network's graph with trainable parameters.
 pub struct TrainNet {
-    root: Node,
+    dag: Dag,
     params: Vec<Param>,
     /// Running statistics of trainable batch norms, updated in place.
     buffers: HashMap<String, Var>,
@@ -49,12 +48,12 @@ pub fn is_frozen(name: &str, freeze: &[String]) -> bool {
 impl TrainNet {
     /// Makes every parameter outside `freeze` a variable.
     pub fn new(network: &Network, freeze: &[String]) -> Result<Self> {
-        let mut root = network.root().clone();
+        let mut dag = network.dag().clone();
         let mut params = Vec::new();
         let mut buffers = HashMap::new();
-        make_vars(&mut root, "", freeze, &mut params, &mut buffers)?;
+        graph_vars(&mut dag, freeze, &mut params, &mut buffers)?;
         Ok(Self {
-            root,
+            dag,
             params,
             buffers,
             batches_tracked: 0,
@@ -92,14 +91,15 @@ impl TrainNet {
             rng,
             buffers: &self.buffers,
         };
-        forward(&self.root, x.clone(), &mut ctx, "input")
+        self.dag
+            .run_with(x, |n, inputs| graph_node(n, inputs, &mut ctx))
     }
 
     /// Every tensor of the `state_dict`, as PyTorch names it (frozen ones
     /// included), ready to save as safetensors.
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        collect(&self.root, &mut out);
+        graph_collect(&self.dag, &mut out);
         let tracked =
             Tensor::new(&[self.batches_tracked], &candle_core::Device::Cpu)?.reshape(())?;
         let mut with_counters = Vec::with_capacity(out.len());
@@ -120,79 +120,10 @@ struct Ctx<'a, 'r> {
     buffers: &'a HashMap<String, Var>,
 }
 
-fn join(prefix: &str, name: &Option<String>) -> String {
-    match name {
-        Some(n) => n.clone(),
-        None => prefix.to_string(),
-    }
-}
-
 fn var_of(t: &mut Tensor) -> Result<Var> {
     let var = Var::from_tensor(t)?;
     *t = var.as_tensor().clone();
     Ok(var)
-}
-
-fn make_vars(
-    node: &mut Node,
-    scope: &str,
-    freeze: &[String],
-    params: &mut Vec<Param>,
-    buffers: &mut HashMap<String, Var>,
-) -> Result<()> {
-    let name = join(scope, &node.name);
-    let frozen = is_frozen(&name, freeze);
-    let mut push = |suffix: &str, t: &mut Tensor| -> Result<()> {
-        if !frozen {
-            params.push(Param {
-                name: format!("{name}.{suffix}"),
-                var: var_of(t)?,
-            });
-        }
-        Ok(())
-    };
-    match &mut node.op {
-        Op::Conv(c) => {
-            // Training changes the weights: a prepared copy would go stale.
-            c.prepared = None;
-            push("weight", &mut c.weight)?;
-            if let Some(b) = c.bias.as_mut() {
-                push("bias", b)?;
-            }
-        }
-        Op::Linear(l) => {
-            push("weight", &mut l.weight)?;
-            if let Some(b) = l.bias.as_mut() {
-                push("bias", b)?;
-            }
-        }
-        Op::BatchNorm(b) => {
-            if b.affine() {
-                push("weight", &mut b.weight)?;
-                push("bias", &mut b.bias)?;
-            }
-            if !frozen {
-                buffers.insert(format!("{name}.running_mean"), var_of(&mut b.running_mean)?);
-                buffers.insert(format!("{name}.running_var"), var_of(&mut b.running_var)?);
-            }
-        }
-        Op::Seq(children) => {
-            for c in children {
-                make_vars(c, &name, freeze, params, buffers)?;
-            }
-        }
-        Op::Residual { body, shortcut } => {
-            for c in body {
-                make_vars(c, &name, freeze, params, buffers)?;
-            }
-            if let Some(s) = shortcut {
-                make_vars(s, &name, freeze, params, buffers)?;
-            }
-        }
-        Op::Graph(dag) => graph_vars(dag, freeze, params, buffers)?,
-        _ => {}
-    }
-    Ok(())
 }
 
 /// The `Var`s of a graph model: every module node's parameters (once per
@@ -229,7 +160,7 @@ fn graph_vars(
                     push(Some("bias"), b)?;
                 }
             }
-            GraphOp::Linear { weight, bias }
+            GraphOp::Linear { weight, bias, .. }
             | GraphOp::LayerNorm {
                 weight: Some(weight),
                 bias,
@@ -278,7 +209,7 @@ fn graph_collect(dag: &crate::dag::Dag, out: &mut Vec<(String, Tensor)>) {
                     put("bias", b);
                 }
             }
-            GraphOp::Linear { weight, bias } => {
+            GraphOp::Linear { weight, bias, .. } => {
                 put("weight", weight);
                 if let Some(b) = bias {
                     put("bias", b);
@@ -341,92 +272,8 @@ fn graph_node(node: &crate::dag::DagNode, inputs: &[&Tensor], ctx: &mut Ctx) -> 
     })
 }
 
-fn collect(node: &Node, out: &mut Vec<(String, Tensor)>) {
-    let name = node.name.clone().unwrap_or_default();
-    match &node.op {
-        Op::Conv(c) => {
-            out.push((format!("{name}.weight"), c.weight.clone()));
-            if let Some(b) = &c.bias {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        }
-        Op::Linear(l) => {
-            out.push((format!("{name}.weight"), l.weight.clone()));
-            if let Some(b) = &l.bias {
-                out.push((format!("{name}.bias"), b.clone()));
-            }
-        }
-        Op::BatchNorm(b) => {
-            if b.affine() {
-                out.push((format!("{name}.weight"), b.weight.clone()));
-                out.push((format!("{name}.bias"), b.bias.clone()));
-            }
-            out.push((format!("{name}.running_mean"), b.running_mean.clone()));
-            out.push((format!("{name}.running_var"), b.running_var.clone()));
-        }
-        Op::Seq(children) => children.iter().for_each(|c| collect(c, out)),
-        Op::Graph(dag) => graph_collect(dag, out),
-        Op::Residual { body, shortcut } => {
-            body.iter().for_each(|c| collect(c, out));
-            if let Some(s) = shortcut {
-                collect(s, out);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// PyTorch's `BatchNorm2d` momentum default.
 const BN_MOMENTUM: f64 = 0.1;
-
-fn forward(node: &Node, x: Tensor, ctx: &mut Ctx, scope: &str) -> Result<Tensor> {
-    let scope = node.name.as_deref().unwrap_or(scope);
-    let err = |source| Error::Forward {
-        layer: scope.to_string(),
-        source,
-    };
-    let y = match &node.op {
-        Op::BatchNorm(b) => {
-            let mean_name = format!("{scope}.running_mean");
-            match (ctx.rng.is_some(), ctx.buffers.get(&mean_name)) {
-                (true, Some(running_mean)) => {
-                    let running_var = &ctx.buffers[&format!("{scope}.running_var")];
-                    batch_norm_train(&x, b, running_mean, running_var).map_err(err)?
-                }
-                // Evaluation, or a frozen batch norm: the running statistics.
-                _ => batch_norm_eval(&x, b).map_err(err)?,
-            }
-        }
-        Op::Dropout { p, channelwise } => match ctx.rng.as_deref_mut() {
-            Some(rng) if *p > 0.0 => dropout(&x, *p, *channelwise, rng).map_err(err)?,
-            _ => x,
-        },
-        Op::Seq(children) => {
-            let mut h = x;
-            for child in children {
-                h = forward(child, h, ctx, scope)?;
-            }
-            h
-        }
-        Op::Residual { body, shortcut } => {
-            let mut h = x.clone();
-            for child in body {
-                h = forward(child, h, ctx, scope)?;
-            }
-            let s = match shortcut {
-                Some(s) => forward(s, x, ctx, scope)?,
-                None => x,
-            };
-            (h + s).and_then(|t| t.relu()).map_err(err)?
-        }
-        Op::Softmax => softmax(&x).map_err(err)?,
-        Op::Graph(dag) => dag.run_with(&x, |n, inputs| graph_node(n, inputs, ctx))?,
-        // Everything else behaves the same in training: the inference
-        // implementation of the node.
-        _ => crate::graph::forward_leaf(node, x)?,
-    };
-    Ok(y)
-}
 
 fn batch_norm_eval(x: &Tensor, b: &crate::layers::BatchNorm2d) -> candle_core::Result<Tensor> {
     let c = b.weight.dim(0)?;

@@ -325,3 +325,42 @@ async fn the_exporter_is_served_as_it_is_in_the_repository() {
     );
     app.stop().await;
 }
+
+/// The built-in architectures are lowered to the same graph IR as `graph`
+/// manifests: their layer tables (names, kinds, shapes, parameters,
+/// receptive fields, MACs, in hook order) are what the module-tree
+/// interpreter gave before (tests/fixtures/summaries, written by it).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_built_in_architectures_keep_their_layer_tables() {
+    let names = [
+        "captum-cifar-net",
+        "cnn-a-mnist",
+        "cnn-a-mnist-convscope",
+        "mobilenet-v1-0.25-128",
+        "resnet20-cifar10",
+        "resnet32-cifar10",
+        "resnet44-cifar10",
+        "resnet56-cifar10",
+    ];
+    let dir = models_dir(&names);
+    let app = TestApp::spawn(dir.path()).await;
+    for name in names {
+        let want: Value = serde_json::from_slice(
+            &std::fs::read(repo().join(format!("tests/fixtures/summaries/{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let (status, got) = app.get_json(&format!("/models/{name}")).await;
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["layers"], want["layers"], "{name}");
+        for key in [
+            "total_params",
+            "total_macs",
+            "param_mib",
+            "activation_mib",
+            "classes",
+        ] {
+            assert_eq!(got[key], want[key], "{name}: {key}");
+        }
+    }
+    app.stop().await;
+}

@@ -94,6 +94,31 @@ fn resnet18() -> Result<LoadedModel, Error> {
     )?)
 }
 
+/// `forward graph <name> b1` for every `graph` manifest in `dir`, on a
+/// seeded random input of the manifest's size.
+pub(crate) fn graph_models(dir: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
+    let mut manifests: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    manifests.sort();
+    let mut out = Vec::new();
+    for path in manifests {
+        let model = LoadedModel::from_files(&path, &Device::Cpu)?;
+        if !model.network.is_graph() {
+            continue;
+        }
+        let (c, h, w) = model.network.input();
+        let x = random(&[1, c, h, w], 1)?;
+        let case = format!("forward graph {} {h} b1", model.name());
+        out.push(time(&case, 1, runs, || {
+            model.network.predict(&x)?.sum_all()?.to_scalar::<f32>()?;
+            Ok(())
+        })?);
+    }
+    Ok(out)
+}
+
 fn bundled(models: &Path, name: &str) -> Result<LoadedModel, Error> {
     Ok(LoadedModel::from_files(
         &models.join(format!("{name}.json")),

@@ -58,6 +58,11 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time a batch-1 forward of every `graph` model in this
+    /// directory (`tools/bench/graph_models.py` exports torchvision's there
+    /// and times PyTorch on the same weights).
+    #[arg(long)]
+    graph: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -135,7 +140,14 @@ async fn run() {
         Command::Openapi => print!("{}", convscope::openapi::document_json()),
         Command::Bench(args) => {
             let threads = candle_core::utils::get_num_threads();
-            match bench::run(&args.models, args.runs.max(1), args.only.as_deref()) {
+            let timings = bench::run(&args.models, args.runs.max(1), args.only.as_deref())
+                .and_then(|mut t| {
+                    if let Some(dir) = &args.graph {
+                        t.extend(bench::graph_models(dir, args.runs.max(1))?);
+                    }
+                    Ok(t)
+                });
+            match timings {
                 Ok(timings) if args.json => {
                     let out = serde_json::json!({"threads": threads, "kernels": tier.name(), "runs": args.runs, "cases": timings});
                     println!("{out:#}");
