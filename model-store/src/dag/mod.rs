@@ -15,6 +15,7 @@
 
 pub mod ops;
 mod parse;
+pub use parse::OPS;
 
 use candle_core::Tensor;
 

@@ -18,7 +18,7 @@ use crate::layers::{
 };
 
 /// Every op a node may name.
-pub(crate) const OPS: &[&str] = &[
+pub const OPS: &[&str] = &[
     "conv2d",
     "batch_norm2d",
     "layer_norm",

@@ -243,9 +243,9 @@ fn graph_node(node: &crate::dag::DagNode, inputs: &[&Tensor], ctx: &mut Ctx) -> 
         layer: node.name.clone(),
         source,
     };
-    let x = inputs[0];
     Ok(match &node.op {
         GraphOp::BatchNorm(b) => {
+            let x = inputs[0];
             let module = node.module.as_deref().unwrap_or(&node.name);
             match (
                 ctx.rng.is_some(),
@@ -261,6 +261,7 @@ fn graph_node(node: &crate::dag::DagNode, inputs: &[&Tensor], ctx: &mut Ctx) -> 
         GraphOp::Identity { kind, p }
             if matches!(kind, NodeKind::Dropout | NodeKind::Dropout2d) =>
         {
+            let x = inputs[0];
             match ctx.rng.as_deref_mut() {
                 Some(rng) if *p > 0.0 => {
                     dropout(x, *p, *kind == NodeKind::Dropout2d, rng).map_err(err)?

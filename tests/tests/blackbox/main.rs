@@ -11,6 +11,7 @@ mod gradcam;
 mod gradients;
 mod graph_api;
 mod graph_fidelity;
+mod graph_ops;
 mod graph_training;
 mod hostile;
 mod inspection;
