@@ -282,6 +282,10 @@ pub enum NodeKind {
     Narrow,
     /// `mean` over dimensions.
     Mean,
+    /// `x[..., a:b:c]` along one dimension.
+    Slice,
+    /// `F.pad` with zeros.
+    Pad,
     /// A learned tensor used as a value.
     Parameter,
 }
@@ -326,6 +330,8 @@ impl NodeKind {
             NodeKind::Transpose => "transpose",
             NodeKind::Narrow => "narrow",
             NodeKind::Mean => "mean",
+            NodeKind::Slice => "slice",
+            NodeKind::Pad => "pad",
             NodeKind::Parameter => "parameter",
         }
     }

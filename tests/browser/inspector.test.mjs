@@ -196,8 +196,48 @@ async function testDocs() {
   }
 }
 
+/** A graph model (ResNet-20 exported from its PyTorch code): the pickers
+ * list its nodes, functional ones and container aliases included, and a
+ * functional node's maps render. */
+async function testGraphModel() {
+  const GRAPH = 'resnet20-cifar10-graph';
+  const t = await isolatedPage();
+  const { page } = t;
+  try {
+    await page.goto(url('/'), { waitUntil: 'load' });
+    await waitFor(page, `model ${GRAPH} in the picker`,
+      (m) => [...document.querySelectorAll('#model option')].some((o) => o.value === m), GRAPH);
+    await page.selectOption('#model', GRAPH);
+    await waitFor(page, 'the layer picker to list the graph nodes',
+      () => [...document.querySelectorAll('#act-layer option')].some((o) => o.value === 'layer2.0.shortcut'));
+    const layers = await page.evaluate(() => [...document.querySelectorAll('#act-layer option')].map((o) => o.value));
+    for (const want of ['conv1', 'add', 'layer1.0', 'layer2.0.shortcut', 'pad', 'linear']) {
+      assert(layers.includes(want), `#act-layer lacks ${want}: ${layers.join(', ')}`);
+    }
+    await page.setInputFiles('#image-input', CAT);
+    await waitFor(page, 'the top-1 label',
+      () => { const t = document.getElementById('top1-label').textContent.trim(); return t !== '' && t !== '—'; });
+    const top1 = (await page.textContent('#top1-label')).trim();
+    assert(top1 === 'cat', `#top1-label is ${JSON.stringify(top1)}, expected "cat"`);
+    await page.selectOption('#act-layer', 'add');
+    await waitFor(page, '#activation-grid to load',
+      () => { const img = document.getElementById('activation-grid'); return img.dataset.loaded === 'true' && img.complete && img.naturalWidth > 0; });
+    const banner = await errorBanner(page);
+    assert(banner === null, `error banner shown: ${banner}`);
+    await page.screenshot({ path: path.join(outDir, 'inspector-graph.png'), fullPage: true });
+    checkIsolation(t);
+    return `top-1 "${top1}", ${layers.length} layers listed, maps of the functional node "add" rendered`;
+  } catch (e) {
+    await page.screenshot({ path: path.join(outDir, 'inspector-graph-failure.png'), fullPage: true }).catch(() => {});
+    throw e;
+  } finally {
+    await t.context.close();
+  }
+}
+
 const tests = [
   ['inspector: predict, activations, filters and Grad-CAM of the CIFAR-10 cat', testInspector],
+  ['inspector: a graph model lists its nodes and shows a functional node', testGraphModel],
   ['docs: Swagger UI renders /openapi.json without a CDN', testDocs],
 ];
 

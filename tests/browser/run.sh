@@ -41,7 +41,14 @@ if [ -z "${CONVSCOPE_URL:-}" ]; then
   # A free loopback port, asked of the kernel.
   PORT=$(node -e "const s=require('net').createServer().listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})")
   LOG="$OUT_DIR/server.log"
-  "$BIN" serve --models models --addr "127.0.0.1:$PORT" >"$LOG" 2>&1 &
+  # The bundled models, plus ResNet-20 exported as a graph manifest (its
+  # weights are the bundled checkpoint's).
+  MODELS_DIR="$OUT_DIR/models"
+  mkdir -p "$MODELS_DIR"
+  cp models/*.json models/*.safetensors "$MODELS_DIR/"
+  cp tests/fixtures/graph/resnet20_cifar10_graph.json "$MODELS_DIR/resnet20-cifar10-graph.json"
+  cp models/resnet20-cifar10.safetensors "$MODELS_DIR/resnet20-cifar10-graph.safetensors"
+  "$BIN" serve --models "$MODELS_DIR" --addr "127.0.0.1:$PORT" >"$LOG" 2>&1 &
   SERVER_PID=$!
   stop_server() {
     if kill -0 "$SERVER_PID" 2>/dev/null; then

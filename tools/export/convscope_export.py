@@ -214,7 +214,44 @@ class Tracer(torch.fx.Tracer):
         return out
 
 
+def fold_python_values(gm, c, h, w):
+    """Replaces arguments computed in Python from tensor sizes (`x.size(3)`,
+    `out.size()[3]`) by their values, which are fixed by the input size. A
+    value that changes with the batch size (`x.size(0)`) stays: only a
+    reshape may use it, and a reshape takes its shape from shape propagation."""
+    runs = []
+    for n in (2, 3):
+        values = {}
+
+        class Record(torch.fx.Interpreter):
+            def run_node(self, node):
+                out = super().run_node(node)
+                if isinstance(out, (int, float, torch.Size)) or (
+                        isinstance(out, tuple) and all(isinstance(v, int) for v in out)):
+                    values[node] = out
+                return out
+
+        Record(gm).run(torch.zeros(n, c, h, w))
+        runs.append(values)
+    fixed = {k: v for k, v in runs[0].items() if runs[1].get(k) == v}
+
+    def sub(a):
+        if isinstance(a, torch.fx.Node) and a in fixed:
+            v = fixed[a]
+            return tuple(v) if isinstance(v, torch.Size) else v
+        if isinstance(a, (list, tuple)):
+            return type(a)(sub(x) for x in a)
+        return a
+
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            node.args = tuple(sub(a) for a in node.args)
+            node.kwargs = {k: sub(v) for k, v in node.kwargs.items()}
+
+
 def pair(v):
+    if isinstance(v, torch.fx.Node) or (isinstance(v, (tuple, list)) and any(isinstance(x, torch.fx.Node) for x in v)):
+        raise ExportError(f"an argument computed from the input ({v}) that changes with the batch size")
     if isinstance(v, (tuple, list)):
         if len(v) == 1:
             return [int(v[0]), int(v[0])]
@@ -494,6 +531,13 @@ class Exporter:
                       count_include_pad=bool(arg(node, 5, "count_include_pad", True)))
         elif t is operator.getitem:
             self.getitem(node)
+        elif t in (F.pad, torch.constant_pad_nd):
+            pad = list(arg(node, 1, "pad"))
+            mode = arg(node, 2, "mode", "constant")
+            value = arg(node, 3, "value", 0.0) or 0.0
+            if mode != "constant" or value != 0 or any(not isinstance(p, int) or p < 0 for p in pad):
+                self.fail(node, f"pad {pad} mode={mode!r} value={value}: only non-negative zero padding")
+            self.emit(node, name, "pad", [self.ref(node, x0)], pad=pad)
         else:
             self.fail(node, "this operation has no convscope equivalent")
 
@@ -530,8 +574,40 @@ class Exporter:
             self.emit(node, node.name, "narrow", [self.ref(node, src.args[0])], dim=dim, start=start, length=length)
             return
         if src in self.names:
-            self.fail(node, f"tensor indexing x[{index!r}] (use narrow, chunk or split)")
+            self.slices(node, src, index)
+            return
         self.fail(node, "indexing a value convscope does not follow")
+
+    def slices(self, node, src, index):
+        """`x[:, :, ::2, 1:]`: one `slice` node per dimension it narrows."""
+        index = index if isinstance(index, tuple) else (index,)
+        shape = self.meta_shape(src)
+        if any(i is Ellipsis for i in index) or len(index) > len(shape):
+            self.fail(node, f"tensor indexing x[{index!r}]: give one slice per leading dimension, no ...")
+        current = self.names[src]
+        steps = []
+        for d, i in enumerate(index):
+            if not isinstance(i, slice) or any(isinstance(v, torch.fx.Node) for v in (i.start, i.stop, i.step)):
+                self.fail(node, f"tensor indexing x[{index!r}]: only constant slices (a:b:c) are supported")
+            start, stop, step = i.indices(shape[d])
+            if (start, stop, step) == (0, shape[d], 1):
+                continue
+            if d == 0:
+                self.fail(node, "slicing the batch dimension")
+            if step < 1:
+                self.fail(node, "a slice with a negative step")
+            steps.append((d, start, stop, step))
+        if not steps:
+            self.emit(node, node.name, "identity", [current])
+            return
+        for k, (d, start, stop, step) in enumerate(steps):
+            last = k == len(steps) - 1
+            name = node.name if last else f"{node.name}_dim{d}"
+            entry = {"name": name, "op": "slice", "inputs": [current], "dim": d, "start": start, "end": stop,
+                     "step": step}
+            self.nodes.append(entry)
+            current = name
+        self.names[node] = current
 
     def pieces(self, src):
         x = src.args[0]
@@ -596,6 +672,7 @@ def export(model, input_chw, name, classes=None, mean=None, std=None, resize=Non
     gm = torch.fx.GraphModule(tracer.root, graph)
     example = torch.zeros(2, c, h, w)
     with torch.no_grad():
+        fold_python_values(gm, c, h, w)
         ShapeProp(gm).propagate(example)
     exporter = Exporter(model, gm, tracer, example.shape)
     exporter.run()

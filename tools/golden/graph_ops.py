@@ -83,6 +83,7 @@ CASES = {
     "reshape_permute_transpose": lambda: case(lambda m, x: x.view(x.size(0), 3, 36).transpose(1, 2).permute(0, 2, 1).reshape(x.size(0), 9, 12)),
     "chunk_split": lambda: case(chunk_split),
     "mean": lambda: case(lambda m, x: x.mean(3)),
+    "slice_and_pad": lambda: case(lambda m, x: F.pad(x[:, 1:, ::2, 1:5:3], (1, 2, 0, 1, 2, 2))),
     "mean_keepdim": lambda: case(lambda m, x: x * x.mean((2, 3), keepdim=True)),
     "max_pool_pad_ceil": lambda: case(lambda m, x: m.p(x), p=nn.MaxPool2d(3, 2, padding=1, ceil_mode=True)),
     "avg_pool_ceil_no_pad_count": lambda: case(lambda m, x: m.p(x), p=nn.AvgPool2d(3, 2, padding=1, ceil_mode=True, count_include_pad=False)),

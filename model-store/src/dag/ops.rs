@@ -186,6 +186,23 @@ pub enum GraphOp {
         /// How many.
         length: usize,
     },
+    /// `x[..., start:end:step]` along one dimension.
+    Slice {
+        /// The dimension.
+        dim: isize,
+        /// First index.
+        start: usize,
+        /// One past the last index.
+        end: usize,
+        /// Stride (≥ 1).
+        step: usize,
+    },
+    /// `F.pad(x, pad)` with zeros: `pad` as PyTorch gives it, (before,
+    /// after) pairs from the last dimension backwards.
+    Pad {
+        /// `[last_before, last_after, second_last_before, ...]`.
+        pad: Vec<usize>,
+    },
     /// `x.mean(dims, keepdim)`.
     Mean {
         /// The dimensions averaged.
@@ -282,6 +299,8 @@ impl GraphOp {
             GraphOp::Transpose { .. } => NodeKind::Transpose,
             GraphOp::Narrow { .. } => NodeKind::Narrow,
             GraphOp::Mean { .. } => NodeKind::Mean,
+            GraphOp::Slice { .. } => NodeKind::Slice,
+            GraphOp::Pad { .. } => NodeKind::Pad,
             GraphOp::Parameter(_) => NodeKind::Parameter,
         }
     }
@@ -533,6 +552,45 @@ impl GraphOp {
                 shape[d] = *length;
                 plain(shape, g)
             }
+            GraphOp::Slice {
+                dim,
+                start,
+                end,
+                step,
+            } => {
+                let d = dim_of(*dim, x)?;
+                if d == 0 || *step == 0 || start >= end || *end > x[d] {
+                    return Err(format!(
+                        "slice {start}:{end}:{step} along dim {dim} does not fit shape {x:?}"
+                    ));
+                }
+                let mut shape = x.to_vec();
+                shape[d] = (end - start).div_ceil(*step);
+                let mut out = plain(shape, g);
+                if x.len() == 4 && d >= 2 {
+                    let j = &mut out.geo.jump;
+                    if d == 2 {
+                        j.0 *= step;
+                    } else {
+                        j.1 *= step;
+                    }
+                }
+                out
+            }
+            GraphOp::Pad { pad } => {
+                if pad.len() % 2 == 1 || pad.len() / 2 >= x.len() {
+                    return Err(format!(
+                        "pad {pad:?} must give (before, after) pairs for at most {} trailing dimensions",
+                        x.len() - 1
+                    ));
+                }
+                let mut shape = x.to_vec();
+                for (k, lr) in pad.chunks(2).enumerate() {
+                    let d = x.len() - 1 - k;
+                    shape[d] += lr[0] + lr[1];
+                }
+                plain(shape, g)
+            }
             GraphOp::Mean { dims, keepdim } => {
                 let mut ds = dims
                     .iter()
@@ -662,6 +720,28 @@ impl GraphOp {
                 start,
                 length,
             } => x.narrow(dim(*d)?, *start, *length),
+            GraphOp::Slice {
+                dim: d,
+                start,
+                end,
+                step,
+            } => {
+                let d = dim(*d)?;
+                let y = x.narrow(d, *start, end - start)?;
+                if *step == 1 {
+                    return Ok(y);
+                }
+                let idx: Vec<u32> = (0..(end - start) as u32).step_by(*step).collect();
+                y.contiguous()?
+                    .index_select(&Tensor::new(idx.as_slice(), x.device())?, d)
+            }
+            GraphOp::Pad { pad } => {
+                let mut y = x.clone();
+                for (k, lr) in pad.chunks(2).enumerate() {
+                    y = y.pad_with_zeros(rank - 1 - k, lr[0], lr[1])?;
+                }
+                Ok(y)
+            }
             GraphOp::Mean { dims, keepdim } => {
                 let mut ds = dims
                     .iter()

@@ -51,6 +51,8 @@ pub const OPS: &[&str] = &[
     "transpose",
     "narrow",
     "mean",
+    "slice",
+    "pad",
     "parameter",
 ];
 
@@ -353,6 +355,19 @@ fn op(a: &Args, ck: &mut Checkpoint, module: &str) -> Result<GraphOp> {
             dim: a.int("dim", None)?,
             start: a.usize("start")?,
             length: a.usize("length")?,
+        },
+        "slice" => GraphOp::Slice {
+            dim: a.int("dim", None)?,
+            start: a.usize("start")?,
+            end: a.usize("end")?,
+            step: a.opt_usize("step")?.unwrap_or(1),
+        },
+        "pad" => GraphOp::Pad {
+            pad: a
+                .ints("pad")?
+                .into_iter()
+                .map(|p| usize::try_from(p).map_err(|_| a.bad("`pad` must be non-negative (zero padding)".into())))
+                .collect::<Result<_>>()?,
         },
         "mean" => GraphOp::Mean {
             dims: a.ints("dims")?,

@@ -142,8 +142,9 @@ pub struct RegisterForm {
 /// (two inputs, broadcasting; or one input and `scalar`, with
 /// `scalar_first: true` for `s - x`), `cat` (dim), `reshape` (shape: the
 /// per-sample shape), `permute` (dims), `transpose` (dim0, dim1), `narrow`
-/// (dim, start, length), `mean` (dims, keepdim), `parameter` (target: the
-/// state_dict name, shape; no inputs).
+/// (dim, start, length), `slice` (dim, start, end, step: `x[:, :, a:b:c]`),
+/// `pad` (pad: zero padding as `F.pad` takes it), `mean` (dims, keepdim),
+/// `parameter` (target: the state_dict name, shape; no inputs).
 #[derive(ToSchema)]
 #[allow(dead_code)] // documentation only: the model store parses nodes
 pub struct GraphNode {

@@ -364,3 +364,43 @@ async fn the_built_in_architectures_keep_their_layer_tables() {
     }
     app.stop().await;
 }
+
+/// The bundled ResNet-20 exported from its own PyTorch code (option-A
+/// shortcuts as `F.pad(x[:, :, ::2, ::2])`, `F.avg_pool2d(out,
+/// out.size()[3])`) with the bundled weights: the same predictions as the
+/// built-in architecture on real CIFAR-10 images, and the same maps at the
+/// layers both name.
+#[tokio::test(flavor = "multi_thread")]
+async fn resnet20_exported_from_its_pytorch_code_serves_what_the_built_in_serves() {
+    let dir = models_dir(&["resnet20-cifar10"]);
+    let app = TestApp::spawn(dir.path()).await;
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("tests/fixtures/graph/resnet20_cifar10_graph.json")).unwrap(),
+    )
+    .unwrap();
+    let weights = std::fs::read(repo().join("models/resnet20-cifar10.safetensors")).unwrap();
+    let (status, body) = upload(&app, &manifest, weights).await;
+    assert_eq!(status, 201, "{body}");
+    for (png, label) in cifar_test(0..8) {
+        let a = logits(&app, "resnet20-cifar10", &png, 10).await;
+        let b = logits(&app, "resnet20-cifar10-graph", &png, 10).await;
+        assert_close(&b, &a, 1e-4, &format!("CIFAR image of class {label}"));
+    }
+    let png = &cifar_test(0..1)[0].0;
+    for layer in ["layer2.0.shortcut", "layer3.2", "layer1.0.bn2"] {
+        let mut maps = Vec::new();
+        for model in ["resnet20-cifar10", "resnet20-cifar10-graph"] {
+            let r = app
+                .post_images(
+                    &format!("/models/{model}/activations/{layer}?format=npy"),
+                    &[png],
+                )
+                .await;
+            assert_eq!(r.status().as_u16(), 200, "{model} {layer}");
+            maps.push(parse_npy(&r.bytes().await.unwrap()));
+        }
+        assert_eq!(maps[0].0, maps[1].0, "{layer}: shapes");
+        assert_close_layer(&maps[1].1, &maps[0].1, 1e-4, layer);
+    }
+    app.stop().await;
+}
