@@ -187,12 +187,12 @@ impl Checkpoint {
                     "tensor '{name}' has shape {:?}, expected {shape:?}",
                     t.dims()
                 ));
-                Ok(Tensor::zeros(shape, DType::F32, &self.device)?)
+                Ok(placeholder(shape, &self.device)?)
             }
             None => {
                 self.problems
                     .push(format!("missing tensor '{name}' (shape {shape:?})"));
-                Ok(Tensor::zeros(shape, DType::F32, &self.device)?)
+                Ok(placeholder(shape, &self.device)?)
             }
         }
     }
@@ -202,6 +202,18 @@ impl Checkpoint {
     pub fn discard(&mut self, name: &str) {
         if self.tensors.contains_key(name) {
             self.used.insert(name.to_string());
+        }
+    }
+
+    /// Fails with the problems found so far (missing and mis-shaped tensors),
+    /// before anything computes with the placeholders.
+    pub fn check(&self) -> Result<()> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Checkpoint {
+                problems: self.problems.clone(),
+            })
         }
     }
 
@@ -228,6 +240,14 @@ impl Checkpoint {
     pub fn device(&self) -> &Device {
         &self.device
     }
+}
+
+/// Zeros of `shape` for a missing tensor, as a broadcast view of one zero:
+/// a manifest may declare any size, and nothing is allocated for it.
+fn placeholder(shape: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::zeros(1, DType::F32, device)?
+        .reshape(vec![1; shape.len().max(1)])?
+        .broadcast_as(shape)
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     let mut last_err = None;
     for key in [None, Some("state_dict"), Some("model")] {
         match candle_core::pickle::PthTensors::new(&file.0, key) {
-            Ok(pth) if !pth.tensor_infos().is_empty() => return tensors_of(&pth),
+            Ok(pth) if !pth.tensor_infos().is_empty() => return tensors_of(&pth, bytes.len()),
             Ok(_) => {}
             Err(e) => last_err = Some(e),
         }
@@ -81,12 +81,26 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     }))
 }
 
-fn tensors_of(pth: &candle_core::pickle::PthTensors) -> Result<Vec<(String, Tensor)>> {
+fn tensors_of(
+    pth: &candle_core::pickle::PthTensors,
+    file_len: usize,
+) -> Result<Vec<(String, Tensor)>> {
     let mut names: Vec<&String> = pth.tensor_infos().keys().collect();
     names.sort();
     let mut out = Vec::with_capacity(names.len());
     let mut problems = Vec::new();
     for name in names {
+        // A pickle can declare any shape: refuse one whose data could not
+        // be in the file before anything is allocated for it.
+        let info = &pth.tensor_infos()[name];
+        let declared =
+            info.layout.shape().elem_count() as u128 * info.dtype.size_in_bytes() as u128;
+        if declared > file_len as u128 {
+            problems.push(format!(
+                "tensor '{name}' declares {declared} bytes of data but the file has {file_len}"
+            ));
+            continue;
+        }
         match pth.get(name) {
             Ok(Some(t)) => out.push((name.clone(), t)),
             Ok(None) => problems.push(format!("tensor '{name}' is listed but absent")),

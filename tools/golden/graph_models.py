@@ -218,10 +218,38 @@ def node_values(model, x, names, aliases_of):
     return values, checked
 
 
+def calibrate(model, x):
+    """Hash weights with batch-norm statistics that do not normalise the
+    real activations make deep nets blow up (EfficientNet-V2-S's logits
+    reached 5e8), and then float32 rounding, amplified layer after layer,
+    is all a comparison measures. So each batch norm's running_var is
+    scaled by one number per layer: the mean over channels of the variance
+    its input actually has on the fixture image, with the layers before it
+    already scaled (one pass, forward pre-hooks in execution order). The
+    scale is a float32 value, applied as f32(var * scale) on both sides."""
+    scales = {}
+    modules = {m: p for p, m in model.named_modules()}
+
+    def pre(m, inputs):
+        v = inputs[0].detach().double().var(dim=(0, 2, 3), unbiased=False).mean().item()
+        s = float(np.float32(max(v, 1e-6)))
+        with torch.no_grad():
+            m.running_var.copy_((m.running_var.double() * s).float())
+        scales[modules[m]] = s
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return scales
+
+
 def fixture(key, model, size, mean_std=True):
     model = model.eval()
     bn = hash_state(model)
     x, image_path = image(size)
+    bn_var_scale = calibrate(model, x)
     manifest, tensors = cx.export(model, (3, size, size), key.replace("_", "-") + "-graph",
                                   mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     # manifest name -> fx name, via the exporter's own mapping
@@ -252,6 +280,7 @@ def fixture(key, model, size, mean_std=True):
     record = {
         "manifest": manifest,
         "tensors": [[k, list(t.shape), k.rsplit(".", 1)[0] in bn] for k, t in tensors.items()],
+        "bn_var_scale": bn_var_scale,
         "image": image_path,
         "logits": logits.tolist(),
         "top5": logits.topk(5).indices.tolist(),

@@ -57,6 +57,10 @@ pub struct DagNode {
     pub inputs: Vec<usize>,
 }
 
+/// The most values one node may output per image (1 GiB of float32): a
+/// manifest cannot make the first forward pass allocate without bound.
+pub const MAX_NODE_VALUES: usize = 1 << 28;
+
 /// The index that stands for the network input in [`DagNode::inputs`].
 pub const INPUT: usize = usize::MAX;
 
@@ -90,6 +94,9 @@ impl Dag {
         input: (usize, usize, usize),
     ) -> Result<Self> {
         let nodes = parse::nodes(raw_nodes, ck)?;
+        // Missing tensors are placeholders: nothing may compute with them
+        // (building prepares every convolution).
+        ck.check()?;
         Self::new(nodes, output, input)
     }
 
@@ -420,6 +427,16 @@ fn summarise(
                 layer: node.name.clone(),
                 reason,
             })?;
+        let values: usize = inferred.shape.iter().product();
+        if values > MAX_NODE_VALUES {
+            return Err(Error::Shape {
+                layer: node.name.clone(),
+                reason: format!(
+                    "its output {:?} holds {values} values per image, more than the {MAX_NODE_VALUES} (1 GiB of float32) convscope allows; check its padding, stride and sizes",
+                    inferred.shape
+                ),
+            });
+        }
         let batched = !matches!(node.op, GraphOp::Parameter(_));
         let shown = if batched {
             inferred.shape[1..].to_vec()

@@ -404,3 +404,62 @@ async fn resnet20_exported_from_its_pytorch_code_serves_what_the_built_in_serves
     }
     app.stop().await;
 }
+
+/// Graph manifests that cannot work are a 422 naming the node and what to
+/// fix, before anything large is allocated; the server keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn broken_graph_manifests_are_refused_naming_the_node() {
+    let dir = models_dir(&[]);
+    let app = TestApp::spawn(dir.path()).await;
+    let conv = |extra: Value| {
+        let mut n = json!({"name": "c", "op": "conv2d", "inputs": ["input"], "in_channels": 1,
+            "out_channels": 2, "kernel_size": 3, "bias": false});
+        for (k, v) in extra.as_object().unwrap() {
+            n[k] = v.clone();
+        }
+        n
+    };
+    let weights = safetensors(&[("c.weight".to_string(), vec![2, 1, 3, 3], vec![0.5; 18])]);
+    let flat = json!({"name": "f", "op": "flatten", "inputs": ["c"]});
+    let cases = [
+        (
+            json!([conv(json!({})), {"name": "f", "op": "fft2", "inputs": ["c"]}]),
+            "node 'f': unknown op \"fft2\"",
+        ),
+        (
+            json!([conv(json!({})), {"name": "f", "op": "flatten", "inputs": ["nope"]}]),
+            "input 'nope' is not an earlier node",
+        ),
+        (
+            json!([conv(json!({})), conv(json!({}))]),
+            "the name is used twice",
+        ),
+        (
+            json!([conv(json!({"padding": 100000})), flat.clone()]),
+            "more than the 268435456",
+        ),
+        (
+            json!([conv(json!({"out_channels": 100000000})), flat.clone()]),
+            "tensor 'c.weight' has shape [2, 1, 3, 3], expected [100000000, 1, 3, 3]",
+        ),
+        (
+            json!([conv(json!({})), {"name": "a", "op": "add", "inputs": ["c"]}, flat.clone()]),
+            "takes 2 input(s)",
+        ),
+        (json!([conv(json!({}))]), "must end in a flat vector"),
+        (
+            json!([conv(json!({"kernel_size": "big"})), flat.clone()]),
+            "`kernel_size` must be an integer or [h, w]",
+        ),
+    ];
+    for (nodes, says) in cases {
+        let manifest = json!({"name": "broken", "architecture": "graph", "nodes": nodes,
+            "input": {"channels": 1, "height": 8, "width": 8}});
+        let (status, body) = upload(&app, &manifest, weights.clone()).await;
+        assert_problem(status, &body, 422, says);
+    }
+    assert_eq!(app.get_json("/healthz").await.0, 200);
+    let (_, models) = app.get_json("/models").await;
+    assert!(models["models"].as_array().unwrap().is_empty(), "{models}");
+    app.stop().await;
+}

@@ -28,7 +28,8 @@ pub(crate) fn load(key: &str) -> (Value, LoadedModel) {
     (fixture, model)
 }
 
-/// The safetensors bytes of a fixture's tensor list.
+/// The safetensors bytes of a fixture's tensor list: hash-derived, each
+/// batch norm's running variance scaled by the fixture's `bn_var_scale`.
 pub(crate) fn hash_weights(fixture: &Value) -> Vec<u8> {
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fixture["tensors"]
         .as_array()
@@ -42,7 +43,14 @@ pub(crate) fn hash_weights(fixture: &Value) -> Vec<u8> {
                 .iter()
                 .map(|d| d.as_u64().unwrap() as usize)
                 .collect();
-            let data = hash_tensor(&name, &shape, t[2].as_bool().unwrap());
+            let mut data = hash_tensor(&name, &shape, t[2].as_bool().unwrap());
+            // The generator's per-layer running_var scale (`calibrate`).
+            if let Some(s) = name
+                .strip_suffix(".running_var")
+                .and_then(|m| fixture["bn_var_scale"][m].as_f64())
+            {
+                data.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+            }
             (name, shape, data)
         })
         .collect();
