@@ -498,3 +498,81 @@ fn summarise(
         .collect();
     Ok((layers, shapes))
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use crate::model::LoadedModel;
+    use crate::tap::Record;
+
+    const EMPTY: &[u8] = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ";
+
+    fn corpus(name: &str) -> Vec<u8> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/graph_build");
+        std::fs::read(dir.join(name)).unwrap()
+    }
+
+    #[test]
+    fn weightless_graphs_build_and_run_and_report_every_node_once() {
+        for seed in ["residual.json", "shuffle.json"] {
+            let model = LoadedModel::from_bytes(&corpus(seed), EMPTY, &Device::Cpu)
+                .unwrap_or_else(|e| panic!("{seed}: {e}"));
+            let (c, h, w) = model.network.input();
+            let x = Tensor::ones((2, c, h, w), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let mut all = Record::all();
+            let y = model.network.forward(&x, &mut all).unwrap();
+            assert_eq!(y.dim(0).unwrap(), 2, "{seed}: the batch stays first");
+            assert_eq!(all.outputs.len(), model.network.layers().len(), "{seed}");
+        }
+    }
+
+    #[test]
+    fn node_errors_name_the_node_and_what_to_fix() {
+        let manifest = |nodes: &str| {
+            format!(
+                r#"{{"name": "g", "architecture": "graph", "input": {{"channels": 1, "height": 4, "width": 4}}, "nodes": {nodes}}}"#
+            )
+        };
+        for (nodes, says) in [
+            (
+                r#"[{"name": "x", "op": "fft"}]"#,
+                "node 'x': unknown op \"fft\"; known: conv2d",
+            ),
+            (
+                r#"[{"name": "x", "op": "relu", "inputs": ["y"]}]"#,
+                "input 'y' is not an earlier node",
+            ),
+            (
+                r#"[{"name": "input", "op": "relu", "inputs": ["input"]}]"#,
+                "reserved name `input`",
+            ),
+            (
+                r#"[{"name": "x", "op": "cat", "inputs": []}]"#,
+                "needs at least one input",
+            ),
+            (
+                r#"[{"name": "x", "op": "reshape", "inputs": ["input"], "shape": [-1]}]"#,
+                "must not hold -1",
+            ),
+            (
+                r#"[{"name": "x", "op": "reshape", "inputs": ["input"], "shape": [15]}]"#,
+                "cannot view [1, 4, 4] (16 values per sample) as [15]",
+            ),
+            (
+                r#"[{"name": "x", "op": "flatten", "inputs": ["input"], "start_dim": 0}]"#,
+                "flattening the batch dimension",
+            ),
+            (
+                r#"[{"name": "x", "op": "relu", "inputs": ["input"], "aliases": ["x"]}]"#,
+                "alias 'x' is already the name",
+            ),
+        ] {
+            let e = LoadedModel::from_bytes(manifest(nodes).as_bytes(), EMPTY, &Device::Cpu)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{nodes}: {e}");
+        }
+    }
+}
