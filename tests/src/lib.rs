@@ -507,23 +507,46 @@ pub fn write_hash_fixture(dir: &Path, fixture_path: &str, edit: impl FnOnce(&mut
     fixture
 }
 
-fn write_hash_value(dir: &Path, fixture: &Value) {
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fixture["tensors"]
+/// A JSON array of numbers, as f32.
+pub fn f32s(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A JSON array of sizes.
+pub fn dims(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// The hash-derived tensors of a fixture's `tensors` list (`[name, shape,
+/// is_batch_norm]`), each drawn from the hash of `seed(name)` (the name
+/// itself for the fixture's own weights).
+pub fn hash_tensors(
+    fixture: &Value,
+    seed: impl Fn(&str) -> String,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    fixture["tensors"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| {
             let name = t[0].as_str().unwrap().to_string();
-            let shape: Vec<usize> = t[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            let data = hash_tensor(&name, &shape, t[2].as_bool().unwrap());
+            let shape = dims(&t[1]);
+            let data = hash_tensor(&seed(&name), &shape, t[2].as_bool().unwrap());
             (name, shape, data)
         })
-        .collect();
+        .collect()
+}
+
+fn write_hash_value(dir: &Path, fixture: &Value) {
+    let tensors = hash_tensors(fixture, str::to_string);
     let name = fixture["manifest"]["name"].as_str().unwrap();
     std::fs::write(
         dir.join(format!("{name}.safetensors")),

@@ -37,14 +37,6 @@ async fn logits(app: &TestApp, model: &str, image: &[u8], classes: usize) -> Vec
     logits_by_class(&out["predictions"][0])
 }
 
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_student_graph_registers_and_every_inspection_works_on_its_nodes() {
     let dir = models_dir(&[]);
@@ -188,22 +180,7 @@ async fn a_check_that_the_weights_do_not_reproduce_is_refused_with_the_differenc
     let fx = fixture("mobilenet_v2");
     // The same tensors drawn from another seed: every name hashed with a suffix.
     let mut other = fx.clone();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fx["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let name = t[0].as_str().unwrap().to_string();
-            let shape: Vec<usize> = t[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            let data = hash_tensor(&format!("seed2.{name}"), &shape, t[2].as_bool().unwrap());
-            (name, shape, data)
-        })
-        .collect();
+    let tensors = hash_tensors(&fx, |name| format!("seed2.{name}"));
     other["manifest"]["name"] = json!("mobilenet-v2-other-seed");
     let (status, body) = upload(&app, &other["manifest"], safetensors(&tensors)).await;
     assert_problem(status, &body, 422, "largest |Δlogit|");

@@ -12,7 +12,7 @@
 //! pytorch-grad-cam.
 
 use candle_core::{Device, Tensor};
-use convscope_tests::{hash_tensor, repo, safetensors};
+use convscope_tests::{f32s, hash_tensors, repo, safetensors};
 use model_store::inspect::grad_cam::{self, Method, Target};
 use model_store::{LoadedModel, Record};
 use serde_json::Value;
@@ -31,29 +31,16 @@ pub(crate) fn load(key: &str) -> (Value, LoadedModel) {
 /// The safetensors bytes of a fixture's tensor list: hash-derived, each
 /// batch norm's running variance scaled by the fixture's `bn_var_scale`.
 pub(crate) fn hash_weights(fixture: &Value) -> Vec<u8> {
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = fixture["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            let name = t[0].as_str().unwrap().to_string();
-            let shape: Vec<usize> = t[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            let mut data = hash_tensor(&name, &shape, t[2].as_bool().unwrap());
-            // The generator's per-layer running_var scale (`calibrate`).
-            if let Some(s) = name
-                .strip_suffix(".running_var")
-                .and_then(|m| fixture["bn_var_scale"][m].as_f64())
-            {
-                data.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
-            }
-            (name, shape, data)
-        })
-        .collect();
+    let mut tensors = hash_tensors(fixture, str::to_string);
+    // The generator's per-layer running_var scale (`calibrate`).
+    for (name, _, data) in &mut tensors {
+        if let Some(s) = name
+            .strip_suffix(".running_var")
+            .and_then(|m| fixture["bn_var_scale"][m].as_f64())
+        {
+            data.iter_mut().for_each(|v| *v = (*v as f64 * s) as f32);
+        }
+    }
     safetensors(&tensors)
 }
 
@@ -63,14 +50,6 @@ pub(crate) fn input(fixture: &Value, model: &LoadedModel) -> Tensor {
     let img = model_store::preprocess::decode(&bytes, Default::default()).unwrap();
     let x = model_store::preprocess::preprocess(&img, &model.manifest).unwrap();
     model_store::preprocess::batch(&[x], &model.manifest, &Device::Cpu).unwrap()
-}
-
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 fn top5(logits: &[f32]) -> Vec<usize> {

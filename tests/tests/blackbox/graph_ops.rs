@@ -12,22 +12,6 @@ use model_store::LoadedModel;
 use model_store::train::net::TrainNet;
 use serde_json::Value;
 
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn shape(v: &Value) -> Vec<usize> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect()
-}
-
 #[test]
 fn every_op_matches_pytorch_forward_and_backward() {
     let fixture: Value = serde_json::from_slice(
@@ -53,7 +37,7 @@ fn every_op_matches_pytorch_forward_and_backward() {
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, t)| (k.clone(), shape(&t["shape"]), f32s(&t["data"])))
+            .map(|(k, t)| (k.clone(), dims(&t["shape"]), f32s(&t["data"])))
             .collect();
         let manifest = serde_json::to_vec(&case["manifest"]).unwrap();
         let model = LoadedModel::from_bytes(&manifest, &safetensors(&tensors), &Device::Cpu)
@@ -74,7 +58,7 @@ fn every_op_matches_pytorch_forward_and_backward() {
         // ... and the differentiable one, with every parameter a Var.
         let mut net = TrainNet::new(&model.network, &[]).unwrap();
         let y = net.forward(x.as_tensor(), None).unwrap();
-        assert_eq!(y.dims(), shape(&case["y_shape"]).as_slice(), "{name}");
+        assert_eq!(y.dims(), dims(&case["y_shape"]).as_slice(), "{name}");
         let r = Tensor::from_vec(f32s(&case["r"]), y.dims(), &Device::Cpu).unwrap();
         let loss = (y * r).unwrap().sum_all().unwrap();
         let grads = loss.backward().unwrap();

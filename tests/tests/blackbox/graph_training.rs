@@ -25,14 +25,6 @@ fn index() -> Value {
     .unwrap()
 }
 
-fn f32s(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 /// The eight images in sorted order with their class (0 animal, 1 machine).
 fn images(index: &Value) -> Vec<(std::path::PathBuf, u32)> {
     let root = repo().join(index["folder"].as_str().unwrap());
