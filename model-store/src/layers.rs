@@ -95,6 +95,14 @@ impl Padding {
         Padding::Explicit(ph, ph, pw, pw)
     }
 
+    /// PyTorch's `padding="same"` (stride 1): `d·(k−1)` in total per
+    /// dimension, the odd pixel at the bottom/right.
+    pub fn same(kernel: (usize, usize), dilation: usize) -> Self {
+        let th = dilation * kernel.0.saturating_sub(1);
+        let tw = dilation * kernel.1.saturating_sub(1);
+        Padding::Explicit(th / 2, th - th / 2, tw / 2, tw - tw / 2)
+    }
+
     fn resolve(
         self,
         h: usize,
@@ -795,8 +803,8 @@ impl AdaptiveAvgPool2d {
             return x.avg_pool2d_with_stride(k, k);
         }
         // Separable: average rows into bins, then columns.
-        let rows = adaptive_bins(x, 2, h, oh)?;
-        adaptive_bins(&rows, 3, w, ow)
+        let rows = adaptive_bins(x, 2, h, oh, false)?;
+        adaptive_bins(&rows, 3, w, ow, false)
     }
 
     /// Output geometry. A bin spans at most `ceil(n/out)` + 1 positions.
@@ -816,12 +824,25 @@ fn max_bin(n: usize, out: usize) -> usize {
         .unwrap_or(1)
 }
 
-fn adaptive_bins(x: &Tensor, dim: usize, n: usize, out: usize) -> candle_core::Result<Tensor> {
+/// PyTorch's adaptive bins along `dim` (`floor(i·n/out)` to
+/// `ceil((i+1)·n/out)`), each averaged, or its maximum taken when `max`.
+pub(crate) fn adaptive_bins(
+    x: &Tensor,
+    dim: usize,
+    n: usize,
+    out: usize,
+    max: bool,
+) -> candle_core::Result<Tensor> {
     let bins = (0..out)
         .map(|i| {
             let start = (i * n) / out;
             let end = ((i + 1) * n).div_ceil(out);
-            x.narrow(dim, start, end - start)?.mean_keepdim(dim)
+            let bin = x.narrow(dim, start, end - start)?;
+            if max {
+                bin.max_keepdim(dim)
+            } else {
+                bin.mean_keepdim(dim)
+            }
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::cat(&bins, dim)

@@ -41,9 +41,7 @@ pub(super) fn build(raw: &[Value], ck: &mut Checkpoint) -> Result<Node> {
                                 "padding \"same\" needs stride 1, as in PyTorch".into()
                             ));
                         }
-                        let th = dilation * (kh - 1);
-                        let tw = dilation * (kw - 1);
-                        Padding::Explicit(th / 2, th - th / 2, tw / 2, tw - tw / 2)
+                        Padding::same((kh, kw), dilation)
                     }
                     PaddingSpec::Named(n) => {
                         return Err(bad(format!(

@@ -81,6 +81,8 @@ pub struct Dag {
     /// `frees[t]`: the values no node after `t` reads.
     frees: Vec<Vec<usize>>,
     layers: Vec<LayerInfo>,
+    /// Each node's full shape for one image (activations with a batch of 1).
+    shapes: Vec<Vec<usize>>,
     out_shape: Vec<usize>,
 }
 
@@ -123,6 +125,7 @@ impl Dag {
             nodes,
             output,
             layers,
+            shapes,
             out_shape,
         };
         dag.plan_frees();
@@ -238,13 +241,7 @@ impl Dag {
     }
 
     fn shape_of(&self, i: usize) -> Option<&[usize]> {
-        if i == INPUT {
-            return None;
-        }
-        self.layers
-            .iter()
-            .find(|l| l.name == self.nodes[i].name)
-            .map(|l| l.output_shape.as_slice())
+        (i != INPUT).then(|| self.shapes[i].as_slice())
     }
 
     /// The forward pass on an NCHW batch, observed by `tap`.

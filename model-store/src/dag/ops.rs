@@ -792,20 +792,10 @@ fn layer_norm(
     Ok(y)
 }
 
-/// Adaptive max pooling with PyTorch's bins (`floor(i·n/out)` to
-/// `ceil((i+1)·n/out)`).
+/// Adaptive max pooling: PyTorch's bins, rows then columns (the bins are
+/// separable, so the maximum of the row maxima is the window's).
 fn adaptive_max(x: &Tensor, (oh, ow): (usize, usize)) -> candle_core::Result<Tensor> {
-    let bins = |x: &Tensor, dim: usize, out: usize| -> candle_core::Result<Tensor> {
-        let n = x.dim(dim)?;
-        let parts = (0..out)
-            .map(|i| {
-                let start = (i * n) / out;
-                let end = ((i + 1) * n).div_ceil(out);
-                x.narrow(dim, start, end - start)?.max_keepdim(dim)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::cat(&parts, dim)
-    };
-    let rows = bins(x, 2, oh)?;
-    bins(&rows, 3, ow)
+    let (_, _, h, w) = x.dims4()?;
+    let rows = crate::layers::adaptive_bins(x, 2, h, oh, true)?;
+    crate::layers::adaptive_bins(&rows, 3, w, ow, true)
 }

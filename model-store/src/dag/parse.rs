@@ -190,10 +190,7 @@ fn conv(a: &Args, ck: &mut Checkpoint, module: &str) -> Result<GraphOp> {
             if stride != 1 {
                 return Err(a.bad("padding='same' needs stride 1 (as in PyTorch)".into()));
             }
-            // PyTorch: total d·(k−1), the extra pixel at the bottom/right.
-            let total = |k: usize| dilation * (k - 1);
-            let (th, tw) = (total(kernel.0.max(1)), total(kernel.1.max(1)));
-            Padding::Explicit(th / 2, th - th / 2, tw / 2, tw - tw / 2)
+            Padding::same(kernel, dilation)
         }
         Some(other) => {
             return Err(a.bad(format!(
