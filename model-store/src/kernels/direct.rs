@@ -1,4 +1,4 @@
-//! A direct convolution kernel for CPUs with AVX-512: the product of the
+//! A direct convolution kernel for CPUs with AVX2 + FMA or AVX-512: the product of the
 //! weights `[O, K]` with an im2col matrix `[K, positions]` that is read in
 //! place, never packed.
 //!
@@ -21,28 +21,44 @@
 //! rows of 8 that are consecutive in the output but a padded row apart in
 //! the input.
 //!
-//! [`available`] says whether the active kernel tier (`tier.rs`) runs it;
-//! elsewhere `conv.rs` keeps im2col + gemm.
+//! With AVX2 (16 registers of 8 lanes) the same block and the same vectors
+//! run as halves of 8 positions: each tile is 3 output channels × 4 halves
+//! (12 accumulators, 4 loads and 3 broadcasts per 12 multiply-adds), the
+//! block's 8 channels in three passes (3, 3, 2) over the same rows. The
+//! layout, the packing and the plan are the tiers' common ground, so both
+//! are held to the same portable reference by the same tests.
+//!
+//! [`kernel`] says which tier (`tier.rs`) runs it, if any; elsewhere
+//! `conv.rs` keeps im2col + gemm.
 
 use super::conv::Activation;
+use super::tier::Tier;
 
-/// Output channels per register tile.
+/// Output channels per packed block (and per AVX-512 register tile).
 pub(super) const MR: usize = 8;
+/// Output channels per AVX2 register tile (the last of a block has two).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const MR2: usize = 3;
+/// Halves of 8 positions per AVX2 register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const NH: usize = 4;
 /// Vectors of 16 positions per register tile.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const NV: usize = 3;
 /// Positions per vector.
 pub(super) const LANES: usize = 16;
 
-/// Whether the kernels run at a tier with this kernel's instructions (the
-/// CPU has them and `CONVSCOPE_KERNELS` does not cap them off).
-pub(super) fn available() -> bool {
-    runs_at(super::tier::active())
+/// The tier this kernel runs at, if the active kernel tier has its
+/// instructions (the CPU has them and `CONVSCOPE_KERNELS` does not cap them
+/// off); `None` leaves im2col + gemm.
+pub(super) fn kernel() -> Option<Tier> {
+    kernel_at(super::tier::active())
 }
 
-/// Whether `tier` runs this kernel.
-pub(super) fn runs_at(tier: super::tier::Tier) -> bool {
-    tier >= super::tier::Tier::Avx512
+/// The variant of this kernel `tier` runs: AVX-512 or AVX2, none for
+/// portable.
+pub(super) fn kernel_at(tier: Tier) -> Option<Tier> {
+    (tier >= Tier::Avx2).then_some(tier)
 }
 
 /// Weights `[O, K]` (row-major) in the kernel's order: blocks of [`MR`]
@@ -81,10 +97,11 @@ pub(super) enum Lanes {
 /// `block` is one `[K][MR]` block of [`pack`], `bias` the block's [`MR`]
 /// biases (zeros for none).
 ///
-/// Panics unless every read and write lies inside its slice; the caller
-/// must have checked [`available`].
+/// Panics unless every read and write lies inside its slice and the CPU
+/// has `tier`'s instructions (from [`kernel`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn block(
+    tier: Tier,
     block: &[f32],
     offsets: &[usize],
     xp: &[f32],
@@ -129,14 +146,21 @@ pub(super) fn block(
         "direct conv: a vector reaches past the padded input, its output row or the output"
     );
     assert!(lanes != Lanes::Split(0), "direct conv: split lanes 0 apart");
+    // The CPU's instructions, not the capped tier: a test may run this
+    // kernel under a CONVSCOPE_KERNELS cap, but never on a CPU without it.
+    assert!(
+        tier >= Tier::Avx2 && tier.supported(),
+        "direct conv: the CPU lacks the {tier} tier's instructions"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if tier == Tier::Avx2 {
+        avx2_block(
+            block, offsets, xp, lanes, vectors, out, ld, rows, bias, activation,
+        );
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     {
-        // The CPU's instructions, not the capped tier: a test may run this
-        // kernel under a CONVSCOPE_KERNELS cap, but never on a CPU without it.
-        assert!(
-            super::tier::Tier::Avx512.supported(),
-            "direct conv: the CPU lacks AVX-512 F or DQ"
-        );
         let mut rest = vectors;
         while !rest.is_empty() {
             // Tiles of three vectors; four left go as two and two, since a
@@ -148,7 +172,8 @@ pub(super) fn block(
             };
             let (v, next) = rest.split_at(take);
             rest = next;
-            // SAFETY: AVX-512 F and DQ are present (asserted above); the
+            // SAFETY: AVX-512 F and DQ are present (asserted above: the
+            // tier is avx512 and supported); the
             // asserts bound, without overflow, every load (`src +
             // offsets[r] + 16 ≤ xp.len()`, or `src + offsets[r] + pitch + 8`
             // for split lanes, whose variant is chosen by `lanes`), every
@@ -179,6 +204,122 @@ pub(super) fn block(
     {
         let _ = (xp, vectors, out, ld, bias, activation);
         panic!("direct conv: not available on this architecture");
+    }
+}
+
+/// [`block`] with AVX2 + FMA: each vector as two halves of 8 positions,
+/// tiles of [`MR2`] channels × up to [`NH`] halves (the block's last
+/// two channels as a tile of two). The caller checked the bounds and the
+/// CPU's instructions.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn avx2_block(
+    block: &[f32],
+    offsets: &[usize],
+    xp: &[f32],
+    lanes: Lanes,
+    vectors: &[(usize, usize)],
+    out: &mut [f32],
+    ld: usize,
+    rows: usize,
+    bias: &[f32; MR],
+    activation: Activation,
+) {
+    const HALF: usize = LANES / 2;
+    let second = match lanes {
+        Lanes::Contiguous => HALF,
+        Lanes::Split(pitch) => pitch,
+    };
+    let halves: Vec<(usize, usize)> = vectors
+        .iter()
+        .flat_map(|&(src, dst)| [(src, dst), (src + second, dst + HALF)])
+        .collect();
+    for c0 in (0..rows).step_by(MR2) {
+        // A tile of three would read past the block's eighth channel.
+        let wide = c0 + MR2 <= MR;
+        let rows = (rows - c0).min(MR2);
+        for h in halves.chunks(NH) {
+            // SAFETY: the CPU has AVX2 and FMA (asserted by `block`), whose
+            // asserts bound every load: a half reads 8 values from `src +
+            // offsets[r]`, within the 16 (or `pitch + 8`) they bound. Weight
+            // reads are `r·MR + c0 + i < k·MR` (`c0 + i < MR`: `wide` says
+            // three fit); stores are `(c0 + i)·ld + dst + 8` with `c0 + i <
+            // rows` and the half's `dst + 8` within its vector's `dst + 16`.
+            #[allow(unsafe_code)]
+            unsafe {
+                let (b, o, x, a) = (block, offsets, xp, activation);
+                match (wide, h.len()) {
+                    (true, 4) => tile_avx2::<3, 4>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (true, 3) => tile_avx2::<3, 3>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (true, 2) => tile_avx2::<3, 2>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (true, _) => tile_avx2::<3, 1>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (false, 4) => tile_avx2::<2, 4>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (false, 3) => tile_avx2::<2, 3>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (false, 2) => tile_avx2::<2, 2>(b, o, x, h, out, ld, c0, rows, bias, a),
+                    (false, _) => tile_avx2::<2, 1>(b, o, x, h, out, ld, c0, rows, bias, a),
+                }
+            }
+        }
+    }
+}
+
+/// One AVX2 register tile: channels `c0..c0 + rows` (`rows` ≤ `C`) of the
+/// block × `H` halves of 8 positions, the epilogue as in [`tile`]. Per
+/// im2col row it broadcasts `C` weights, then loads each half once for
+/// `C` multiply-adds: `C·H + C + 1` registers, 16 for 3 × 4, so nothing
+/// spills (a 4 × 3 tile needs 17, and the spilled accumulator's
+/// store-to-load round trip halved the kernel's speed).
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2<const C: usize, const H: usize>(
+    block: &[f32],
+    offsets: &[usize],
+    xp: &[f32],
+    halves: &[(usize, usize)],
+    out: &mut [f32],
+    ld: usize,
+    c0: usize,
+    rows: usize,
+    bias: &[f32; MR],
+    activation: Activation,
+) {
+    use std::arch::x86_64::{
+        __m256, _mm256_add_ps, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_max_ps, _mm256_min_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+    // SAFETY: the caller (`avx2_block`, after `block`'s asserts) bounds
+    // every offset, and checked that the CPU has AVX2 and FMA.
+    unsafe {
+        let mut src = [xp.as_ptr(); H];
+        for (s, &(at, _)) in src.iter_mut().zip(halves) {
+            *s = s.add(at);
+        }
+        let w = block.as_ptr().add(c0);
+        let mut acc: [[__m256; C]; H] = [[_mm256_setzero_ps(); C]; H];
+        for (r, &off) in offsets.iter().enumerate() {
+            let wr = w.add(r * MR);
+            let b: [__m256; C] = std::array::from_fn(|i| _mm256_broadcast_ss(&*wr.add(i)));
+            for (col, s) in acc.iter_mut().zip(&src) {
+                let xv = _mm256_loadu_ps(s.add(off));
+                for (a, &b) in col.iter_mut().zip(&b) {
+                    *a = _mm256_fmadd_ps(b, xv, *a);
+                }
+            }
+        }
+        let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+        let dst = out.as_mut_ptr();
+        for (col, &(_, at)) in acc.iter().zip(halves) {
+            for (i, a) in col.iter().enumerate().take(rows) {
+                let y = _mm256_add_ps(*a, _mm256_set1_ps(bias[c0 + i]));
+                let y = match activation {
+                    Activation::Identity => y,
+                    Activation::Relu => _mm256_max_ps(y, zero),
+                    Activation::Relu6 => _mm256_min_ps(six, _mm256_max_ps(zero, y)),
+                };
+                _mm256_storeu_ps(dst.add((c0 + i) * ld + at), y);
+            }
+        }
     }
 }
 

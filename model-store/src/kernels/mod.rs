@@ -6,6 +6,7 @@
 pub mod conv;
 mod direct;
 pub mod elementwise;
+pub mod peak;
 pub mod pool;
 pub mod tier;
 pub mod winograd;

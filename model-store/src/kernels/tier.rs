@@ -7,8 +7,9 @@
 //! like with like. It caps this crate's kernels only; the gemm crate under
 //! candle's matmul picks its own micro-kernels.
 //!
-//! Tiers in use today: `avx512` runs the direct convolution
-//! (`direct.rs`); `avx2` and `portable` run im2col + gemm.
+//! Tiers in use today: `avx512` and `avx2` run their variants of the direct
+//! convolution (`direct.rs`) and the depthwise kernel; `portable` runs
+//! im2col + gemm and plain loops.
 
 use std::sync::OnceLock;
 
@@ -77,6 +78,26 @@ impl std::fmt::Display for Tier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The micro-kernels gemm (under Winograd, the convolutions the direct
+/// kernel does not take, and every matmul) picks for itself on this CPU:
+/// `avx512` only when built with the `avx512-gemm` feature (the default),
+/// else `avx2` (FMA), or `portable`. `CONVSCOPE_KERNELS` does not cap it.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if cfg!(feature = "avx512-gemm") && std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "avx2";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    return "neon";
+    #[allow(unreachable_code)]
+    "portable"
 }
 
 /// A `CONVSCOPE_KERNELS` value that names no tier.

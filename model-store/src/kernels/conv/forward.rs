@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use super::im2col::*;
 use super::plan::*;
 use super::*;
+use crate::kernels::tier::Tier;
 
 impl ConvOp {
     /// A 1×1, stride-1, unpadded convolution: the input is its own im2col.
@@ -283,12 +284,12 @@ impl ConvOp {
         bias: &[f32],
         packed: Option<&Arc<[f32]>>,
     ) -> Vec<f32> {
-        self.forward_by(d, x, w, bias, direct::available(), packed)
+        self.forward_by(d, x, w, bias, direct::kernel(), packed)
     }
 
-    /// The forward pass, with the product by [`direct`] where it applies
-    /// when `direct` is set (the caller checked [`direct::available`]) and
-    /// by im2col + gemm otherwise; `packed` is `w` packed for [`direct`]
+    /// The forward pass, with the product by [`direct`]'s variant for the
+    /// tier `direct` names where it applies (the caller checked the CPU
+    /// runs it: [`direct::kernel`]) and by im2col + gemm otherwise; `packed` is `w` packed for [`direct`]
     /// already ([`pack_weights`]), or `None` to pack it here.
     pub(super) fn forward_by(
         &self,
@@ -296,7 +297,7 @@ impl ConvOp {
         x: &[f32],
         w: &[f32],
         bias: &[f32],
-        direct: bool,
+        direct: Option<Tier>,
         packed: Option<&Arc<[f32]>>,
     ) -> Vec<f32> {
         let (p, threads) = (d.p(), rayon::current_num_threads());
@@ -304,13 +305,14 @@ impl ConvOp {
         let in_image = d.c * d.h * d.w;
         // Without input channels there is nothing to multiply: gemm's
         // path writes the bias alone.
-        let direct = direct && d.k() > 0;
+        let direct = direct.filter(|_| d.k() > 0);
         let plan = if self.padded_path(d) {
             Plan::Padded(Padded::new(self, d, w, direct, packed))
         } else {
-            let gemmless =
-                direct && self.groups == 1 && !self.depthwise(d) && p.is_multiple_of(direct::LANES);
-            Plan::General(gemmless.then(|| Direct::general(d, w, packed)))
+            let gemmless = direct.filter(|_| {
+                self.groups == 1 && !self.depthwise(d) && p.is_multiple_of(direct::LANES)
+            });
+            Plan::General(gemmless.map(|tier| Direct::general(tier, d, w, packed)))
         };
         if self.depthwise(d) {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {

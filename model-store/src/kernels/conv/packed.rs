@@ -20,7 +20,7 @@ pub(super) fn packed_or_pack(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -
 /// when this CPU does not run it. Packed on every call, they took 6% of a
 /// batch-1 ResNet-20 forward, so the predict path packs them once.
 pub fn pack_weights(w: &[f32], o: usize, k: usize) -> Option<Arc<[f32]>> {
-    (direct::available() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
+    (direct::kernel().is_some() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
 }
 
 /// [`ConvOp`] with its weight already packed by [`pack_weights`]; the

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::im2col::*;
 use super::packed::packed_or_pack;
 use super::*;
+use crate::kernels::tier::Tier;
 
 /// How one call computes its images.
 pub(super) enum Plan {
@@ -35,6 +36,8 @@ pub(super) struct Padded {
 /// the `K` rows of the (virtual) im2col matrix starts in the source it
 /// reads, and which vectors of it to compute.
 pub(super) struct Direct {
+    /// The tier whose variant of the kernel runs.
+    pub(super) tier: Tier,
     pub(super) packed: Arc<[f32]>,
     pub(super) offsets: Vec<usize>,
     /// `(source position, output position)` of each vector's first value.
@@ -49,9 +52,10 @@ impl Direct {
     /// For the general path, on one group: the im2col matrix `[K, P]` (or
     /// the input itself, for a pointwise convolution) read row by row, the
     /// output written in place. Needs `P` to be whole vectors.
-    pub(super) fn general(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Self {
+    pub(super) fn general(tier: Tier, d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -> Self {
         let (k, p) = (d.k(), d.p());
         Self {
+            tier,
             packed: packed_or_pack(d, w, packed),
             offsets: (0..k).map(|r| r * p).collect(),
             vectors: (0..p).step_by(direct::LANES).map(|q| (q, q)).collect(),
@@ -84,6 +88,7 @@ impl Direct {
             }
             let block = &self.packed[blk * k * direct::MR..][..k * direct::MR];
             direct::block(
+                self.tier,
                 block,
                 &self.offsets,
                 src,
@@ -105,13 +110,13 @@ impl Padded {
         op: &ConvOp,
         d: &Dims,
         w: &[f32],
-        direct: bool,
+        direct: Option<Tier>,
         packed: Option<&Arc<[f32]>>,
     ) -> Self {
         let (t, b, l, r) = op.padding;
         let (hp, wp) = (d.h + t + b, d.w + l + r);
         let (dh, dw) = op.dilation;
-        let np = if direct {
+        let np = if direct.is_some() {
             (d.oh * wp).next_multiple_of(direct::LANES)
         } else {
             d.oh * wp
@@ -125,7 +130,7 @@ impl Padded {
                 c * hp * wp + ky * dh * wp + kx * dw
             })
             .collect();
-        let direct = direct.then(|| {
+        let direct = direct.map(|tier| {
             let (lanes, vectors) = if d.ow.is_multiple_of(direct::LANES) {
                 // Whole vectors per output row, written straight out.
                 let per_row = d.ow / direct::LANES;
@@ -151,6 +156,7 @@ impl Padded {
             };
             let straight = d.ow.is_multiple_of(direct::LANES) || lanes != direct::Lanes::Contiguous;
             Direct {
+                tier,
                 packed: packed_or_pack(d, w, packed),
                 offsets: offsets.clone(),
                 vectors,

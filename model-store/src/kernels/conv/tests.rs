@@ -120,10 +120,11 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
     // others (cropped); other strides and 1×1 kernels take the
     // general path, which runs the kernel when the positions per image
     // are whole vectors.
-    let mut ways: Vec<bool> = tier::tested_tiers("direct convolution vs im2col + gemm")
-        .into_iter()
-        .map(direct::runs_at)
-        .collect();
+    let mut ways: Vec<Option<tier::Tier>> =
+        tier::tested_tiers("direct convolution vs im2col + gemm")
+            .into_iter()
+            .map(direct::kernel_at)
+            .collect();
     ways.dedup();
     let mut rng = Rng::new(17);
     let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
@@ -197,7 +198,11 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
         for &by_direct in &ways {
             let y = op.forward_by(&d, &xs, &ws, &bs, by_direct, None);
             let y = Tensor::from_vec(y, expected.dims(), &Device::Cpu).unwrap();
-            close(&y, &expected, &format!("{what}, direct {by_direct}"));
+            close(
+                &y,
+                &expected,
+                &format!("{what}, direct kernel {by_direct:?}"),
+            );
         }
     }
     assert!(
@@ -210,7 +215,7 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
 #[test]
 fn weights_packed_once_give_the_same_outputs() {
     let tiers = tier::tested_tiers("weights packed once for the direct convolution");
-    if !tiers.into_iter().any(direct::runs_at) {
+    if !tiers.into_iter().any(|t| direct::kernel_at(t).is_some()) {
         return; // said above: no tier here runs the direct kernel
     }
     let mut rng = Rng::new(23);

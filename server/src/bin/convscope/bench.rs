@@ -31,6 +31,22 @@ pub(crate) struct Timing {
     pub(crate) p90_ms: f64,
     /// Images per iteration (per-image time = median / batch).
     pub(crate) batch: usize,
+    /// Floating-point operations per iteration (2 per multiply-add of the
+    /// model's layers), for forward passes: the rate against the peak.
+    pub(crate) gflop: Option<f64>,
+}
+
+impl Timing {
+    /// For a forward pass of `model` on `batch` images.
+    fn forward_of(mut self, model: &LoadedModel) -> Self {
+        self.gflop = Some(2.0 * model.network.total_macs() as f64 * self.batch as f64 / 1e9);
+        self
+    }
+
+    /// GFLOP/s at the median.
+    pub(crate) fn gflops(&self) -> Option<f64> {
+        self.gflop.map(|g| g / (self.median_ms / 1e3))
+    }
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -64,6 +80,7 @@ fn time(
         median_ms: median,
         p90_ms: ms[((runs - 1) as f64 * 0.9) as usize],
         batch,
+        gflop: None,
     })
 }
 
@@ -94,8 +111,8 @@ fn resnet18() -> Result<LoadedModel, Error> {
     )?)
 }
 
-/// `forward graph <name> b1` for every `graph` manifest in `dir`, on a
-/// seeded random input of the manifest's size.
+/// `forward graph <name> <size> b1` and `b8` for every `graph` manifest in
+/// `dir`, on a seeded random input of the manifest's size.
 pub(crate) fn graph_models(dir: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
     let mut manifests: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -109,12 +126,15 @@ pub(crate) fn graph_models(dir: &Path, runs: usize) -> Result<Vec<Timing>, Error
             continue;
         }
         let (c, h, w) = model.network.input();
-        let x = random(&[1, c, h, w], 1)?;
-        let case = format!("forward graph {} {h} b1", model.name());
-        out.push(time(&case, 1, runs, || {
-            model.network.predict(&x)?.sum_all()?.to_scalar::<f32>()?;
-            Ok(())
-        })?);
+        for n in [1, 8] {
+            let x = random(&[n, c, h, w], 1)?;
+            let case = format!("forward graph {} {h} b{n}", model.name());
+            let t = time(&case, n, runs, || {
+                model.network.predict(&x)?.sum_all()?.to_scalar::<f32>()?;
+                Ok(())
+            })?;
+            out.push(t.forward_of(&model));
+        }
     }
     Ok(out)
 }
@@ -156,7 +176,7 @@ pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<
     ] {
         if let Some(model) = model.filter(|_| wanted(case)) {
             let x = random(&shape, 1)?;
-            out.push(time(case, shape[0], runs, || {
+            let t = time(case, shape[0], runs, || {
                 model
                     .network
                     .predict(&x)?
@@ -164,7 +184,8 @@ pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<
                     .sum_all()?
                     .to_scalar::<f32>()?;
                 Ok(())
-            })?);
+            })?;
+            out.push(t.forward_of(model));
         }
     }
     if let Some(r18) = r18.as_ref().filter(|_| wanted("gradcam resnet18 layer4.1")) {
@@ -361,6 +382,7 @@ fn http(models: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
             median_ms: v[v.len() / 2],
             p90_ms: v[(v.len() - 1) * 9 / 10],
             batch: 1,
+            gflop: None,
         }
     };
     let mut out = vec![
@@ -412,6 +434,7 @@ fn http(models: &Path, runs: usize) -> Result<Vec<Timing>, Error> {
                 .copied()
                 .unwrap_or(0.0),
             batch: 1,
+            gflop: None,
         });
     }
     drop(stop);

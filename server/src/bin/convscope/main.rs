@@ -147,28 +147,51 @@ async fn run() {
                     }
                     Ok(t)
                 });
+            // Measured after the cases, on a machine they left idle.
+            let peak = model_store::kernels::peak::gflops(tier, threads);
+            let gemm = model_store::kernels::tier::gemm_isa();
+            let percent = |g: Option<f64>| g.zip(peak).map(|(g, p)| 100.0 * g / p);
             match timings {
                 Ok(timings) if args.json => {
-                    let out = serde_json::json!({"threads": threads, "kernels": tier.name(), "runs": args.runs, "cases": timings});
+                    let cases: Vec<_> = timings
+                        .iter()
+                        .map(|t| {
+                            let mut v = serde_json::to_value(t).unwrap_or_default();
+                            v["gflops"] = serde_json::json!(t.gflops());
+                            v["peak_percent"] = serde_json::json!(percent(t.gflops()));
+                            v
+                        })
+                        .collect();
+                    let out = serde_json::json!({"threads": threads, "kernels": tier.name(), "gemm": gemm, "peak_gflops": peak, "runs": args.runs, "cases": cases});
                     println!("{out:#}");
                 }
                 Ok(timings) => {
+                    let peak_line = match peak {
+                        Some(p) => format!("{p:.0} GFLOP/s on {threads} threads"),
+                        None => "not measured at this tier".to_string(),
+                    };
                     println!(
-                        "convscope {}, candle threads: {threads}, kernel tier: {tier}, median of {} runs after 3 warm-up",
+                        "convscope {}, candle threads: {threads}, kernel tier: {tier} (gemm: {gemm}), peak at that tier: {peak_line}, median of {} runs after 3 warm-up",
                         env!("CARGO_PKG_VERSION"),
                         args.runs
                     );
                     println!(
-                        "{:<42} {:>10} {:>10} {:>12}",
-                        "case", "median ms", "p90 ms", "ms / image"
+                        "{:<42} {:>10} {:>10} {:>12} {:>9} {:>7}",
+                        "case", "median ms", "p90 ms", "ms / image", "GFLOP/s", "% peak"
                     );
+                    let or_dash = |v: Option<f64>, w: usize| match v {
+                        Some(v) => format!("{v:>w$.0}"),
+                        None => format!("{:>w$}", "-"),
+                    };
                     for t in timings {
                         println!(
-                            "{:<42} {:>10.2} {:>10.2} {:>12.2}",
+                            "{:<42} {:>10.2} {:>10.2} {:>12.2} {} {}",
                             t.case,
                             t.median_ms,
                             t.p90_ms,
-                            t.median_ms / t.batch as f64
+                            t.median_ms / t.batch as f64,
+                            or_dash(t.gflops(), 9),
+                            or_dash(percent(t.gflops()), 7),
                         );
                     }
                 }
