@@ -433,6 +433,10 @@ impl Conv2d {
             Activation::Identity => Ok(y),
             Activation::Relu => y.relu(),
             Activation::Relu6 => y.clamp(0f32, 6f32),
+            Activation::Silu => y.silu(),
+            Activation::Sigmoid => candle_nn::ops::sigmoid(&y),
+            Activation::Hardswish => y.mul(&((&y + 3.0)?.clamp(0f32, 6f32)? / 6.0)?),
+            Activation::Hardsigmoid => (y + 3.0)?.clamp(0f32, 6f32)? / 6.0,
         }
     }
 

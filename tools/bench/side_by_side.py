@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LINE = re.compile(r"^(?P<case>\S.*?)\s{2,}(?P<median>[\d.]+)\s+(?P<p90>[\d.]+)\s+(?P<per>[\d.]+)$")
+LINE = re.compile(r"^(?P<case>\S.*?)\s{2,}(?P<median>[\d.]+)\s+(?P<p90>[\d.]+)\s+(?P<per>[\d.]+)(\s+\S+\s+\S+)?$")
 
 
 def cases(text):

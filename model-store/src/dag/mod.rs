@@ -206,7 +206,7 @@ impl Dag {
                         last = j;
                     }
                     if let Some(k) = only(last)
-                        && let Some(a) = relu_of(&self.nodes[k].op)
+                        && let Some(a) = activation_of(&self.nodes[k].op)
                     {
                         covers.push(k);
                         activation = a;
@@ -225,7 +225,7 @@ impl Dag {
                     let same = self.shape_of(a) == self.shape_of(b);
                     if let Some(k) = only(i)
                         && same
-                        && relu_of(&self.nodes[k].op) == Some(Activation::Relu)
+                        && activation_of(&self.nodes[k].op) == Some(Activation::Relu)
                     {
                         covers.push(k);
                         activation = Activation::Relu;
@@ -385,10 +385,15 @@ impl Dag {
     }
 }
 
-fn relu_of(op: &GraphOp) -> Option<Activation> {
+/// The activation a convolution can apply in its own pass, if `op` is one.
+fn activation_of(op: &GraphOp) -> Option<Activation> {
     match op {
         GraphOp::Unary(ops::Unary::Relu) => Some(Activation::Relu),
         GraphOp::Unary(ops::Unary::Relu6) => Some(Activation::Relu6),
+        GraphOp::Unary(ops::Unary::Silu) => Some(Activation::Silu),
+        GraphOp::Unary(ops::Unary::Sigmoid) => Some(Activation::Sigmoid),
+        GraphOp::Unary(ops::Unary::Hardswish) => Some(Activation::Hardswish),
+        GraphOp::Unary(ops::Unary::Hardsigmoid) => Some(Activation::Hardsigmoid),
         _ => None,
     }
 }

@@ -316,6 +316,8 @@ unsafe fn tile_avx2<const C: usize, const H: usize>(
                     Activation::Identity => y,
                     Activation::Relu => _mm256_max_ps(y, zero),
                     Activation::Relu6 => _mm256_min_ps(six, _mm256_max_ps(zero, y)),
+                    // Applied by the caller after the block (`in_registers`).
+                    _ => y,
                 };
                 _mm256_storeu_ps(dst.add((c0 + i) * ld + at), y);
             }
@@ -389,6 +391,8 @@ unsafe fn tile<const V: usize, const SPLIT: bool>(
                     Activation::Identity => y,
                     Activation::Relu => _mm512_max_ps(y, zero),
                     Activation::Relu6 => _mm512_min_ps(six, _mm512_max_ps(zero, y)),
+                    // Applied by the caller after the block (`in_registers`).
+                    _ => y,
                 };
                 _mm512_storeu_ps(dst.add(i * ld + at), y);
             }

@@ -3,6 +3,7 @@
 //! implementation on random shapes, at every instruction-set tier the CPU
 //! has ([`tier`]).
 
+pub mod activation;
 pub mod conv;
 mod direct;
 pub mod elementwise;

@@ -222,40 +222,44 @@ impl ConvOp {
                 for (oy, dst) in y.chunks_exact_mut(d.ow).enumerate() {
                     let src = &tmp[o * np + oy * wp..][..d.ow];
                     for (v, s) in dst.iter_mut().zip(src) {
-                        *v = self.activation.apply(s + bo);
+                        *v = s + bo;
                     }
                 }
+                self.activation.apply_slice(y);
             };
             for_each_chunk(&mut out[..d.o * p], p, threads, finish);
         });
     }
 
-    /// Depthwise: each output plane from its one input plane.
-    pub(super) fn forward_depthwise_plane(&self, d: &Dims, x: &[f32], w: &[f32], out: &mut [f32]) {
-        out.fill(0.0);
-        let sw = self.stride.1;
-        for ky in 0..d.kh {
-            for kx in 0..d.kw {
-                let wv = w[ky * d.kw + kx];
-                let (ox0, ox1, off) = column_span(d, self, kx);
-                for (oy, dst) in out.chunks_exact_mut(d.ow).enumerate() {
-                    let Some(iy) = input_row(d, self, oy, ky) else {
-                        continue;
-                    };
-                    let src = &x[iy * d.w..(iy + 1) * d.w];
-                    let first = ((ox0 * sw) as isize + off) as usize;
-                    if sw == 1 {
-                        for (o, i) in dst[ox0..ox1].iter_mut().zip(&src[first..]) {
-                            *o += wv * i;
-                        }
-                    } else {
-                        for (j, o) in dst[ox0..ox1].iter_mut().enumerate() {
-                            *o += wv * src[first + j * sw];
-                        }
-                    }
+    /// Depthwise: each output plane from its one input plane, bias and
+    /// activation included, at `tier` (see [`depthwise_plane`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_depthwise_plane(
+        &self,
+        tier: Tier,
+        d: &Dims,
+        x: &[f32],
+        w: &[f32],
+        bias: f32,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: each variant runs only where the CPU has its
+            // instructions.
+            #[allow(unsafe_code)]
+            unsafe {
+                if tier >= Tier::Avx512 && Tier::Avx512.supported() {
+                    return depthwise_avx512(self, d, x, w, bias, out, scratch);
+                }
+                if tier >= Tier::Avx2 && Tier::Avx2.supported() {
+                    return depthwise_avx2(self, d, x, w, bias, out, scratch);
                 }
             }
         }
+        let _ = tier;
+        depthwise_plane(self, d, x, w, bias, out, scratch);
     }
 
     /// [`CustomOp3::cpu_fwd`], with the weight already packed or not.
@@ -284,12 +288,12 @@ impl ConvOp {
         bias: &[f32],
         packed: Option<&Arc<[f32]>>,
     ) -> Vec<f32> {
-        self.forward_by(d, x, w, bias, direct::kernel(), packed)
+        self.forward_by(d, x, w, bias, crate::kernels::tier::active(), packed)
     }
 
-    /// The forward pass, with the product by [`direct`]'s variant for the
-    /// tier `direct` names where it applies (the caller checked the CPU
-    /// runs it: [`direct::kernel`]) and by im2col + gemm otherwise; `packed` is `w` packed for [`direct`]
+    /// The forward pass at `tier` (capped to what the CPU has): the product
+    /// by [`direct`]'s variant for it where it applies and by im2col + gemm
+    /// otherwise, depthwise planes and activations by its variants; `packed` is `w` packed for [`direct`]
     /// already ([`pack_weights`]), or `None` to pack it here.
     pub(super) fn forward_by(
         &self,
@@ -297,15 +301,16 @@ impl ConvOp {
         x: &[f32],
         w: &[f32],
         bias: &[f32],
-        direct: Option<Tier>,
+        tier: Tier,
         packed: Option<&Arc<[f32]>>,
     ) -> Vec<f32> {
+        let tier = tier.min(Tier::detected());
         let (p, threads) = (d.p(), rayon::current_num_threads());
         let mut out = vec![0f32; d.n * d.o * p];
         let in_image = d.c * d.h * d.w;
         // Without input channels there is nothing to multiply: gemm's
         // path writes the bias alone.
-        let direct = direct.filter(|_| d.k() > 0);
+        let direct = direct::kernel_at(tier).filter(|_| d.k() > 0);
         let plan = if self.padded_path(d) {
             Plan::Padded(Padded::new(self, d, w, direct, packed))
         } else {
@@ -315,12 +320,15 @@ impl ConvOp {
             Plan::General(gemmless.map(|tier| Direct::general(tier, d, w, packed)))
         };
         if self.depthwise(d) {
-            out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
-                let (img, ch) = (plane / d.o, plane % d.o);
-                let xs = &x[img * in_image + ch * d.h * d.w..][..d.h * d.w];
-                let ws = &w[ch * d.kh * d.kw..(ch + 1) * d.kh * d.kw];
-                self.forward_depthwise_plane(d, xs, ws, y);
-            });
+            out.par_chunks_mut(p)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (plane, y)| {
+                    let (img, ch) = (plane / d.o, plane % d.o);
+                    let xs = &x[img * in_image + ch * d.h * d.w..][..d.h * d.w];
+                    let ws = &w[ch * d.kh * d.kw..(ch + 1) * d.kh * d.kw];
+                    let b = bias.get(ch).copied().unwrap_or(0.0);
+                    self.forward_depthwise_plane(tier, d, xs, ws, b, y, scratch);
+                });
         } else if d.n >= threads || threads == 1 {
             out.par_chunks_mut(d.o * p)
                 .enumerate()
@@ -341,18 +349,119 @@ impl ConvOp {
                 );
             }
         }
-        // The padded path and the direct kernel applied the bias and
-        // activation themselves.
+        // The padded path, the direct kernel and the depthwise kernel
+        // applied the bias and activation themselves.
         if matches!(plan, Plan::General(None))
+            && !self.depthwise(d)
             && (!bias.is_empty() || self.activation != Activation::Identity)
         {
             out.par_chunks_mut(p).enumerate().for_each(|(plane, y)| {
                 let b = bias.get(plane % d.o).copied().unwrap_or(0.0);
-                for v in y {
-                    *v = self.activation.apply(*v + b);
+                for v in y.iter_mut() {
+                    *v += b;
                 }
+                self.activation.apply_slice_at(tier, y);
             });
         }
         out
     }
+}
+
+/// Output columns per register block of the depthwise kernel.
+const DW_LANES: usize = 8;
+
+/// One depthwise plane. The input is copied once into `scratch`, zero
+/// padded and split into `sw` column phases (phase `q` holds padded columns
+/// `q, q + sw, …`), so that every kernel tap reads a contiguous run for
+/// any stride and dilation. Each block of [`DW_LANES`] output columns then
+/// sums all `kh · kw` taps in registers from the bias, applies the
+/// activation and is stored once. Written once, compiled for each tier
+/// (`depthwise_avx2`, `depthwise_avx512`): the block is the compiler's
+/// vector at that tier's width. The tap loop, not a pass over the plane per
+/// tap, keeps the output out of memory until it is final.
+#[inline(always)]
+fn depthwise_plane(
+    op: &ConvOp,
+    d: &Dims,
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let ((sh, sw), (dh, dw)) = (op.stride, op.dilation);
+    let (t, b, l, r) = op.padding;
+    let (hp, wp) = (d.h + t + b, d.w + l + r);
+    // Columns per phase row, with the slack the last block reads.
+    let wq = wp.div_ceil(sw) + DW_LANES;
+    scratch.clear();
+    scratch.resize(sw * hp * wq, 0.0);
+    for q in 0..sw {
+        // Padded columns q, q + sw, … that hold input column ix = px − l.
+        let first = l.saturating_sub(q).div_ceil(sw);
+        for iy in 0..d.h {
+            let src = &x[iy * d.w..(iy + 1) * d.w];
+            let dst = &mut scratch[(q * hp + iy + t) * wq..][..wq];
+            for (j, v) in dst.iter_mut().enumerate().skip(first) {
+                let px = q + j * sw;
+                if px - l >= d.w {
+                    break;
+                }
+                *v = src[px - l];
+            }
+        }
+    }
+    // Where tap (ky, kx) starts, for output (0, 0).
+    let taps: Vec<(usize, f32)> = (0..d.kh * d.kw)
+        .map(|k| {
+            let (ky, kx) = (k / d.kw, k % d.kw);
+            let (q, shift) = ((kx * dw) % sw, (kx * dw) / sw);
+            ((q * hp + ky * dh) * wq + shift, w[k])
+        })
+        .collect();
+    for (oy, row) in out.chunks_exact_mut(d.ow).enumerate() {
+        let base = oy * sh * wq;
+        for ox in (0..d.ow).step_by(DW_LANES) {
+            let mut acc = [bias; DW_LANES];
+            for &(at, wk) in &taps {
+                let src = &scratch[base + at + ox..][..DW_LANES];
+                for (a, &v) in acc.iter_mut().zip(src) {
+                    *a += wk * v;
+                }
+            }
+            let n = (d.ow - ox).min(DW_LANES);
+            row[ox..ox + n].copy_from_slice(&acc[..n]);
+        }
+        op.activation.apply_slice_inline(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_avx2(
+    op: &ConvOp,
+    d: &Dims,
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    depthwise_plane(op, d, x, w, bias, out, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+#[target_feature(enable = "avx512f")]
+unsafe fn depthwise_avx512(
+    op: &ConvOp,
+    d: &Dims,
+    x: &[f32],
+    w: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    depthwise_plane(op, d, x, w, bias, out, scratch)
 }

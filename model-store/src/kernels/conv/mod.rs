@@ -46,35 +46,7 @@ use super::direct;
 pub(super) use im2col::{Mat, matmul};
 pub use packed::{PackedConvOp, pack_weights};
 
-/// The activation applied to the convolution's output in the same pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// None.
-    Identity,
-    /// `max(x, 0)`.
-    Relu,
-    /// `min(max(x, 0), 6)`.
-    Relu6,
-}
-
-impl Activation {
-    pub(super) fn apply(self, v: f32) -> f32 {
-        match self {
-            Self::Identity => v,
-            Self::Relu => v.max(0.0),
-            Self::Relu6 => v.clamp(0.0, 6.0),
-        }
-    }
-
-    /// Whether the gradient flows through an output of value `y`.
-    fn passes(self, y: f32) -> bool {
-        match self {
-            Self::Identity => true,
-            Self::Relu => y > 0.0,
-            Self::Relu6 => y > 0.0 && y < 6.0,
-        }
-    }
-}
+pub use super::activation::Activation;
 
 /// The convolution's geometry; applied with `Tensor::apply_op3(weight, bias)`
 /// where an empty bias (`[0]`) means none.
@@ -191,10 +163,22 @@ impl CustomOp3 for ConvOp {
         let p = d.p();
         let mut g = to_vec(grad_res)?;
         if self.activation != Activation::Identity {
-            for (gv, y) in g.iter_mut().zip(to_vec(res)?) {
-                if !self.activation.passes(y) {
-                    *gv = 0.0;
-                }
+            // The smooth activations' slope needs the value before them:
+            // the convolution again, without the activation.
+            let z = if self.activation.needs_input() {
+                let linear = Self {
+                    activation: Activation::Identity,
+                    ..*self
+                };
+                linear.forward(&d, &to_vec(x)?, &to_vec(w)?, &to_vec(bias)?, None)
+            } else {
+                Vec::new()
+            };
+            let y = to_vec(res)?;
+            for (i, gv) in g.iter_mut().enumerate() {
+                *gv *= self
+                    .activation
+                    .derivative(z.get(i).copied().unwrap_or(0.0), y[i]);
             }
         }
         let db = (bias.elem_count() > 0 && bias.track_op())

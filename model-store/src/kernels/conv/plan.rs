@@ -100,6 +100,9 @@ impl Direct {
                 &b,
                 activation,
             );
+            if !activation.in_registers() {
+                activation.apply_slice_at(self.tier, &mut dst[..rows * ld]);
+            }
         };
         for_each_chunk(&mut target[..d.o * ld], direct::MR * ld, threads, run);
     }

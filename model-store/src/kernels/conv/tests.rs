@@ -9,6 +9,17 @@ use super::*;
 use crate::kernels::testing::Cases as Rng;
 use crate::kernels::tier;
 
+/// Every activation a convolution can fuse.
+const ACTIVATIONS: [Activation; 7] = [
+    Activation::Identity,
+    Activation::Relu,
+    Activation::Relu6,
+    Activation::Silu,
+    Activation::Sigmoid,
+    Activation::Hardswish,
+    Activation::Hardsigmoid,
+];
+
 /// A random case: the op, input, weight and bias (maybe empty).
 fn case(rng: &mut Rng) -> (ConvOp, Tensor, Tensor, Tensor) {
     let groups = [1, 1, 2, 3][rng.below(4)];
@@ -19,13 +30,15 @@ fn case(rng: &mut Rng) -> (ConvOp, Tensor, Tensor, Tensor) {
         (1 + rng.below(4), 1 + rng.below(5))
     };
     let groups = if depthwise { 1 + rng.below(5) } else { groups };
-    let (kh, kw) = (1 + rng.below(4), 1 + rng.below(4));
+    // Depthwise kernels up to 5×5 (MobileNet, EfficientNet, MnasNet).
+    let most = if depthwise { 5 } else { 4 };
+    let (kh, kw) = (1 + rng.below(most), 1 + rng.below(most));
     let op = ConvOp {
         stride: (1 + rng.below(3), 1 + rng.below(3)),
         dilation: (1 + rng.below(2), 1 + rng.below(2)),
         padding: (rng.below(3), rng.below(3), rng.below(3), rng.below(3)),
         groups,
-        activation: [Activation::Identity, Activation::Relu, Activation::Relu6][rng.below(3)],
+        activation: ACTIVATIONS[rng.below(ACTIVATIONS.len())],
     };
     let (eh, ew) = (op.dilation.0 * (kh - 1) + 1, op.dilation.1 * (kw - 1) + 1);
     let (h, w) = (eh + rng.below(9), ew + rng.below(9));
@@ -58,6 +71,12 @@ fn reference(op: &ConvOp, x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
         Activation::Identity => y,
         Activation::Relu => y.relu().unwrap(),
         Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+        Activation::Silu => y.silu().unwrap(),
+        Activation::Sigmoid => candle_nn::ops::sigmoid(&y).unwrap(),
+        Activation::Hardswish => y
+            .mul(&((&y + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap())
+            .unwrap(),
+        Activation::Hardsigmoid => ((y + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap(),
     }
 }
 
@@ -94,21 +113,35 @@ fn candle_differentiates(op: &ConvOp, x: &Tensor, w: &Tensor) -> bool {
 
 #[test]
 fn forward_matches_candle_on_random_shapes() {
+    // Groups, depthwise planes (a quarter of the cases) and every
+    // activation, at each tier (the depthwise kernel and the activations
+    // have a variant per tier).
+    let tiers = tier::tested_tiers("convolution (groups, depthwise, activations) vs candle");
     let mut rng = Rng::new(3);
-    let mut checked = 0;
+    let (mut checked, mut depthwise) = (0, 0);
     while checked < 400 {
         let (op, x, w, b) = case(&mut rng);
         if !symmetric(&op) {
             continue;
         }
-        let ours = x.apply_op3(&w, &b, op).unwrap();
-        close(
-            &ours,
-            &reference(&op, &x, &w, &b),
-            &format!("{op:?} x{:?} w{:?}", x.dims(), w.dims()),
+        let what = format!("{op:?} x{:?} w{:?}", x.dims(), w.dims());
+        let expected = reference(&op, &x, &w, &b);
+        close(&x.apply_op3(&w, &b, op).unwrap(), &expected, &what);
+        let d = op.dims(x.layout(), w.layout()).unwrap();
+        depthwise += usize::from(op.depthwise(&d));
+        let (xs, ws, bs) = (
+            to_vec(&x).unwrap(),
+            to_vec(&w).unwrap(),
+            to_vec(&b).unwrap(),
         );
+        for &t in &tiers {
+            let y = op.forward_by(&d, &xs, &ws, &bs, t, None);
+            let y = Tensor::from_vec(y, expected.dims(), &Device::Cpu).unwrap();
+            close(&y, &expected, &format!("{what}, {t} tier"));
+        }
         checked += 1;
     }
+    assert!(depthwise >= 60, "only {depthwise} depthwise cases");
 }
 
 #[test]
@@ -120,12 +153,7 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
     // others (cropped); other strides and 1×1 kernels take the
     // general path, which runs the kernel when the positions per image
     // are whole vectors.
-    let mut ways: Vec<Option<tier::Tier>> =
-        tier::tested_tiers("direct convolution vs im2col + gemm")
-            .into_iter()
-            .map(direct::kernel_at)
-            .collect();
-    ways.dedup();
+    let ways = tier::tested_tiers("direct convolution vs im2col + gemm");
     let mut rng = Rng::new(17);
     let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
     for case in 0..240 {
@@ -151,7 +179,7 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
             dilation: (dil, dil),
             padding: pad,
             groups: 1,
-            activation: [Activation::Identity, Activation::Relu, Activation::Relu6][rng.below(3)],
+            activation: ACTIVATIONS[rng.below(ACTIVATIONS.len())],
         };
         let (eh, ew) = (dil * (kh - 1) + 1, dil * (kw - 1) + 1);
         // An output width of 8, 16 or 32 half the time, any other else.
@@ -195,14 +223,10 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
             to_vec(&wt).unwrap(),
             to_vec(&b).unwrap(),
         );
-        for &by_direct in &ways {
-            let y = op.forward_by(&d, &xs, &ws, &bs, by_direct, None);
+        for &t in &ways {
+            let y = op.forward_by(&d, &xs, &ws, &bs, t, None);
             let y = Tensor::from_vec(y, expected.dims(), &Device::Cpu).unwrap();
-            close(
-                &y,
-                &expected,
-                &format!("{what}, direct kernel {by_direct:?}"),
-            );
+            close(&y, &expected, &format!("{what}, {t} tier"));
         }
     }
     assert!(
