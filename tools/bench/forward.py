@@ -9,6 +9,7 @@ Adam training step of CNN_A on a batch of 64.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -99,7 +100,10 @@ def main():
         opt.step()
     rows.append(("train step cnn_a b64 adam", 64, *timed(step, args.runs)))
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.runs} runs after 3 warm-up")
+    caps = {k: os.environ.get(k, "") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} ({', '.join(f'{k}={v}' for k, v in caps.items())}), "
+          f"median of {args.runs} runs after 3 warm-up")
     print(f"{'case':<42} {'median ms':>10} {'p90 ms':>10} {'ms / image':>12}")
     for case, batch, med, p90 in rows:
         print(f"{case:<42} {med:>10.2f} {p90:>10.2f} {med / batch:>12.2f}")

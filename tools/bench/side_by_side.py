@@ -6,6 +6,14 @@ in the same drift, and the range shows how far one round can stray.
 
     cargo build --release
     /root/venv/bin/python tools/bench/side_by_side.py --rounds 3 --threads 2 --runs 30
+
+`--tier avx2` caps both sides to AVX2: convscope with CONVSCOPE_KERNELS=avx2,
+PyTorch with ATEN_CPU_CAPABILITY=avx2 (its own kernels), ONEDNN_MAX_CPU_ISA=AVX2
+(its convolutions) and MKL_ENABLE_INSTRUCTIONS=AVX2 (its matmuls). For a
+like-for-like AVX2 run on an AVX-512 machine, pass a convscope built without
+gemm's AVX-512 kernels: `cargo build --release -p convscope
+--no-default-features --target-dir target/avx2-gemm` and `--convscope
+target/avx2-gemm/release/convscope`.
 """
 
 import argparse
@@ -36,15 +44,27 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--convscope", default=str(ROOT / "target" / "release" / "convscope"))
+    ap.add_argument("--tier", choices=["native", "avx2"], default="native")
+    ap.add_argument("--only", help="only the cases whose name contains this")
     args = ap.parse_args()
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    if args.tier == "avx2":
+        env.update(CONVSCOPE_KERNELS="avx2", ATEN_CPU_CAPABILITY="avx2",
+                   ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     ours_cmd = [args.convscope, "bench", "--runs", str(args.runs)]
     torch_cmd = [sys.executable, str(ROOT / "tools" / "bench" / "forward.py"),
                  "--threads", str(args.threads), "--runs", str(args.runs)]
+    if args.only:
+        ours_cmd += ["--only", args.only]
     rounds = []
     for r in range(args.rounds):
         ours = subprocess.run(ours_cmd, env=env, capture_output=True, text=True, check=True).stdout
-        theirs = subprocess.run(torch_cmd, capture_output=True, text=True, check=True).stdout
+        theirs = subprocess.run(torch_cmd, env=env, capture_output=True, text=True, check=True).stdout
+        if r == 0:
+            # Both sides' header: threads, kernel tier, gemm, peak; torch's
+            # version and CPU capability.
+            print(next(l for l in ours.splitlines() if l.startswith("convscope ")))
+            print(next(l for l in theirs.splitlines() if l.startswith("torch ")))
         rounds.append((cases(ours), cases(theirs)))
         print(f"round {r + 1} of {args.rounds} done", file=sys.stderr)
     print(f"{args.rounds} rounds, convscope then PyTorch in each; {args.threads} threads; "
