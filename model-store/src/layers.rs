@@ -225,6 +225,20 @@ pub struct Conv2d {
     pub prepared: Option<Arc<Prepared>>,
 }
 
+/// `activation` by candle's ops (devices and dtypes the fused CPU kernels
+/// do not take).
+fn activate(y: Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+    match activation {
+        Activation::Identity => Ok(y),
+        Activation::Relu => y.relu(),
+        Activation::Relu6 => y.clamp(0f32, 6f32),
+        Activation::Silu => y.silu(),
+        Activation::Sigmoid => candle_nn::ops::sigmoid(&y),
+        Activation::Hardswish => y.mul(&((&y + 3.0)?.clamp(0f32, 6f32)? / 6.0)?),
+        Activation::Hardsigmoid => (y + 3.0)?.clamp(0f32, 6f32)? / 6.0,
+    }
+}
+
 /// A convolution made ready for inference once, at load: the batch norm
 /// after it folded in (`W' = W · s`, `b' = b · s + shift` per output
 /// channel with `s = γ / sqrt(var + eps)`, PyTorch's `fuse_conv_bn_eval`),
@@ -429,15 +443,7 @@ impl Conv2d {
             Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
             None => y,
         };
-        match activation {
-            Activation::Identity => Ok(y),
-            Activation::Relu => y.relu(),
-            Activation::Relu6 => y.clamp(0f32, 6f32),
-            Activation::Silu => y.silu(),
-            Activation::Sigmoid => candle_nn::ops::sigmoid(&y),
-            Activation::Hardswish => y.mul(&((&y + 3.0)?.clamp(0f32, 6f32)? / 6.0)?),
-            Activation::Hardsigmoid => (y + 3.0)?.clamp(0f32, 6f32)? / 6.0,
-        }
+        activate(y, activation)
     }
 
     /// Output geometry; fails when the input channels or size do not fit.
@@ -564,7 +570,27 @@ impl BatchNorm2d {
 
     /// Normalises an NCHW batch with the running statistics.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+        self.forward_with(x, Activation::Identity)
+    }
+
+    /// [`Self::forward`], then `activation`: one pass on the CPU (f32,
+    /// NCHW), candle's ops elsewhere.
+    pub fn forward_with(&self, x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 {
+            let v = |t: &Tensor| -> candle_core::Result<Arc<[f32]>> {
+                Ok(Arc::from(t.flatten_all()?.to_vec1::<f32>()?))
+            };
+            let op = crate::kernels::elementwise::ChannelAffine {
+                scale: v(&self.scale)?,
+                shift: v(&self.shift)?,
+                activation,
+            };
+            return x.contiguous()?.apply_op1(op);
+        }
+        activate(
+            x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?,
+            activation,
+        )
     }
 
     /// Same shape; checks the channel count.

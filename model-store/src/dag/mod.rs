@@ -185,10 +185,21 @@ impl Dag {
             })
             .collect();
         let only = |i: usize| sole[i];
+        let mut absorbed = vec![false; self.nodes.len()];
         for i in 0..self.nodes.len() {
             let mut covers = Vec::new();
             let mut activation = Activation::Identity;
             match &self.nodes[i].op {
+                // A batch norm no convolution absorbed (DenseNet's
+                // pre-activation), with the activation after it.
+                GraphOp::BatchNorm(_) if !absorbed[i] => {
+                    if let Some(k) = only(i)
+                        && let Some(a) = activation_of(&self.nodes[k].op)
+                    {
+                        covers.push(k);
+                        activation = a;
+                    }
+                }
                 GraphOp::Conv(conv) => {
                     let mut last = i;
                     let bn = only(i).and_then(|j| match &self.nodes[j].op {
@@ -234,6 +245,9 @@ impl Dag {
                 _ => {}
             }
             if !covers.is_empty() {
+                for &j in &covers {
+                    absorbed[j] = true;
+                }
                 self.fusions[i] = Some(Fusion { covers, activation });
             }
         }
@@ -290,6 +304,7 @@ impl Dag {
                                 // when the chain covers one.
                                 conv.forward_fused(inputs[0], p, f.activation)
                             }
+                            GraphOp::BatchNorm(bn) => bn.forward_with(inputs[0], f.activation),
                             _ => crate::kernels::elementwise::add_relu(inputs[0], inputs[1]),
                         }
                         .map_err(|source| Error::Forward {

@@ -690,7 +690,7 @@ impl GraphOp {
                     match op {
                         BinOp::Add => x.broadcast_add(y),
                         BinOp::Sub => x.broadcast_sub(y),
-                        BinOp::Mul => x.broadcast_mul(y),
+                        BinOp::Mul => crate::kernels::elementwise::mul(x, y),
                         BinOp::Div => x.broadcast_div(y),
                     }
                 }

@@ -166,7 +166,7 @@ unsafe fn slice_avx512(a: Activation, v: &mut [f32]) {
 
 /// `e^x` in float32 to about 2 ulp (Cephes' `expf`: `x = n·ln 2 + r`,
 /// a degree-6 polynomial in `r`, times `2^n` built from its bits), without
-/// branches so that it vectorises. Saturates at `e^±88` (below `e^−87.3`
+/// branches or float-to-int conversions so that it vectorises. Saturates at `e^±88` (below `e^−87.3`
 /// it gives `e^−87.3`, a float32 denormal boundary); NaN stays NaN.
 #[inline(always)]
 pub(super) fn exp(x: f32) -> f32 {
@@ -174,7 +174,8 @@ pub(super) fn exp(x: f32) -> f32 {
     // 1.5 · 2^23: adding and subtracting it rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let big = x * LOG2E + ROUND;
+    let n = big - ROUND;
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_199_9e-3;
@@ -183,7 +184,10 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2^n from `big`'s low mantissa bits, which hold 2^22 + n: adding the
+    // bias and shifting drops the rest. (`n as i32` would not vectorise:
+    // Rust's saturating float-to-int conversion is a branch per lane.)
+    y * f32::from_bits(big.to_bits().wrapping_add(127) << 23)
 }
 
 #[cfg(test)]

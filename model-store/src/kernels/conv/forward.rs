@@ -397,17 +397,23 @@ fn depthwise_plane(
     scratch.clear();
     scratch.resize(sw * hp * wq, 0.0);
     for q in 0..sw {
-        // Padded columns q, q + sw, … that hold input column ix = px − l.
+        // Padded columns q + j·sw for j in first..end hold input columns
+        // ix = q + j·sw − l (0 ≤ ix < W).
         let first = l.saturating_sub(q).div_ceil(sw);
+        let end = (d.w + l).saturating_sub(q).div_ceil(sw).min(wq);
         for iy in 0..d.h {
             let src = &x[iy * d.w..(iy + 1) * d.w];
             let dst = &mut scratch[(q * hp + iy + t) * wq..][..wq];
-            for (j, v) in dst.iter_mut().enumerate().skip(first) {
-                let px = q + j * sw;
-                if px - l >= d.w {
-                    break;
+            if sw == 1 {
+                dst[l..l + d.w].copy_from_slice(src);
+            } else if first < end {
+                let start = q + first * sw - l;
+                for (v, &s) in dst[first..end]
+                    .iter_mut()
+                    .zip(src[start..].iter().step_by(sw))
+                {
+                    *v = s;
                 }
-                *v = src[px - l];
             }
         }
     }
