@@ -361,7 +361,7 @@ impl Conv2d {
                 Ok::<_, candle_core::Error>(Arc::from(winograd::transform_weights(&w, o, i)))
             })
             .transpose()?;
-        let packed = (self.groups == 1
+        let packed = (conv::packs(o, self.groups)
             && winograd.is_none()
             && weight.device().is_cpu()
             && weight.dtype() == DType::F32)

@@ -99,8 +99,12 @@ impl ConvOp {
             if self.pointwise(d) {
                 dir.run(d, x, out, p, bias, self.activation, threads);
             } else {
-                with_scratch(k * p, NO_PADDED_INPUT, |col, _| {
-                    im2col(d, self, x, col, threads);
+                // Each group's im2col after the previous one's.
+                let plane = d.cg * d.h * d.w;
+                with_scratch(self.groups * k * p, NO_PADDED_INPUT, |col, _| {
+                    for (g, col) in col.chunks_exact_mut(k * p).enumerate() {
+                        im2col(d, self, &x[g * plane..(g + 1) * plane], col, threads);
+                    }
                     dir.run(d, col, out, p, bias, self.activation, threads);
                 });
             }
@@ -144,8 +148,22 @@ impl ConvOp {
     /// one contiguous copy (`OH · Wp` values) instead of one per output row,
     /// and the `kw − 1` extra columns per row are dropped by the epilogue
     /// that adds the bias and applies the activation.
-    pub(super) fn padded_path(&self, d: &Dims) -> bool {
-        self.stride == (1, 1) && self.groups == 1 && !self.pointwise(d) && !self.depthwise(d)
+    ///
+    /// Grouped convolutions take it only with the direct kernel
+    /// (`direct`), when [`Self::direct_groups`].
+    pub(super) fn padded_path(&self, d: &Dims, direct: bool) -> bool {
+        self.stride == (1, 1)
+            && (self.groups == 1 || direct && self.direct_groups(d))
+            && !self.pointwise(d)
+            && !self.depthwise(d)
+    }
+
+    /// Whether the direct kernel takes these groups: one group, or whole
+    /// blocks of [`direct::MR`] output channels per group (ResNeXt's and
+    /// RegNet's grouped 3×3 convolutions from 8 channels a group), so that
+    /// a block reads one group's rows.
+    pub(super) fn direct_groups(&self, d: &Dims) -> bool {
+        self.groups == 1 || (!self.depthwise(d) && d.og.is_multiple_of(direct::MR))
     }
 
     /// One image through [`Self::padded_path`], epilogue included: the
@@ -311,12 +329,11 @@ impl ConvOp {
         // Without input channels there is nothing to multiply: gemm's
         // path writes the bias alone.
         let direct = direct::kernel_at(tier).filter(|_| d.k() > 0);
-        let plan = if self.padded_path(d) {
+        let plan = if self.padded_path(d, direct.is_some()) {
             Plan::Padded(Padded::new(self, d, w, direct, packed))
         } else {
-            let gemmless = direct.filter(|_| {
-                self.groups == 1 && !self.depthwise(d) && p.is_multiple_of(direct::LANES)
-            });
+            let gemmless =
+                direct.filter(|_| self.direct_groups(d) && p.is_multiple_of(direct::LANES));
             Plan::General(gemmless.map(|tier| Direct::general(tier, d, w, packed)))
         };
         if self.depthwise(d) {

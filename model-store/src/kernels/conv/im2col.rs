@@ -186,6 +186,11 @@ pub(super) fn im2col_row(d: &Dims, op: &ConvOp, x: &[f32], r: usize, row: &mut [
         let src = &plane[iy * d.w..(iy + 1) * d.w];
         dst[..ox0].fill(0.0);
         dst[ox1..].fill(0.0);
+        // A tap that sees only padding (padding wider than the output
+        // reaches) has no columns, and `first` may lie before the row.
+        if ox0 == ox1 {
+            continue;
+        }
         let first = (ox0 * sw) as isize + off;
         if sw == 1 {
             dst[ox0..ox1].copy_from_slice(&src[first as usize..first as usize + (ox1 - ox0)]);
@@ -207,6 +212,9 @@ pub(super) fn col2im_row(d: &Dims, op: &ConvOp, row: &[f32], r: usize, dx: &mut 
         let Some(iy) = input_row(d, op, oy, ky) else {
             continue;
         };
+        if ox0 == ox1 {
+            continue; // as in `im2col_row`
+        }
         let dst = &mut plane[iy * d.w..(iy + 1) * d.w];
         let first = (ox0 * sw) as isize + off;
         for (i, v) in src[ox0..ox1].iter().enumerate() {

@@ -44,7 +44,7 @@ use rayon::prelude::*;
 
 use super::direct;
 pub(super) use im2col::{Mat, matmul};
-pub use packed::{PackedConvOp, pack_weights};
+pub use packed::{PackedConvOp, pack_weights, packs};
 
 pub use super::activation::Activation;
 

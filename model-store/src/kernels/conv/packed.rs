@@ -15,10 +15,18 @@ pub(super) fn packed_or_pack(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -
     }
 }
 
-/// A one-group convolution's weights `[O, I, kh, kw]` packed once (at load,
-/// for [`PackedConvOp`]) in the order the direct kernel reads them; `None`
-/// when this CPU does not run it. Packed on every call, they took 6% of a
-/// batch-1 ResNet-20 forward, so the predict path packs them once.
+/// Whether the direct kernel takes a convolution of `o` output channels in
+/// `groups` groups (one group, or whole blocks of channels per group), so
+/// that its weights are worth packing.
+pub fn packs(o: usize, groups: usize) -> bool {
+    groups == 1 || (groups > 0 && (o / groups).is_multiple_of(direct::MR))
+}
+
+/// A convolution's weights `[O, I/groups, kh, kw]` (where [`packs`]) packed
+/// once (at load, for [`PackedConvOp`]) in the order the direct kernel
+/// reads them; `None` when this CPU does not run it. Packed on every call,
+/// they took 6% of a batch-1 ResNet-20 forward, so the predict path packs
+/// them once.
 pub fn pack_weights(w: &[f32], o: usize, k: usize) -> Option<Arc<[f32]>> {
     (direct::kernel().is_some() && k > 0).then(|| Arc::from(direct::pack(w, o, k)))
 }
@@ -48,7 +56,7 @@ impl CustomOp3 for PackedConvOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.base.dims(xl, wl)?;
-        if self.base.groups != 1
+        if !self.base.direct_groups(&d)
             || self.packed.len() != d.o.div_ceil(direct::MR) * d.k() * direct::MR
         {
             bail!(

@@ -46,6 +46,10 @@ pub(super) struct Direct {
     /// Whether `vectors` index the output itself (rather than a buffer of
     /// every padded position, cropped after).
     pub(super) straight: bool,
+    /// How far apart two groups' rows lie in the source (`offsets` are
+    /// group 0's): a block of [`direct::MR`] output channels lies in one
+    /// group ([`ConvOp::direct_groups`]) and reads that group's rows.
+    pub(super) group_pitch: usize,
 }
 
 impl Direct {
@@ -61,6 +65,9 @@ impl Direct {
             vectors: (0..p).step_by(direct::LANES).map(|q| (q, q)).collect(),
             lanes: direct::Lanes::Contiguous,
             straight: true,
+            // One group's im2col rows (or input channels, for 1×1) after
+            // another's.
+            group_pitch: k * p,
         }
     }
 
@@ -81,6 +88,7 @@ impl Direct {
         let k = self.offsets.len();
         let run = |(blk, dst): (usize, &mut [f32])| {
             let o0 = blk * direct::MR;
+            let src = &src[o0 / d.og * self.group_pitch..];
             let rows = (d.o - o0).min(direct::MR);
             let mut b = [0f32; direct::MR];
             if !bias.is_empty() {
@@ -165,6 +173,7 @@ impl Padded {
                 vectors,
                 lanes,
                 straight,
+                group_pitch: d.cg * hp * wp,
             }
         });
         Self {

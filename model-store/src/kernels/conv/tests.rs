@@ -152,11 +152,14 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
     // (two rows per vector, straight out when the rows pair up) and
     // others (cropped); other strides and 1×1 kernels take the
     // general path, which runs the kernel when the positions per image
-    // are whole vectors.
+    // are whole vectors. A quarter of the cases are grouped with 8 or 16
+    // output channels a group (blocks that each read one group's rows).
     let ways = tier::tested_tiers("direct convolution vs im2col + gemm");
     let mut rng = Rng::new(17);
     let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
-    for case in 0..240 {
+    let mut grouped = 0;
+    for case in 0..320 {
+        let groups = if case % 4 == 1 { 2 + rng.below(2) } else { 1 };
         let pointwise = case % 8 == 7;
         let (kh, kw) = if pointwise {
             (1, 1)
@@ -178,7 +181,7 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
             stride: (s, s),
             dilation: (dil, dil),
             padding: pad,
-            groups: 1,
+            groups,
             activation: ACTIVATIONS[rng.below(ACTIVATIONS.len())],
         };
         let (eh, ew) = (dil * (kh - 1) + 1, dil * (kw - 1) + 1);
@@ -196,9 +199,14 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
             continue;
         }
         // Two or more outputs: one input and one output is depthwise.
-        let (n, c, o) = (1 + rng.below(3), 1 + rng.below(6), 2 + rng.below(19));
+        let (n, c, o) = if groups > 1 {
+            let (cg, og) = (1 + rng.below(4), [8, 16][rng.below(2)]);
+            (1 + rng.below(3), cg * groups, og * groups)
+        } else {
+            (1 + rng.below(3), 1 + rng.below(6), 2 + rng.below(19))
+        };
         let x = rng.tensor(&[n, c, h, w]);
-        let wt = rng.tensor(&[o, c, kh, kw]);
+        let wt = rng.tensor(&[o, c / groups, kh, kw]);
         let b = if rng.below(2) == 0 {
             rng.tensor(&[o])
         } else {
@@ -207,7 +215,8 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
         let what = format!("{op:?} x{:?} w{:?}", x.dims(), wt.dims());
         let expected = reference(&op, &x, &wt, &b);
         let d = op.dims(x.layout(), wt.layout()).unwrap();
-        if op.padded_path(&d) {
+        grouped += usize::from(groups > 1 && op.direct_groups(&d));
+        if op.padded_path(&d, true) {
             if d.ow.is_multiple_of(direct::LANES) {
                 straight += 1;
             } else if d.ow == 8 && d.oh.is_multiple_of(2) {
@@ -230,9 +239,9 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
         }
     }
     assert!(
-        straight >= 30 && split >= 10 && cropped >= 40 && general >= 20,
+        straight >= 30 && split >= 10 && cropped >= 40 && general >= 20 && grouped >= 60,
         "too few cases of a path: {straight} straight, {split} split, {cropped} cropped, \
-         {general} general"
+         {general} general, {grouped} grouped"
     );
 }
 
