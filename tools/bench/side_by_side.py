@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LINE = re.compile(r"^(?P<case>\S.*?)\s{2,}(?P<median>[\d.]+)\s+(?P<p90>[\d.]+)\s+(?P<per>[\d.]+)(\s+\S+\s+\S+)?$")
+LINE = re.compile(r"^(?P<case>\S.*?)\s{2,}(?P<median>[\d.]+)\s+(?P<p90>[\d.]+)\s+(?P<per>[\d.]+)(\s+(?P<gflops>\S+)\s+(?P<pct>\S+))?$")
 
 
 def cases(text):
@@ -34,7 +34,7 @@ def cases(text):
     for line in text.splitlines():
         m = LINE.match(line.strip())
         if m:
-            out[m["case"].strip()] = (float(m["median"]), float(m["per"]))
+            out[m["case"].strip()] = (float(m["median"]), float(m["per"]), m["pct"] or "-")
     return out
 
 
@@ -69,7 +69,8 @@ def main():
         print(f"round {r + 1} of {args.rounds} done", file=sys.stderr)
     print(f"{args.rounds} rounds, convscope then PyTorch in each; {args.threads} threads; "
           f"each side's median of {args.runs} runs per round")
-    print(f"{'case':44} {'convscope':>10} {'PyTorch':>10} {'ratio':>7}  {'round ratios':>13}")
+    print(f"{'case':44} {'convscope':>10} {'PyTorch':>10} {'ratio':>7}  {'round ratios':>13}  "
+          f"{'% of peak':>9}")
     for case in rounds[0][0]:
         ours = [r[0][case] for r in rounds if case in r[0]]
         theirs = [r[1][case] for r in rounds if case in r[1]]
@@ -82,7 +83,9 @@ def main():
         o = statistics.median(x[0] for x in ours)
         t = statistics.median(x[0] for x in theirs)
         ratios = [a[0] / b[0] for a, b in zip(ours, theirs)]
-        print(f"{case:44} {o:10.2f} {t:10.2f} {o / t:6.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x")
+        # convscope's share of the tier's peak, in the round of its median.
+        pct = min(ours, key=lambda x: abs(x[0] - o))[2]
+        print(f"{case:44} {o:10.2f} {t:10.2f} {o / t:6.2f}x  {min(ratios):.2f}-{max(ratios):.2f}x  {pct:>9}")
 
 
 if __name__ == "__main__":
