@@ -40,11 +40,15 @@ use super::tier::Tier;
 /// in registers: with a run-time match over the seven activations the
 /// compiler kept the 24 accumulators in memory, a store after every
 /// multiply-add, and the kernel ran at 40% of its speed.
+#[cfg(target_arch = "x86_64")]
 const LINEAR: u8 = 0;
+#[cfg(target_arch = "x86_64")]
 const RELU: u8 = 1;
+#[cfg(target_arch = "x86_64")]
 const RELU6: u8 = 2;
 
 /// Calls `tile::<…, ACT>(args)` with the const for `activation`.
+#[cfg(target_arch = "x86_64")]
 macro_rules! with_act {
     ($a:expr, $f:ident :: <$($g:tt),*> ($($arg:expr),*)) => {
         match $a {
