@@ -277,7 +277,7 @@ impl ConvOp {
             }
         }
         let _ = tier;
-        depthwise_plane(self, d, x, w, bias, out, scratch);
+        depthwise_plane::<DW_LANES>(self, d, x, w, bias, out, scratch);
     }
 
     /// [`CustomOp3::cpu_fwd`], with the weight already packed or not.
@@ -384,20 +384,23 @@ impl ConvOp {
     }
 }
 
-/// Output columns per register block of the depthwise kernel.
+/// Output columns per register block of the depthwise kernel: a vector of
+/// the tier (8 for AVX2 and the portable build, 16 for AVX-512).
 const DW_LANES: usize = 8;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const DW_LANES_512: usize = 16;
 
 /// One depthwise plane. The input is copied once into `scratch`, zero
 /// padded and split into `sw` column phases (phase `q` holds padded columns
 /// `q, q + sw, …`), so that every kernel tap reads a contiguous run for
-/// any stride and dilation. Each block of [`DW_LANES`] output columns then
+/// any stride and dilation. Each block of `L` output columns then
 /// sums all `kh · kw` taps in registers from the bias, applies the
 /// activation and is stored once. Written once, compiled for each tier
 /// (`depthwise_avx2`, `depthwise_avx512`): the block is the compiler's
 /// vector at that tier's width. The tap loop, not a pass over the plane per
 /// tap, keeps the output out of memory until it is final.
 #[inline(always)]
-fn depthwise_plane(
+fn depthwise_plane<const L: usize>(
     op: &ConvOp,
     d: &Dims,
     x: &[f32],
@@ -410,7 +413,7 @@ fn depthwise_plane(
     let (t, b, l, r) = op.padding;
     let (hp, wp) = (d.h + t + b, d.w + l + r);
     // Columns per phase row, with the slack the last block reads.
-    let wq = wp.div_ceil(sw) + DW_LANES;
+    let wq = wp.div_ceil(sw) + L;
     scratch.clear();
     scratch.resize(sw * hp * wq, 0.0);
     for q in 0..sw {
@@ -444,15 +447,15 @@ fn depthwise_plane(
         .collect();
     for (oy, row) in out.chunks_exact_mut(d.ow).enumerate() {
         let base = oy * sh * wq;
-        for ox in (0..d.ow).step_by(DW_LANES) {
-            let mut acc = [bias; DW_LANES];
+        for ox in (0..d.ow).step_by(L) {
+            let mut acc = [bias; L];
             for &(at, wk) in &taps {
-                let src = &scratch[base + at + ox..][..DW_LANES];
+                let src = &scratch[base + at + ox..][..L];
                 for (a, &v) in acc.iter_mut().zip(src) {
                     *a += wk * v;
                 }
             }
-            let n = (d.ow - ox).min(DW_LANES);
+            let n = (d.ow - ox).min(L);
             row[ox..ox + n].copy_from_slice(&acc[..n]);
         }
         op.activation.apply_slice_inline(row);
@@ -471,7 +474,7 @@ unsafe fn depthwise_avx2(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    depthwise_plane(op, d, x, w, bias, out, scratch)
+    depthwise_plane::<DW_LANES>(op, d, x, w, bias, out, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -486,5 +489,11 @@ unsafe fn depthwise_avx512(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
-    depthwise_plane(op, d, x, w, bias, out, scratch)
+    // Rows narrower than a vector (EfficientNet's 7×7 and 14×14 stages)
+    // waste less in blocks of 8.
+    if d.ow >= DW_LANES_512 {
+        depthwise_plane::<DW_LANES_512>(op, d, x, w, bias, out, scratch)
+    } else {
+        depthwise_plane::<DW_LANES>(op, d, x, w, bias, out, scratch)
+    }
 }
