@@ -33,6 +33,18 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// Every activation, for the tests that cover each.
+    #[cfg(test)]
+    pub(crate) const ALL: [Activation; 7] = [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Relu6,
+        Activation::Silu,
+        Activation::Sigmoid,
+        Activation::Hardswish,
+        Activation::Hardsigmoid,
+    ];
+
     /// The activation of one value.
     #[inline(always)]
     pub fn apply(self, v: f32) -> f32 {
@@ -211,15 +223,7 @@ mod tests {
 
     #[test]
     fn every_tier_applies_every_activation_as_the_f64_formula_does() {
-        let all = [
-            Activation::Identity,
-            Activation::Relu,
-            Activation::Relu6,
-            Activation::Silu,
-            Activation::Sigmoid,
-            Activation::Hardswish,
-            Activation::Hardsigmoid,
-        ];
+        let all = Activation::ALL;
         let f64_of = |a: Activation, x: f64| match a {
             Activation::Identity => x,
             Activation::Relu => x.max(0.0),
