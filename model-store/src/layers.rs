@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 pub use crate::kernels::conv::Activation;
 use crate::kernels::conv::{self, ConvOp, PackedConvOp};
+use crate::kernels::elementwise::ChannelAffine;
 use crate::kernels::winograd::{self, WinogradOp};
 
 /// Per-position geometry that flows through the network with the shape: how
@@ -225,20 +226,6 @@ pub struct Conv2d {
     pub prepared: Option<Arc<Prepared>>,
 }
 
-/// `activation` by candle's ops (devices and dtypes the fused CPU kernels
-/// do not take).
-fn activate(y: Tensor, activation: Activation) -> candle_core::Result<Tensor> {
-    match activation {
-        Activation::Identity => Ok(y),
-        Activation::Relu => y.relu(),
-        Activation::Relu6 => y.clamp(0f32, 6f32),
-        Activation::Silu => y.silu(),
-        Activation::Sigmoid => candle_nn::ops::sigmoid(&y),
-        Activation::Hardswish => y.mul(&((&y + 3.0)?.clamp(0f32, 6f32)? / 6.0)?),
-        Activation::Hardsigmoid => (y + 3.0)?.clamp(0f32, 6f32)? / 6.0,
-    }
-}
-
 /// A convolution made ready for inference once, at load: the batch norm
 /// after it folded in (`W' = W · s`, `b' = b · s + shift` per output
 /// channel with `s = γ / sqrt(var + eps)`, PyTorch's `fuse_conv_bn_eval`),
@@ -443,7 +430,7 @@ impl Conv2d {
             Some(bias) => y.broadcast_add(&bias.reshape((1, (), 1, 1))?)?,
             None => y,
         };
-        activate(y, activation)
+        activation.tensor(&y)
     }
 
     /// Output geometry; fails when the input channels or size do not fit.
@@ -500,6 +487,9 @@ pub struct BatchNorm2d {
     scale: Tensor,
     /// `bias - running_mean * scale`, shaped `[1, C, 1, 1]`.
     shift: Tensor,
+    /// `scale` and `shift` as host vectors for the one-pass CPU kernel
+    /// (made once at load, not per forward pass); `None` off the CPU.
+    host: Option<ChannelAffine>,
     channels: usize,
     affine: bool,
     /// `γ` (ones when not affine).
@@ -538,7 +528,17 @@ impl BatchNorm2d {
         };
         let scale = weight.div(&(&var + eps)?.sqrt()?)?;
         let shift = bias.sub(&mean.mul(&scale)?)?;
+        let host = if scale.device().is_cpu() && scale.dtype() == DType::F32 {
+            Some(ChannelAffine {
+                scale: Arc::from(scale.to_vec1::<f32>()?),
+                shift: Arc::from(shift.to_vec1::<f32>()?),
+                activation: Activation::Identity,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            host,
             scale: scale.reshape((1, channels, 1, 1))?,
             shift: shift.reshape((1, channels, 1, 1))?,
             channels,
@@ -576,21 +576,18 @@ impl BatchNorm2d {
     /// [`Self::forward`], then `activation`: one pass on the CPU (f32,
     /// NCHW), candle's ops elsewhere.
     pub fn forward_with(&self, x: &Tensor, activation: Activation) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() == 4 {
-            let v = |t: &Tensor| -> candle_core::Result<Arc<[f32]>> {
-                Ok(Arc::from(t.flatten_all()?.to_vec1::<f32>()?))
-            };
-            let op = crate::kernels::elementwise::ChannelAffine {
-                scale: v(&self.scale)?,
-                shift: v(&self.shift)?,
+        if let Some(host) = &self.host
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && x.rank() == 4
+        {
+            let op = ChannelAffine {
                 activation,
+                ..host.clone()
             };
             return x.contiguous()?.apply_op1(op);
         }
-        activate(
-            x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?,
-            activation,
-        )
+        activation.tensor(&x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?)
     }
 
     /// Same shape; checks the channel count.

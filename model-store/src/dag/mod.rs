@@ -403,12 +403,7 @@ impl Dag {
 /// The activation a convolution can apply in its own pass, if `op` is one.
 fn activation_of(op: &GraphOp) -> Option<Activation> {
     match op {
-        GraphOp::Unary(ops::Unary::Relu) => Some(Activation::Relu),
-        GraphOp::Unary(ops::Unary::Relu6) => Some(Activation::Relu6),
-        GraphOp::Unary(ops::Unary::Silu) => Some(Activation::Silu),
-        GraphOp::Unary(ops::Unary::Sigmoid) => Some(Activation::Sigmoid),
-        GraphOp::Unary(ops::Unary::Hardswish) => Some(Activation::Hardswish),
-        GraphOp::Unary(ops::Unary::Hardsigmoid) => Some(Activation::Hardsigmoid),
+        GraphOp::Unary(u) => u.activation(),
         _ => None,
     }
 }

@@ -9,6 +9,7 @@
 use candle_core::Tensor;
 
 use crate::graph::NodeKind;
+use crate::kernels::activation::Activation;
 use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Geo, Pool2d, PoolKind};
 
 /// One-input elementwise functions.
@@ -37,18 +38,30 @@ pub enum Unary {
 }
 
 impl Unary {
+    /// The convolution-fusable [`Activation`] this is, if any: one
+    /// definition for the node alone and for the fused kernels.
+    pub(crate) fn activation(self) -> Option<Activation> {
+        match self {
+            Unary::Relu => Some(Activation::Relu),
+            Unary::Relu6 => Some(Activation::Relu6),
+            Unary::Hardswish => Some(Activation::Hardswish),
+            Unary::Hardsigmoid => Some(Activation::Hardsigmoid),
+            Unary::Silu => Some(Activation::Silu),
+            Unary::Sigmoid => Some(Activation::Sigmoid),
+            Unary::LeakyRelu(_) | Unary::Gelu | Unary::GeluTanh | Unary::Tanh => None,
+        }
+    }
+
     fn forward(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Unary::Relu => x.relu(),
-            Unary::Relu6 => x.clamp(0f32, 6f32),
             Unary::LeakyRelu(slope) => candle_nn::ops::leaky_relu(x, slope),
-            Unary::Hardswish => x.mul(&(x + 3.0)?.clamp(0f32, 6f32)?)? / 6.0,
-            Unary::Hardsigmoid => (x + 3.0)?.clamp(0f32, 6f32)? / 6.0,
-            Unary::Silu => x.silu(),
-            Unary::Sigmoid => candle_nn::ops::sigmoid(x),
             Unary::Gelu => x.gelu_erf(),
             Unary::GeluTanh => x.gelu(),
             Unary::Tanh => x.tanh(),
+            fusable => match fusable.activation() {
+                Some(a) => a.tensor(x),
+                None => unreachable!("every other unary op is an Activation"),
+            },
         }
     }
 

@@ -11,6 +11,8 @@
 //! `expf` is a call per element, and was 15% of an EfficientNet-B0 forward
 //! pass through candle's SiLU).
 
+use candle_core::Tensor;
+
 use super::tier::{self, Tier};
 
 /// The activation applied to the convolution's output in the same pass.
@@ -56,6 +58,20 @@ impl Activation {
             Self::Sigmoid => 1.0 / (1.0 + exp(-v)),
             Self::Hardswish => v * ((v + 3.0).clamp(0.0, 6.0) / 6.0),
             Self::Hardsigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
+        }
+    }
+
+    /// The activation by candle's ops: the graph's activation nodes, and the
+    /// devices and dtypes the fused CPU kernels do not take.
+    pub fn tensor(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Identity => Ok(x.clone()),
+            Self::Relu => x.relu(),
+            Self::Relu6 => x.clamp(0f32, 6f32),
+            Self::Silu => x.silu(),
+            Self::Sigmoid => candle_nn::ops::sigmoid(x),
+            Self::Hardswish => x.mul(&(x + 3.0)?.clamp(0f32, 6f32)?)? / 6.0,
+            Self::Hardsigmoid => (x + 3.0)?.clamp(0f32, 6f32)? / 6.0,
         }
     }
 

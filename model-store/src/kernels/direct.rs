@@ -283,32 +283,30 @@ fn avx2_block(
             #[allow(unsafe_code)]
             unsafe {
                 let (b, o, x, a) = (block, offsets, xp, activation);
-                match (wide, h.len()) {
-                    (true, 4) => {
-                        with_act!(a, tile_avx2::<3, 4>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (true, 3) => {
-                        with_act!(a, tile_avx2::<3, 3>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (true, 2) => {
-                        with_act!(a, tile_avx2::<3, 2>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (true, _) => {
-                        with_act!(a, tile_avx2::<3, 1>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (false, 4) => {
-                        with_act!(a, tile_avx2::<2, 4>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (false, 3) => {
-                        with_act!(a, tile_avx2::<2, 3>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (false, 2) => {
-                        with_act!(a, tile_avx2::<2, 2>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
-                    (false, _) => {
-                        with_act!(a, tile_avx2::<2, 1>(b, o, x, h, out, ld, c0, rows, bias))
-                    }
+                // `C` channels × as many halves as this tile has.
+                macro_rules! halves {
+                    ($c:literal) => {
+                        match h.len() {
+                            4 => with_act!(
+                                a,
+                                tile_avx2::<$c, 4>(b, o, x, h, out, ld, c0, rows, bias)
+                            ),
+                            3 => with_act!(
+                                a,
+                                tile_avx2::<$c, 3>(b, o, x, h, out, ld, c0, rows, bias)
+                            ),
+                            2 => with_act!(
+                                a,
+                                tile_avx2::<$c, 2>(b, o, x, h, out, ld, c0, rows, bias)
+                            ),
+                            _ => with_act!(
+                                a,
+                                tile_avx2::<$c, 1>(b, o, x, h, out, ld, c0, rows, bias)
+                            ),
+                        }
+                    };
                 }
+                if wide { halves!(3) } else { halves!(2) }
             }
         }
     }

@@ -59,17 +59,7 @@ fn reference(op: &ConvOp, x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
     if b.elem_count() > 0 {
         y = y.broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap();
     }
-    match op.activation {
-        Activation::Identity => y,
-        Activation::Relu => y.relu().unwrap(),
-        Activation::Relu6 => y.clamp(0f32, 6f32).unwrap(),
-        Activation::Silu => y.silu().unwrap(),
-        Activation::Sigmoid => candle_nn::ops::sigmoid(&y).unwrap(),
-        Activation::Hardswish => y
-            .mul(&((&y + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap())
-            .unwrap(),
-        Activation::Hardsigmoid => ((y + 3.0).unwrap().clamp(0f32, 6f32).unwrap() / 6.0).unwrap(),
-    }
+    op.activation.tensor(&y).unwrap()
 }
 
 fn close(a: &Tensor, b: &Tensor, what: &str) {
