@@ -208,6 +208,40 @@ pub fn input_region(width: u32, height: u32, manifest: &Manifest) -> Result<(f64
     Ok((l as f64 / sx, t as f64 / sy, cw as f64 / sx, ch as f64 / sy))
 }
 
+/// A batch given as numbers already preprocessed (the Open Inference
+/// Protocol's FP32 input): `shape` must be `[N, C, H, W]` with the model's
+/// C, H and W, `values` exactly that many and all finite, since a NaN would
+/// only come back as NaN logits with nothing saying why.
+pub fn tensor_input(
+    values: Vec<f32>,
+    shape: &[usize],
+    manifest: &Manifest,
+    device: &Device,
+) -> Result<Tensor> {
+    let s = &manifest.input;
+    let want = [s.channels, s.height, s.width];
+    if shape.len() != 4 || shape[1..] != want || shape[0] == 0 {
+        return Err(Error::ImageInput(format!(
+            "the input's shape is {shape:?}; this model takes [N, {}, {}, {}] with N >= 1",
+            s.channels, s.height, s.width
+        )));
+    }
+    let count: usize = shape.iter().product();
+    if values.len() != count {
+        return Err(Error::ImageInput(format!(
+            "the input has {} values; its shape {shape:?} needs {count}",
+            values.len()
+        )));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::ImageInput(format!(
+            "the input's value at flat index {i} is {}; every value must be finite",
+            values[i]
+        )));
+    }
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
 /// Stacks preprocessed images into an `[N, C, H, W]` tensor.
 pub fn batch(images: &[Vec<f32>], manifest: &Manifest, device: &Device) -> Result<Tensor> {
     let s = &manifest.input;

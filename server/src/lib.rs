@@ -12,6 +12,8 @@
 //!   panic while handling a request becomes a 500 with the request id.
 //! - [`metrics`]: Prometheus text at `/metrics`; [`auth`]: the optional API key.
 //! - [`openapi`]: the OpenAPI 3.1 document, built with the router from the handlers.
+//! - [`oip`]: the Open Inference Protocol's wire format (KServe v2: JSON, binary
+//!   tensor data, classification); its routes are `routes::v2`.
 
 pub mod auth;
 pub mod batching;
@@ -23,6 +25,7 @@ pub mod input;
 pub mod inputs;
 pub mod jobs;
 pub mod metrics;
+pub mod oip;
 pub mod openapi;
 pub mod pipeline;
 pub mod render;

@@ -27,7 +27,7 @@ as base64 JSON, or stored once with `POST /inputs` and named with `?input=<id>`.
 Errors are `application/problem+json` (RFC 9457) with a `detail` that says what to fix.",
         license(name = "MIT OR Apache-2.0")
     ),
-    components(schemas(Problem, Binary, crate::routes::models::GraphNode)),
+    components(schemas(Problem, Binary, crate::routes::models::GraphNode, crate::oip::V2ErrorBody)),
     tags(
         (name = "service", description = "Health, readiness, metrics and this document."),
         (name = "models", description = "The model store: list, describe, register, unregister."),
@@ -36,6 +36,8 @@ Errors are `application/problem+json` (RFC 9457) with a `detail` that says what 
         (name = "inspection", description = "Activation maps, filters and embeddings."),
         (name = "gradients", description = "Grad-CAM family, saliency and activation maximisation."),
         (name = "training", description = "Training jobs (a durable queue), datasets and evaluation."),
+        (name = "inference-protocol", description = "The Open Inference Protocol (KServe v2 REST, as Triton, KServe and \
+MLServer speak it), with the binary tensor data and classification extensions; errors are `{\"error\": ...}` as the protocol says."),
     )
 )]
 pub struct ApiDoc;
@@ -295,4 +297,52 @@ pub enum CamMethod {
     Eigencam,
     /// Score-CAM: masked forward passes (slow).
     Scorecam,
+}
+
+/// Errors of the Open Inference Protocol's endpoints: `{"error": ...}`, as
+/// the protocol shapes them, not problem+json.
+#[derive(IntoResponses)]
+pub enum V2Errors {
+    /// Malformed request.
+    #[response(
+        status = 400,
+        description = "The request is malformed (JSON, shape, datatype, data size, an image that does not decode); `error` says what to fix.",
+        content_type = "application/json"
+    )]
+    BadRequest(crate::oip::V2ErrorBody),
+    /// Missing API key.
+    #[response(
+        status = 401,
+        description = "An API key is configured and reads are protected: send `Authorization: Bearer <key>`.",
+        content_type = "application/json"
+    )]
+    Unauthorized(crate::oip::V2ErrorBody),
+    /// Unknown model or version.
+    #[response(
+        status = 404,
+        description = "No such model, or no such version of it (every model has version 1 only).",
+        content_type = "application/json"
+    )]
+    NotFound(crate::oip::V2ErrorBody),
+    /// Body or batch over a limit.
+    #[response(
+        status = 413,
+        description = "The body (after decompression) or the batch is over a limit (`--max-body-bytes`, `--max-batch`).",
+        content_type = "application/json"
+    )]
+    TooLarge(crate::oip::V2ErrorBody),
+    /// The compute queue is full.
+    #[response(
+        status = 503,
+        description = "Every compute slot and queue place is taken; retry after `Retry-After` seconds.",
+        content_type = "application/json"
+    )]
+    Busy(crate::oip::V2ErrorBody),
+    /// The request ran past its time limit.
+    #[response(
+        status = 504,
+        description = "The computation ran past `--request-timeout-secs`.",
+        content_type = "application/json"
+    )]
+    Timeout(crate::oip::V2ErrorBody),
 }

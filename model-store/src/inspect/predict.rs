@@ -16,12 +16,18 @@ pub struct ClassScore {
     pub logit: f32,
 }
 
-/// The `k` most probable classes; softmax in f64 with the max subtracted,
-/// so that no logit overflows.
-pub fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> Vec<ClassScore> {
+/// Softmax of one image's logits, in f64 with the max subtracted so that no
+/// logit overflows (the probabilities of every endpoint come from here).
+pub fn probabilities(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
     let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// The `k` most probable classes, highest first.
+pub fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> Vec<ClassScore> {
+    let probability = probabilities(logits);
     let mut order: Vec<usize> = (0..logits.len()).collect();
     // Stable sort: ties keep the lower index first, as torch.topk does on CPU.
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -31,7 +37,7 @@ pub fn top_classes(logits: &[f32], k: usize, labels: &[String]) -> Vec<ClassScor
         .map(|i| ClassScore {
             class_index: i,
             label: labels[i].clone(),
-            probability: exps[i] / sum,
+            probability: probability[i],
             logit: logits[i],
         })
         .collect()

@@ -17,6 +17,7 @@ pub mod output;
 pub mod pages;
 pub mod predict;
 pub mod saliency;
+pub mod v2;
 
 use axum::Router;
 use utoipa::OpenApi;
@@ -47,6 +48,7 @@ pub fn api_router_with(max_model_bytes: usize) -> OpenApiRouter<AppState> {
         .merge(jobs::router())
         .merge(datasets::router())
         .merge(evaluate::router())
+        .merge(v2::router())
 }
 
 /// The documented routes with the default upload limit (for the document).
@@ -60,17 +62,23 @@ pub fn router(state: AppState) -> Router {
     let routes = routes
         .method_not_allowed_fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
-                ApiError::MethodNotAllowed(format!(
-                    "{} does not accept {method}; see /docs for the endpoints",
-                    uri.path()
-                ))
+                shaped(
+                    &uri,
+                    ApiError::MethodNotAllowed(format!(
+                        "{} does not accept {method}; see /docs for the endpoints",
+                        uri.path()
+                    )),
+                )
             },
         )
         .fallback(|uri: axum::http::Uri| async move {
-            ApiError::NotFound(format!(
-                "no route for {}; see /docs for the endpoints",
-                uri.path()
-            ))
+            shaped(
+                &uri,
+                ApiError::NotFound(format!(
+                    "no route for {}; see /docs for the endpoints",
+                    uri.path()
+                )),
+            )
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -87,4 +95,20 @@ pub fn router(state: AppState) -> Router {
             crate::metrics::track,
         ))
         .with_state(state)
+}
+
+/// An error as its path's clients expect it: the inference protocol's
+/// `{"error"}` under `/v2`, problem+json everywhere else.
+pub fn shaped(uri: &axum::http::Uri, e: ApiError) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if is_v2(uri.path()) {
+        crate::oip::V2Error(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// Whether `path` belongs to the inference protocol.
+pub fn is_v2(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
 }

@@ -15,6 +15,7 @@ mod graph_ops;
 mod graph_training;
 mod hostile;
 mod inspection;
+mod oip;
 mod openapi;
 mod store;
 mod training;

@@ -59,15 +59,20 @@ fn the_document_is_openapi_3_1_and_every_operation_is_complete() {
                 responses.keys().any(|k| k.starts_with('2')),
                 "{what} documents no success"
             );
-            // Every documented error is problem+json.
+            // Every documented error is problem+json, except the inference
+            // protocol's, which are its own `{"error"}`.
+            let (media, schema) = if path == "/v2" || path.starts_with("/v2/") {
+                ("application/json", "#/components/schemas/V2ErrorBody")
+            } else {
+                ("application/problem+json", "#/components/schemas/Problem")
+            };
             for (code, r) in responses
                 .iter()
                 .filter(|(k, _)| k.starts_with('4') || k.starts_with('5'))
             {
                 assert!(
-                    r["content"]["application/problem+json"]["schema"]["$ref"]
-                        == "#/components/schemas/Problem",
-                    "{what} {code} is not problem+json"
+                    r["content"][media]["schema"]["$ref"] == schema,
+                    "{what} {code} is not {media} of {schema}"
                 );
             }
             // Every $ref points at a component that exists.
