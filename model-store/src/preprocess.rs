@@ -288,6 +288,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tensor_input_takes_only_the_models_shape_and_finite_numbers() {
+        let manifest = Manifest::from_json(
+            br#"{"name": "m", "architecture": "sequential", "layers": [],
+                "input": {"channels": 1, "height": 2, "width": 2}, "classes": ["a"]}"#,
+        )
+        .unwrap();
+        let cpu = Device::Cpu;
+        let x = tensor_input(vec![1.0; 8], &[2, 1, 2, 2], &manifest, &cpu).unwrap();
+        assert_eq!(x.dims(), [2, 1, 2, 2]);
+        let refused = |values: Vec<f32>, shape: &[usize], says: &str| {
+            let e = tensor_input(values, shape, &manifest, &cpu).unwrap_err();
+            assert!(e.to_string().contains(says), "{e} lacks {says:?}");
+        };
+        refused(vec![1.0; 12], &[1, 3, 2, 2], "[N, 1, 2, 2]");
+        refused(vec![], &[0, 1, 2, 2], "N >= 1");
+        refused(vec![1.0; 3], &[1, 1, 2, 2], "needs 4");
+        refused(vec![1.0, f32::NAN, 0.0, 0.0], &[1, 1, 2, 2], "flat index 1");
+    }
+
+    #[test]
     fn python_round_sends_halves_to_even() {
         assert_eq!(round_half_even(0.5), 0);
         assert_eq!(round_half_even(1.5), 2);

@@ -1,4 +1,6 @@
--- wrk script: POST one image file (args[1]) as a raw body, count responses by status.
+-- wrk script: POST one file (args[1]) as a raw body with Content-Type args[2]
+-- (default image/png) and any further "Name: value" headers (args[3], ...),
+-- count responses by status.
 local threads = {}
 
 function setup(thread)
@@ -11,6 +13,10 @@ function init(args)
   f:close()
   wrk.method = "POST"
   wrk.headers["Content-Type"] = args[2] or "image/png"
+  for i = 3, #args do
+    local name, value = args[i]:match("^([^:]+):%s*(.*)$")
+    wrk.headers[name] = value
+  end
   counts = {}
 end
 

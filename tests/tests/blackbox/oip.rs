@@ -62,6 +62,15 @@ fn binary_body(header: &Value, binary: &[u8]) -> (Vec<u8>, usize) {
     (body, n)
 }
 
+/// The answer's `Inference-Header-Content-Length`.
+fn answer_header_length(r: &reqwest::Response) -> usize {
+    r.headers()["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// Splits a binary answer into its JSON and the named outputs' FP32 rows.
 fn read_binary_answer(body: &[u8], header_length: usize) -> (Value, Vec<(String, Vec<f32>)>) {
     let json: Value = serde_json::from_slice(&body[..header_length]).unwrap();
@@ -144,11 +153,7 @@ async fn images_and_tensors_give_predicts_logits_in_json_and_binary() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
-    let header_length: usize = r.headers()["inference-header-content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let header_length = answer_header_length(&r);
     let bytes = r.bytes().await.unwrap();
     let (json, outputs) = read_binary_answer(&bytes, header_length);
     assert_eq!(json["outputs"][0]["shape"], json!([3, 10]));
@@ -181,11 +186,7 @@ async fn images_and_tensors_give_predicts_logits_in_json_and_binary() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let header_length: usize = r.headers()["inference-header-content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let header_length = answer_header_length(&r);
     let (_, outputs) = read_binary_answer(&r.bytes().await.unwrap(), header_length);
     assert_eq!(
         outputs.iter().map(|o| o.0.as_str()).collect::<Vec<_>>(),
