@@ -77,7 +77,7 @@ impl FromRequest<AppState> for ImageUpload {
                 } else {
                     &state.metrics.inputs_misses
                 };
-                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                counter.inc();
                 upload.images.push(found.ok_or_else(|| {
                     ApiError::NotFound(format!(
                         "input '{id}' is not in the inputs cache; POST the image to /inputs first (the cache keeps the most recently used {} MiB)",

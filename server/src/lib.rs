@@ -4,7 +4,8 @@
 //! - [`routes`]: one module per resource (`health`, `models`, `predict`, `activations`).
 //! - [`input`]: images from multipart, raw bodies, base64 JSON or the inputs cache.
 //! - [`inputs`]: the content-addressed, LRU-bounded inputs cache.
-//! - [`render`]: colormaps, grids, PNG and `.npy` encoding.
+//! - [`render`]: colormaps, grids, PNG and `.npy` encoding; [`charts`]: training
+//!   curves and confusion matrices drawn with plotters, PNG or SVG.
 //! - [`pipeline`]: the one request pipeline of the inspection routes.
 //! - [`compute`]: the bounded pool model work runs on.
 //! - [`jobs`]: training jobs: the SQLite queue, workers, events, plots.
@@ -18,6 +19,7 @@
 pub mod auth;
 pub mod batching;
 pub mod catch_panic;
+pub mod charts;
 pub mod compute;
 pub mod error;
 pub mod extract;

@@ -120,8 +120,10 @@ pub struct Canvas {
 const BACKGROUND: [u8; 3] = [255, 255, 255];
 /// Text colour.
 const INK: [u8; 3] = [40, 40, 40];
-/// Height of a text line (8-px glyphs plus spacing).
-pub const LINE: u32 = 10;
+/// Size of sheet text (titles and tile labels), in pixels.
+pub const TEXT_PX: f32 = 11.0;
+/// Height of a text line: the glyphs at [`TEXT_PX`] and their descenders.
+pub const LINE: u32 = 13;
 
 impl Canvas {
     /// A white canvas.
@@ -186,27 +188,43 @@ impl Canvas {
         }
     }
 
-    /// Writes ASCII text with the 8×8 font, clipped to `max_width` pixels.
+    /// Writes `s` in the bundled DejaVu Sans at [`TEXT_PX`] with its top at
+    /// `y`, antialiased onto what is there, stopping before a glyph that
+    /// would pass `max_width` pixels.
     pub fn text(&mut self, x: u32, y: u32, s: &str, max_width: u32) {
-        let glyphs = s.chars().take((max_width / 8) as usize);
-        for (i, ch) in glyphs.enumerate() {
-            let code = if ch.is_ascii() {
-                ch as usize
-            } else {
-                b'?' as usize
+        use ab_glyph::{Font, ScaleFont, point};
+        let font = crate::charts::font::face().as_scaled(TEXT_PX);
+        let baseline = y as f32 + font.ascent();
+        let (w, h) = (self.img.width() as i64, self.img.height() as i64);
+        for (id, caret, advance) in layout(s) {
+            if caret + advance > max_width as f32 {
+                break;
+            }
+            let glyph = id.with_scale_and_position(TEXT_PX, point(x as f32 + caret, baseline));
+            let Some(outline) = font.font().outline_glyph(glyph) else {
+                continue;
             };
-            let glyph = font8x8::legacy::BASIC_LEGACY[code];
-            for (row, bits) in glyph.iter().enumerate() {
-                for col in 0..8 {
-                    if bits & (1 << col) != 0 {
-                        let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
-                        if px < self.img.width() && py < self.img.height() {
-                            self.img.put_pixel(px, py, image::Rgb(INK));
-                        }
+            let bounds = outline.px_bounds();
+            outline.draw(|gx, gy, coverage| {
+                let px = bounds.min.x as i64 + gx as i64;
+                let py = bounds.min.y as i64 + gy as i64;
+                if (0..w).contains(&px) && (0..h).contains(&py) {
+                    let a = coverage.clamp(0.0, 1.0);
+                    let pixel = self.img.get_pixel_mut(px as u32, py as u32);
+                    for (c, ink) in pixel.0.iter_mut().zip(INK) {
+                        *c = (*c as f32 * (1.0 - a) + ink as f32 * a).round() as u8;
                     }
                 }
-            }
+            });
         }
+    }
+
+    /// Width of `s` in pixels as [`Canvas::text`] draws it.
+    pub fn text_width(s: &str) -> u32 {
+        layout(s)
+            .last()
+            .map_or(0.0, |(_, caret, advance)| caret + advance)
+            .ceil() as u32
     }
 
     /// Pastes another canvas at `(x, y)`.
@@ -223,6 +241,26 @@ impl Canvas {
     pub fn png(&self) -> Vec<u8> {
         encode_png(&self.img)
     }
+}
+
+/// Each glyph of `s` at [`TEXT_PX`]: its id, where it starts (kerned) and
+/// how far it advances.
+fn layout(s: &str) -> impl Iterator<Item = (ab_glyph::GlyphId, f32, f32)> + '_ {
+    use ab_glyph::{Font, ScaleFont};
+    let font = crate::charts::font::face().as_scaled(TEXT_PX);
+    let mut caret = 0.0f32;
+    let mut previous = None;
+    s.chars().map(move |ch| {
+        let id = font.glyph_id(ch);
+        if let Some(p) = previous {
+            caret += font.kern(p, id);
+        }
+        let at = caret;
+        let advance = font.h_advance(id);
+        caret += advance;
+        previous = Some(id);
+        (id, at, advance)
+    })
 }
 
 /// PNG bytes of an RGB image.
@@ -305,6 +343,67 @@ pub fn grid(tiles: &[Tile], h: usize, w: usize, style: GridStyle) -> Canvas {
         }
     }
     canvas
+}
+
+/// What a sheet's colours mean, drawn in a footer under it: the colormap
+/// from its low end to its high end, and what the ends are.
+pub struct Legend {
+    /// The colormap of the tiles; `None` for RGB tiles (no bar, only the caption).
+    pub colormap: Option<Colormap>,
+    /// Text at the bar's low end (`-2.31`, `min`).
+    pub low: String,
+    /// Text at its high end.
+    pub high: String,
+    /// What the range is: `per-channel min–max`, `layer range`.
+    pub caption: String,
+}
+
+/// Height of the legend footer.
+const LEGEND_H: u32 = LINE * 2 + 14;
+/// Width of the legend's colour bar.
+const BAR_W: u32 = 128;
+
+/// `sheet` with `legend` as a footer below it. The sheet's pixels keep
+/// their positions (the footer only adds rows, and columns when the sheet
+/// is narrower than the legend).
+pub fn with_legend(sheet: Canvas, legend: &Legend) -> Canvas {
+    let (low_w, high_w) = (
+        Canvas::text_width(&legend.low),
+        Canvas::text_width(&legend.high),
+    );
+    let bar = if legend.colormap.is_some() { BAR_W } else { 0 };
+    let row = low_w + 6 + bar + 6 + high_w;
+    let caption_w = Canvas::text_width(&legend.caption);
+    let width = sheet.image().width().max(row.max(caption_w) + 8);
+    let top = sheet.image().height();
+    let mut out = Canvas::new(width, top + LEGEND_H);
+    out.paste(0, 0, sheet.image());
+    let y = top + 6;
+    if let Some(cmap) = legend.colormap {
+        out.text(4, y, &legend.low, low_w + 1);
+        let bx = 4 + low_w + 6;
+        for i in 0..BAR_W {
+            let rgb = cmap.color(i as f32 / (BAR_W - 1) as f32);
+            out.fill(bx + i, y + 1, 1, LINE - 3, rgb);
+        }
+        out.text(bx + BAR_W + 6, y, &legend.high, high_w + 1);
+    }
+    out.text(4, y + LINE + 2, &legend.caption, width.saturating_sub(8));
+    out
+}
+
+/// A number for a legend end: 3 significant digits.
+pub fn legend_number(v: f32) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let a = v.abs();
+    if a != 0.0 && !(1e-3..1e4).contains(&a) {
+        format!("{v:.2e}")
+    } else {
+        let digits = (2 - a.max(1e-9).log10().floor() as i32).clamp(0, 6) as usize;
+        format!("{v:.digits$}")
+    }
 }
 
 /// The default upsampling: small maps grow to about 48 px a side, at most ×16.
@@ -409,6 +508,71 @@ pub fn npy(shape: &[usize], data: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sheet_text_is_the_bundled_font_antialiased() {
+        let mut c = Canvas::new(120, LINE);
+        c.text(0, 0, "conv2 7", 120);
+        let inked: Vec<[u8; 3]> = c
+            .image()
+            .pixels()
+            .map(|p| p.0)
+            .filter(|p| *p != BACKGROUND)
+            .collect();
+        assert!(!inked.is_empty(), "nothing drawn");
+        // A bitmap font has two colours; DejaVu's outlines give the edges
+        // every shade between ink and paper.
+        let shades: std::collections::HashSet<u8> = inked.iter().map(|p| p[0]).collect();
+        assert!(shades.len() > 8, "{} shades", shades.len());
+        // Its extent is DejaVu Sans' advances at TEXT_PX, not 8 px a character.
+        let right = (0..120)
+            .rev()
+            .find(|&x| (0..LINE).any(|y| c.image().get_pixel(x, y).0 != BACKGROUND))
+            .unwrap();
+        let width = Canvas::text_width("conv2 7");
+        assert!(
+            right < width && right + 4 >= width,
+            "ink ends at {right}, advance {width}"
+        );
+        assert_ne!(width, 8 * 7);
+        // Text stops before a glyph that would pass the width it is given.
+        let mut narrow = Canvas::new(120, LINE);
+        narrow.text(0, 0, "conv2 7", 20);
+        assert!(
+            (20..120).all(|x| (0..LINE).all(|y| narrow.image().get_pixel(x, y).0 == BACKGROUND))
+        );
+    }
+
+    #[test]
+    fn a_legend_keeps_the_sheet_where_it_was() {
+        let mut sheet = Canvas::new(50, 30);
+        sheet.fill(3, 4, 5, 6, [1, 2, 3]);
+        let legend = Legend {
+            colormap: Some(Colormap::Viridis),
+            low: "-1.5".into(),
+            high: "2.25".into(),
+            caption: "one range".into(),
+        };
+        let out = with_legend(sheet, &legend);
+        assert_eq!(out.image().height(), 30 + LEGEND_H);
+        assert!(
+            out.image().width() > 50,
+            "the legend is wider than the sheet"
+        );
+        assert_eq!(out.image().get_pixel(3, 4).0, [1, 2, 3]);
+        assert_eq!(out.image().get_pixel(8, 4).0, BACKGROUND);
+        // The bar runs from the colormap's low end to its high end.
+        let y = 30 + 6 + 2;
+        let bx = 4 + Canvas::text_width("-1.5") + 6;
+        assert_eq!(out.image().get_pixel(bx, y).0, Colormap::Viridis.color(0.0));
+        assert_eq!(
+            out.image().get_pixel(bx + BAR_W - 1, y).0,
+            Colormap::Viridis.color(1.0)
+        );
+        assert_eq!(legend_number(0.000123), "1.23e-4");
+        assert_eq!(legend_number(-2.3456), "-2.35");
+        assert_eq!(legend_number(123.456), "123");
+    }
 
     #[test]
     fn npy_header_is_aligned_and_describes_the_array() {

@@ -238,9 +238,67 @@ async function testGraphModel() {
   }
 }
 
+/** A training job queued over the API: the page lists it, follows its
+ * events and redraws its curves until it succeeds; then the confusion
+ * matrix of an evaluation of CNN_A on MNIST shows. */
+async function testTraining() {
+  const submitted = await fetch(url('/jobs'), {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ model_name: 'browser-cnn-a', architecture: 'cnn_a', dataset: 'mnist',
+      epochs: 6, batch_size: 64, train_limit: 3000, test_limit: 300, seed: 1 }),
+  });
+  const queued = await submitted.text();
+  assert(submitted.status === 202, `POST /jobs answered ${submitted.status}: ${queued}`);
+  const { job_id: jobId } = JSON.parse(queued);
+  const t = await isolatedPage();
+  const { page } = t;
+  try {
+    await page.goto(url('/'), { waitUntil: 'load' });
+    await waitFor(page, 'the job in the job picker',
+      (id) => [...document.querySelectorAll('#job option')].some((o) => o.value === id), jobId);
+    await page.selectOption('#job', jobId);
+    // Live: the curves are redrawn from the job's events while it trains.
+    await waitFor(page, 'a redraw of the curves while the job runs',
+      () => { const img = document.getElementById('job-plot');
+        return img.dataset.status === 'running' && Number(img.dataset.redraws) >= 1; });
+    await waitFor(page, 'the job to succeed and its final curves to load',
+      () => { const img = document.getElementById('job-plot');
+        return img.dataset.final === 'succeeded' && img.dataset.loaded === 'true' && img.complete && img.naturalWidth > 0; });
+    const plot = await page.evaluate(() => { const img = document.getElementById('job-plot'); return [img.naturalWidth, img.naturalHeight]; });
+    assert(plot[0] === 1100 && plot[1] === 460, `the training plot is ${plot.join('×')}, expected 1100×460`);
+    const info = (await page.textContent('#job-info')).trim();
+    assert(/browser-cnn-a on mnist: succeeded/.test(info) && /test accuracy/.test(info), `#job-info says ${JSON.stringify(info)}`);
+    await page.screenshot({ path: path.join(outDir, 'inspector-training.png'), fullPage: true });
+
+    await page.selectOption('#model', 'cnn-a-mnist');
+    await waitFor(page, 'the model to switch',
+      () => document.getElementById('act-layer').dataset.model === 'cnn-a-mnist');
+    await page.selectOption('#eval-dataset', 'mnist');
+    await page.fill('#eval-limit', '300');
+    await page.click('#eval-run');
+    await waitFor(page, 'the confusion matrix to load',
+      () => { const img = document.getElementById('confusion-img'); return img.dataset.loaded === 'true' && img.complete && img.naturalWidth > 0; });
+    const matrix = await page.evaluate(() => { const img = document.getElementById('confusion-img'); return [img.naturalWidth, img.naturalHeight]; });
+    assert(matrix[0] > 500 && matrix[1] > 500, `the confusion matrix is ${matrix.join('×')}`);
+    const banner = await errorBanner(page);
+    assert(banner === null, `error banner shown: ${banner}`);
+    await page.screenshot({ path: path.join(outDir, 'inspector-evaluation.png'), fullPage: true });
+    checkIsolation(t);
+    const redraws = await page.evaluate(() => document.getElementById('job-plot').dataset.redraws);
+    return `job ${jobId.slice(0, 8)} followed to "${info}" (${redraws} redraws while it ran), plot ${plot.join('×')}, confusion matrix ${matrix.join('×')}`;
+  } catch (e) {
+    await page.screenshot({ path: path.join(outDir, 'inspector-training-failure.png'), fullPage: true }).catch(() => {});
+    throw e;
+  } finally {
+    await t.context.close();
+  }
+}
+
 const tests = [
   ['inspector: predict, activations, filters and Grad-CAM of the CIFAR-10 cat', testInspector],
   ['inspector: a graph model lists its nodes and shows a functional node', testGraphModel],
+  ['inspector: a training job\'s curves live, and an evaluation\'s confusion matrix', testTraining],
   ['docs: Swagger UI renders /openapi.json without a CDN', testDocs],
 ];
 

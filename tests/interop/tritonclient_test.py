@@ -24,13 +24,7 @@ very numbers the server makes from the image.
 
 import base64
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 import unittest
 import urllib.request
 from pathlib import Path
@@ -40,6 +34,8 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from server import Server
+
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "target" / "release" / "convscope")
 CIFAR = sorted((ROOT / "data" / "cifar10" / "samples").glob("*.png"))[:8]
@@ -47,34 +43,7 @@ MNIST = sorted((ROOT / "data" / "mnist" / "samples").glob("*.png"))[:8]
 RESNET, CNN_A = "resnet20-cifar10", "cnn-a-mnist"
 TOL = 1e-6
 
-server = None
 url = None
-
-
-def start_server():
-    global server, url
-    work = Path(tempfile.mkdtemp(prefix="convscope-oip-"))
-    shutil.copytree(ROOT / "models", work / "models")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    log = open(work / "server.log", "wb")
-    # Batches wait up to 5 ms for company, so the concurrent test batches.
-    server = subprocess.Popen(
-        [str(BINARY), "serve", "--models", str(work / "models"), "--addr", f"127.0.0.1:{port}",
-         "--train-workers", "0", "--predict-batch", "16", "--predict-batch-delay-ms", "5"],
-        stdout=log, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"http://{url}/readyz", timeout=1)
-            return work
-        except OSError:
-            if server.poll() is not None:
-                sys.exit(f"the server exited: {(work / 'server.log').read_text()}")
-            time.sleep(0.1)
-    sys.exit("the server did not become ready")
 
 
 def manifest(model):
@@ -272,14 +241,10 @@ class OpenInferenceProtocol(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    work = start_server()
-    try:
+    # Batches wait up to 5 ms for company, so the concurrent test batches.
+    with Server(BINARY, "--train-workers", "0", "--predict-batch", "16",
+                "--predict-batch-delay-ms", "5") as server:
+        url = server.url
         result = unittest.main(argv=[sys.argv[0], "-v"], exit=False).result
-        ok = result.wasSuccessful()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    if not ok:
-        print((work / "server.log").read_text()[-4000:], file=sys.stderr)
-    shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0 if ok else 1)
+        server.failed = not result.wasSuccessful()
+    sys.exit(0 if result.wasSuccessful() else 1)

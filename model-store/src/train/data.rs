@@ -482,6 +482,22 @@ pub fn list(root: &Path) -> Vec<DatasetInfo> {
 /// Loads dataset `name` from `root`; ImageFolder images are preprocessed
 /// for `manifest` as inference would.
 pub fn open(root: &Path, name: &str, manifest: &Manifest, test_fraction: f64) -> Result<Dataset> {
+    // A built-in dataset whose files this server lacks (the full CIFAR-10
+    // where only the 1000-image sample is) is the caller's choice to fix,
+    // not a failed read.
+    if matches!(name, "mnist" | "cifar10" | "cifar10-sample")
+        && !list(root).iter().any(|d| d.name == name)
+    {
+        let here: Vec<String> = list(root).into_iter().map(|d| d.name).collect();
+        return Err(Error::Dataset(format!(
+            "dataset '{name}' is not on this server (its files are missing); the datasets here: {}",
+            if here.is_empty() {
+                "none".to_string()
+            } else {
+                here.join(", ")
+            }
+        )));
+    }
     match name {
         "mnist" => mnist(&root.join("mnist")),
         "cifar10" => cifar(&root.join("cifar10"), false),

@@ -213,6 +213,17 @@ pub fn parse(body: &Value) -> std::result::Result<JobSpec, Vec<String>> {
 }
 
 impl JobSpec {
+    /// The learning rate of each epoch, in order, when a schedule moves it
+    /// (the training plot draws it); `None` for a constant rate.
+    pub fn learning_rates(&self) -> Option<Vec<f64>> {
+        let schedule = self.lr_schedule.as_ref()?;
+        Some(
+            (0..self.epochs)
+                .map(|e| schedule.lr(self.optimizer.lr, e, self.epochs))
+                .collect(),
+        )
+    }
+
     /// The problems the body has on its own, before any model or dataset
     /// is looked at: names and hyper-parameters out of range.
     pub fn problems(&self) -> Vec<String> {

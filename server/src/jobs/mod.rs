@@ -12,7 +12,6 @@
 //! `<models>/.jobs/<id>/`; if the process dies, the next start puts
 //! `running` jobs back in the queue and they resume from their last epoch.
 
-pub mod plot;
 pub mod store;
 
 use std::collections::HashMap;

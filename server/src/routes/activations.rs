@@ -288,7 +288,16 @@ async fn all_activations(
                             maps.push((name.clone(), h, w, values));
                         }
                     }
-                    Ok(Sheet::Png(sheet(&maps, cmap).png()))
+                    let legend = render::Legend {
+                        colormap: Some(cmap),
+                        low: "min".into(),
+                        high: "max".into(),
+                        caption: "each layer's channel mean, from its own min to its own max"
+                            .into(),
+                    };
+                    Ok(Sheet::Png(
+                        render::with_legend(sheet(&maps, cmap), &legend).png(),
+                    ))
                 }
             }
         })
@@ -370,5 +379,19 @@ fn grid_of_maps(
             }],
         })
         .collect();
-    render::grid(&tiles, h, w, style)
+    let legend = match normalize {
+        Normalize::Channel => render::Legend {
+            colormap: Some(style.colormap),
+            low: "min".into(),
+            high: "max".into(),
+            caption: "each channel from its own min to its own max".into(),
+        },
+        Normalize::Layer => render::Legend {
+            colormap: Some(style.colormap),
+            low: render::legend_number(lo),
+            high: render::legend_number(hi),
+            caption: "one range for every channel shown".into(),
+        },
+    };
+    render::with_legend(render::grid(&tiles, h, w, style), &legend)
 }

@@ -11,13 +11,13 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::charts::{self, ChartParams, confusion::ConfusionChart};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::input::ImageUpload;
-use crate::jobs::plot;
 use crate::openapi::{Binary, ImageErrors, LabelledImageForm};
 use crate::pipeline::Pipeline;
-use crate::routes::output::png_response;
+use crate::routes::output::chart_response;
 use crate::state::AppState;
 
 /// `POST /models/{model}/evaluate`.
@@ -47,8 +47,8 @@ pub struct EvaluateBody {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct EvaluateParams {
-    /// `json` (default) or `png` (the confusion matrix as a labelled heatmap).
-    #[param(pattern = "^(json|png)$", example = "json")]
+    /// `json` (default), or the confusion matrix as a chart: `png` or `svg`.
+    #[param(pattern = "^(json|png|svg)$", example = "json")]
     pub format: Option<String>,
 }
 
@@ -64,14 +64,14 @@ pub fn router() -> OpenApiRouter<AppState> {
     post,
     path = "/models/{model}/evaluate",
     tag = "training",
-    params(("model" = String, Path, description = "A name from `GET /models`.", example = "cnn-a-mnist"), EvaluateParams),
+    params(("model" = String, Path, description = "A name from `GET /models`.", example = "cnn-a-mnist"), EvaluateParams, ChartParams),
     request_body(content(
         (EvaluateBody = "application/json", example = json!({"dataset": "mnist", "limit": 1000})),
         (LabelledImageForm = "multipart/form-data"),
     )),
     responses(
-        (status = 200, description = "The scores, or with `format=png` the confusion matrix as a labelled heatmap.", content(
-            (EvaluationView = "application/json"), (Binary = "image/png"))),
+        (status = 200, description = "The scores, or with `format=png` or `svg` the confusion matrix as a chart: class names on both axes, counts in the cells, colour by the share of the true class with a colour bar.", content(
+            (EvaluationView = "application/json"), (Binary = "image/png"), (String = "image/svg+xml"))),
         ImageErrors,
     )
 )]
@@ -79,19 +79,25 @@ async fn evaluate(
     State(state): State<AppState>,
     ApiPath(model): ApiPath<String>,
     ApiQuery(params): ApiQuery<EvaluateParams>,
+    ApiQuery(chart_params): ApiQuery<ChartParams>,
     req: Request,
 ) -> ApiResult<Response> {
     let pipeline = Pipeline::new(&state, &model)?;
     let model = pipeline.model.clone();
-    let png = match params.format.as_deref() {
-        None | Some("json") => false,
-        Some("png") => true,
+    let chart_format = match params.format.as_deref() {
+        None | Some("json") => None,
+        Some("png") => Some(charts::Format::Png),
+        Some("svg") => Some(charts::Format::Svg),
         Some(f) => {
             return Err(ApiError::BadRequest(format!(
-                "format must be json or png, got '{f}'"
+                "format must be json, png or svg, got '{f}'"
             )));
         }
     };
+    if chart_format.is_some() {
+        // A bad size is refused before anything is evaluated.
+        charts::size(&chart_params, (charts::MIN_SIDE, charts::MIN_SIDE))?;
+    }
     let is_json = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -130,8 +136,18 @@ async fn evaluate(
             .await?;
         ("upload".to_string(), e)
     };
-    if png {
-        return Ok(png_response(plot::confusion_png(&evaluation)));
+    if let Some(format) = chart_format {
+        let title = format!("{} on {dataset}", model.name());
+        let drawn = pipeline
+            .compute(move |_, _| {
+                let chart = ConfusionChart {
+                    evaluation: &evaluation,
+                    title,
+                };
+                charts::render(&chart, &chart_params, format)
+            })
+            .await?;
+        return Ok(chart_response(drawn));
     }
     Ok(Json(EvaluationView {
         model: model.name().to_string(),

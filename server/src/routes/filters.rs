@@ -153,7 +153,24 @@ async fn layer_filters(
                 scale,
                 labels: params.labels,
             };
-            Ok(png_response(render::grid(&tiles, kh, kw, style).png()))
+            let legend = if i == 3 && plane.is_none() {
+                render::Legend {
+                    colormap: None,
+                    low: String::new(),
+                    high: String::new(),
+                    caption: "RGB: each kernel's three planes from their min to their max".into(),
+                }
+            } else {
+                render::Legend {
+                    colormap: Some(style.colormap),
+                    low: "min".into(),
+                    high: "max".into(),
+                    caption: "each kernel from its own min to its own max".into(),
+                }
+            };
+            Ok(png_response(
+                render::with_legend(render::grid(&tiles, kh, kw, style), &legend).png(),
+            ))
         }
     }
 }

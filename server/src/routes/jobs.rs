@@ -10,17 +10,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use model_store::train;
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use crate::charts::{self, ChartParams, training::TrainingChart};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::ApiPath;
+use crate::extract::{ApiPath, ApiQuery};
+use crate::jobs::JobView;
 use crate::jobs::store::CancelOutcome;
-use crate::jobs::{JobView, plot};
 use crate::openapi::{Binary, LookupErrors, Problem};
-use crate::routes::output::png_response;
+use crate::routes::output::chart_response;
 use crate::state::AppState;
 
 /// `POST /jobs` → 202.
@@ -47,6 +48,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(events))
         .routes(routes!(cancel))
         .routes(routes!(job_plot))
+        .routes(routes!(job_plot_png))
 }
 
 fn job_not_found(id: &str) -> ApiError {
@@ -262,20 +264,86 @@ async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))).into_response())
 }
 
-/// Loss (per progress report) and train/test accuracy (per epoch) as a PNG.
+/// `format` of the training plot.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PlotParams {
+    /// `png` (default) or `svg` (for documents: text stays text).
+    #[param(pattern = "^(png|svg)$", example = "svg")]
+    pub format: Option<String>,
+}
+
+/// The training curves: loss at every progress report with the epoch
+/// means, train and test accuracy per epoch, and the learning rate when a
+/// schedule changes it; PNG or SVG.
 #[utoipa::path(
     get,
-    path = "/jobs/{id}/plot.png",
+    path = "/jobs/{id}/plot",
     tag = "training",
-    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`.")),
-    responses((status = 200, description = "The training curves.", content_type = "image/png", body = Binary), LookupErrors)
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`."), PlotParams, ChartParams),
+    responses((status = 200, description = "The training curves.", content(
+        (Binary = "image/png"), (String = "image/svg+xml"))), LookupErrors)
 )]
 async fn job_plot(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
+    ApiQuery(params): ApiQuery<PlotParams>,
+    ApiQuery(chart): ApiQuery<ChartParams>,
 ) -> ApiResult<Response> {
-    let job = find_job(&state, &id)?;
-    let epochs = job.spec["epochs"].as_u64().unwrap_or(1) as usize;
-    let png = plot::training_curves(&job.curve, &job.history, epochs);
-    Ok(png_response(png))
+    let format = match params.format.as_deref() {
+        None | Some("png") => charts::Format::Png,
+        Some("svg") => charts::Format::Svg,
+        Some(f) => {
+            return Err(ApiError::BadRequest(format!(
+                "format must be png or svg, got '{f}'"
+            )));
+        }
+    };
+    plot(&state, &id, chart, format).await
+}
+
+/// The training curves as a PNG (as `GET /jobs/{id}/plot`, always PNG).
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/plot.png",
+    tag = "training",
+    params(("id" = String, Path, description = "A `job_id` from `POST /jobs`."), ChartParams),
+    responses((status = 200, description = "The training curves.", content_type = "image/png", body = Binary), LookupErrors)
+)]
+async fn job_plot_png(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(chart): ApiQuery<ChartParams>,
+) -> ApiResult<Response> {
+    plot(&state, &id, chart, charts::Format::Png).await
+}
+
+async fn plot(
+    state: &AppState,
+    id: &str,
+    params: ChartParams,
+    format: charts::Format,
+) -> ApiResult<Response> {
+    let job = find_job(state, id)?;
+    // A bad size is refused before any drawing is queued.
+    charts::size(&params, (charts::MIN_SIDE, charts::MIN_SIDE))?;
+    let spec = train::parse(&job.spec).ok();
+    let drawn = state
+        .compute
+        .run(move || {
+            let chart = TrainingChart {
+                title: format!(
+                    "job {} — {}",
+                    job.id,
+                    spec.as_ref().map_or("?", |s| s.model_name.as_str())
+                ),
+                curve: &job.curve,
+                history: &job.history,
+                epochs: spec.as_ref().map_or(1, |s| s.epochs),
+                learning_rates: spec.as_ref().and_then(|s| s.learning_rates()),
+            };
+            charts::render(&chart, &params, format)
+        })
+        .await?;
+    Ok(chart_response(drawn))
 }

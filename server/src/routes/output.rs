@@ -54,6 +54,16 @@ pub fn png_response(bytes: Vec<u8>) -> Response {
     resp
 }
 
+/// A chart: PNG or SVG, with its content type.
+pub fn chart_response(chart: crate::charts::Drawn) -> Response {
+    let mut resp = chart.bytes.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(chart.content_type),
+    );
+    resp
+}
+
 /// An `.npy` download.
 pub fn npy_response(name: &str, shape: &[usize], data: &[f32]) -> Response {
     let mut resp = render::npy(shape, data).into_response();

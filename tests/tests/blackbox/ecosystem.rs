@@ -178,6 +178,38 @@ async fn metrics_parse_as_prometheus_text_and_move_with_requests() {
     assert_eq!(value(&after, "convscope_models_loaded", &[]), 1.0);
     assert!(value(&after, "convscope_inputs_cache_bytes", &[]) > 0.0);
     assert_eq!(value(&after, "convscope_compute_queue_depth", &[]), 0.0);
+    // The process and the build, beside the service's own.
+    if std::path::Path::new("/proc/self/stat").exists() {
+        assert!(value(&after, "process_resident_memory_bytes", &[]) > 1e6);
+        assert!(value(&after, "process_open_fds", &[]) >= 3.0);
+        assert!(value(&after, "process_cpu_seconds_total", &[]) > 0.0);
+        assert!(value(&after, "process_start_time_seconds", &[]) > 1.7e9);
+    }
+    assert_eq!(
+        value(
+            &after,
+            "convscope_build_info",
+            &[&format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    // OpenMetrics to whoever asks for it (Prometheus does, first).
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text; version=1.0.0")
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE convscope_http_requests counter\n"));
     app.stop().await;
 }
 

@@ -380,6 +380,21 @@ fn decode_png(bytes: &[u8]) -> image::RgbImage {
         .to_rgb8()
 }
 
+/// Height of the legend footer under every grid (colour bar and caption).
+const LEGEND: u32 = 40;
+
+/// A grid of `w × h` pixels above its legend footer: the footer adds
+/// [`LEGEND`] rows, and columns only where the grid is narrower than the
+/// legend's text.
+fn assert_grid(img: &image::RgbImage, (w, h): (u32, u32), what: &str) {
+    assert_eq!(img.height(), h + LEGEND, "{what}: {:?}", img.dimensions());
+    if w >= 300 {
+        assert_eq!(img.width(), w, "{what}");
+    } else {
+        assert!(img.width() >= w, "{what}: {:?}", img.dimensions());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
     let dir = models_dir(&["cnn-a-mnist", "resnet20-cifar10"]);
@@ -387,7 +402,7 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
     let digit = store_input(&app, "data/mnist/samples/test0000_digit7.png").await;
 
     // conv2 of CNN_A: 64 maps of 11x11, default scale 48/11 = 4 → 44-px
-    // tiles on an 8x8 grid with 1-px separators; labels add a 10-px line per row.
+    // tiles on an 8x8 grid with 1-px separators; labels add a 13-px line per row.
     let (s, ct, png) = get_bytes(
         &app,
         &format!("/models/cnn-a-mnist/activations/conv2?input={digit}"),
@@ -395,7 +410,7 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
     .await;
     assert_eq!((s, ct.as_str()), (200, "image/png"));
     let img = decode_png(&png);
-    assert_eq!(img.dimensions(), (8 * 44 + 9, 8 * 44 + 9));
+    assert_grid(&img, (8 * 44 + 9, 8 * 44 + 9), "conv2");
     let (_, _, png) = get_bytes(
         &app,
         &format!(
@@ -403,9 +418,10 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
         ),
     )
     .await;
-    assert_eq!(
-        decode_png(&png).dimensions(),
-        (8 * 44 + 9, 8 * (44 + 10) + 9)
+    assert_grid(
+        &decode_png(&png),
+        (8 * 44 + 9, 8 * (44 + 13) + 9),
+        "conv2 with labels",
     );
 
     // One channel in gray at scale 1: each pixel is round(255·(v − min)/(max − min)).
@@ -436,11 +452,7 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
     )
     .await;
     let img = decode_png(&png);
-    assert_eq!(
-        img.dimensions(),
-        (13, 13),
-        "one 11x11 tile inside a 1-px frame"
-    );
+    assert_grid(&img, (13, 13), "one 11x11 tile inside a 1-px frame");
     for r in 0..11 {
         for c in 0..11 {
             let want = ((v[r * 11 + c] - lo) / (hi - lo) * 255.0).round() as u8;
@@ -480,13 +492,13 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
         &format!("/models/cnn-a-mnist/activations/fc2?input={digit}"),
     )
     .await;
-    assert_eq!(decode_png(&png).dimensions(), (8 * 16 + 9, 8 * 16 + 9));
+    assert_grid(&decode_png(&png), (8 * 16 + 9, 8 * 16 + 9), "fc2");
 
     // Filters: ResNet-20 conv1 in colour, 16 kernels of 3x3 at scale 16 on a 4x4 grid.
     let (s, _, png) = get_bytes(&app, "/models/resnet20-cifar10/filters/conv1").await;
     assert_eq!(s, 200);
     let img = decode_png(&png);
-    assert_eq!(img.dimensions(), (4 * 48 + 5, 4 * 48 + 5));
+    assert_grid(&img, (4 * 48 + 5, 4 * 48 + 5), "conv1 filters");
     let (_, _, w) = get_bytes(
         &app,
         "/models/resnet20-cifar10/filters/conv1?format=json&channels=0",
@@ -513,9 +525,10 @@ async fn pictures_decode_have_the_documented_size_and_show_the_numbers() {
         "/models/cnn-a-mnist/filters/conv2?in_channel=3&labels=true",
     )
     .await;
-    assert_eq!(
-        decode_png(&png).dimensions(),
-        (8 * 48 + 9, 8 * (48 + 10) + 9)
+    assert_grid(
+        &decode_png(&png),
+        (8 * 48 + 9, 8 * (48 + 13) + 9),
+        "conv2 filters with labels",
     );
     let (_, _, npy) = get_bytes(&app, "/models/cnn-a-mnist/filters/conv2?format=npy").await;
     assert_eq!(parse_npy(&npy).0, [64, 32, 3, 3]);
