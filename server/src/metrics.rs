@@ -222,6 +222,8 @@ impl Metrics {
     pub fn render(&self, state: &AppState) -> String {
         self.queue_depth.set(state.compute.waiting() as i64);
         self.running.set(state.compute.running() as i64);
+        // A state the store cannot count now is left out, not shown stale.
+        self.jobs.clear();
         if let Ok(counts) = state.jobs.store.counts() {
             for (status, n) in &counts {
                 self.jobs
@@ -247,8 +249,10 @@ impl Metrics {
 
 /// The classic text format (0.0.4) of OpenMetrics text as
 /// `prometheus-client` writes it: a counter's `# HELP`/`# TYPE` name the
-/// `_total` series, an info metric is a gauge named `_info`, and the
-/// `# EOF` and `# UNIT` lines go. Samples are the same in both formats.
+/// `_total` series, an info metric is a gauge named `_info`, the `# EOF`
+/// and `# UNIT` lines go, and bucket bounds are written as before
+/// (`le="1"`, not OpenMetrics' `le="1.0"`), so a series keeps its identity
+/// for a Prometheus that does not normalise them.
 pub fn to_classic(openmetrics: &str) -> String {
     let mut out = String::with_capacity(openmetrics.len());
     let mut help: Option<&str> = None;
@@ -274,10 +278,24 @@ pub fn to_classic(openmetrics: &str) -> String {
             out.push_str(&format!("# TYPE {name} {kind}\n"));
             continue;
         }
-        out.push_str(line);
+        out.push_str(&classic_bucket_bound(line));
         out.push('\n');
     }
     out
+}
+
+/// `…{…,le="1.0"} 7` → `…{…,le="1"} 7`: Rust's shortest form of the bound.
+fn classic_bucket_bound(line: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = line.find("le=\"").map(|i| i + 4) else {
+        return line.into();
+    };
+    let Some(len) = line[start..].find('"') else {
+        return line.into();
+    };
+    match line[start..start + len].parse::<f64>() {
+        Ok(v) if v.is_finite() => format!("{}{v}{}", &line[..start], &line[start + len..]).into(),
+        _ => line.into(),
+    }
 }
 
 /// The process's own metrics, read from `/proc/self` at each scrape, with
@@ -478,6 +496,12 @@ mod tests {
             "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{x=\"1\"} 3\n\
 # HELP a_build_info Build.\n# TYPE a_build_info gauge\na_build_info{version=\"1\"} 1\n\
 # HELP a_depth Depth.\n# TYPE a_depth gauge\na_depth 2.0\n"
+        );
+        assert_eq!(
+            to_classic(
+                "a_bucket{route=\"/x\",le=\"1.0\"} 3\na_bucket{le=\"0.0025\"} 1\na_bucket{le=\"+Inf\"} 4\n"
+            ),
+            "a_bucket{route=\"/x\",le=\"1\"} 3\na_bucket{le=\"0.0025\"} 1\na_bucket{le=\"+Inf\"} 4\n"
         );
     }
 

@@ -83,6 +83,10 @@ class Metrics(unittest.TestCase):
         inf = [s for s in latency.samples if s.name.endswith("_bucket") and s.labels.get("le") == "+Inf"
                and s.labels["route"] == "/models/{model}/predict"]
         self.assertEqual([s.value for s in inf], [3.0])
+        # Bucket bounds written as earlier releases wrote them (le="1", not "1.0").
+        bounds = {s.labels["le"] for s in latency.samples if s.name.endswith("_bucket")}
+        self.assertEqual(bounds, {"0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1",
+                                  "0.25", "0.5", "1", "2.5", "5", "10", "30", "+Inf"})
         rss = families[("process_resident_memory_bytes", "gauge")].samples[0].value
         self.assertGreater(rss, 10e6)
 

@@ -118,12 +118,18 @@ impl Chart for ConfusionChart<'_> {
             text(18.0, s),
         ))?;
 
-        // The cells, coloured by their row's fraction, counts where they fit.
+        // The cells, coloured by their row's fraction, counts where they fit:
+        // one rectangle in the colour of 0, then only the cells that are not
+        // (a matrix of many classes is mostly empty).
+        root.draw(&Rectangle::new(
+            [(at(x0), at(y0)), (at(x0 + side), at(y0 + side))],
+            rgb(Colormap::Viridis.color(0.0)).filled(),
+        ))?;
         let count_px = (cell * 0.38).min(13.0 * s);
         let counts_fit = count_px >= 7.0 * s;
         for (i, row) in e.confusion_matrix.iter().enumerate() {
             let total = row.iter().sum::<u64>().max(1) as f64;
-            for (j, &n) in row.iter().enumerate() {
+            for (j, &n) in row.iter().enumerate().filter(|(_, n)| **n > 0) {
                 let v = n as f64 / total;
                 let c = Colormap::Viridis.color(v as f32);
                 let (cx, cy) = (x0 + j as f64 * cell, y0 + i as f64 * cell);
@@ -131,7 +137,7 @@ impl Chart for ConfusionChart<'_> {
                     [(at(cx), at(cy)), (at(cx + cell), at(cy + cell))],
                     rgb(c).filled(),
                 ))?;
-                if counts_fit && n > 0 {
+                if counts_fit {
                     // Light digits on viridis' dark end, dark ones on its light end.
                     let luma = 0.299 * c[0] as f64 + 0.587 * c[1] as f64 + 0.114 * c[2] as f64;
                     let ink: &'static RGBColor = if luma < 140.0 { &WHITE } else { &BLACK };
@@ -286,6 +292,27 @@ mod tests {
                 took < std::time::Duration::from_secs(1),
                 "{format:?} took {took:?}"
             );
+        }
+    }
+
+    #[test]
+    fn one_class_and_a_thousand_classes_draw_at_their_default_size() {
+        for k in [1, 1000] {
+            let e = evaluation(k, |i| format!("c{i}"));
+            let chart = ConfusionChart {
+                evaluation: &e,
+                title: "t".into(),
+            };
+            let png = render(&chart, &ChartParams::default(), Format::Png).unwrap();
+            let img = image::load_from_memory(&png.bytes).unwrap();
+            assert!((200..=4096).contains(&img.width()), "{k}: {}", img.width());
+            // Only the cells that are not zero are drawn one by one.
+            let svg = render(&chart, &ChartParams::default(), Format::Svg).unwrap();
+            let rects = String::from_utf8(svg.bytes)
+                .unwrap()
+                .matches("<rect")
+                .count();
+            assert!(rects < 3 * k + 100, "{k} classes: {rects} rectangles");
         }
     }
 

@@ -95,9 +95,17 @@ pub fn size(params: &ChartParams, default: (u32, u32)) -> Result<(u32, u32, f64)
         }
         Ok(scaled as u32)
     };
+    // A chart's own size is fitted into the bounds at this scale: only a
+    // size the request names can be refused.
+    let fit = |d: u32| {
+        (d as f64)
+            .min(MAX_SIDE as f64 / scale)
+            .floor()
+            .max(MIN_SIDE as f64) as u32
+    };
     Ok((
-        side("width", params.width, default.0.min(MAX_SIDE))?,
-        side("height", params.height, default.1.min(MAX_SIDE))?,
+        side("width", params.width, fit(default.0))?,
+        side("height", params.height, fit(default.1))?,
         scale,
     ))
 }

@@ -49,7 +49,10 @@ impl Chart for TrainingChart<'_> {
         root.fill(&WHITE)?;
         let root = root.titled(&self.title, text(20.0, s))?;
         let panels = if self.learning_rates.is_some() { 3 } else { 2 };
-        let areas = root.split_evenly((1, panels));
+        // Side by side while each panel gets 300 px; stacked when the chart
+        // is asked to be narrower.
+        let across = ((root.dim_in_pixel().0 as f64 / (300.0 * s)) as usize).clamp(1, panels);
+        let areas = root.split_evenly((panels.div_ceil(across), across));
         let epochs = self.epochs.max(1) as f64;
         let px = |v: f64| (v * s).round() as u32;
         let line = |c: RGBColor| c.stroke_width(px(2.0).max(1));
@@ -82,9 +85,11 @@ impl Chart for TrainingChart<'_> {
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + px(20.0) as i32, y)], line(SERIES[0]))
             });
+        // A diverged epoch (NaN or infinite loss) is left out, not drawn at an edge.
         let means: Vec<(f64, f64)> = self
             .history
             .iter()
+            .filter(|h| h.loss.is_finite())
             .map(|h| (h.epoch as f64, h.loss))
             .collect();
         chart
@@ -220,4 +225,49 @@ fn legend<'a, DB: DrawingBackend + 'a>(
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(200, 200, 200))
         .draw()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::charts::{ChartParams, Format, render, size};
+
+    fn record(epoch: usize, loss: f64) -> EpochRecord {
+        EpochRecord {
+            epoch,
+            loss,
+            train_accuracy: 0.5,
+            test_accuracy: 0.6,
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn diverged_losses_narrow_sizes_and_large_scales_still_draw() {
+        let history = [
+            record(1, 2.0),
+            record(2, f64::NAN),
+            record(3, f64::INFINITY),
+        ];
+        let curve = [[0.1, 2.5], [0.5, f64::NAN], [0.9, 1.0]];
+        let chart = TrainingChart {
+            title: "t".into(),
+            curve: &curve,
+            history: &history,
+            epochs: 3,
+            learning_rates: Some(vec![1e-3, 5e-4, 2.5e-4]),
+        };
+        for (width, height, scale) in [(Some(200), Some(460), None), (None, None, Some(4.0))] {
+            let params = ChartParams {
+                width,
+                height,
+                scale,
+            };
+            let (w, h, _) = size(&params, chart.default_size()).unwrap();
+            assert!(w <= crate::charts::MAX_SIDE && h <= crate::charts::MAX_SIDE);
+            let png = render(&chart, &params, Format::Png).unwrap();
+            let img = image::load_from_memory(&png.bytes).unwrap();
+            assert_eq!((img.width(), img.height()), (w, h));
+        }
+    }
 }

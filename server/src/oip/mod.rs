@@ -16,8 +16,8 @@ mod request;
 mod response;
 
 pub use request::{
-    Batch, Decoded, InferRequest, OutputKind, RequestInput, RequestOutput, Wanted, decompress,
-    header_length, parse,
+    Batch, Decoded, Expect, InferRequest, InputParameters, OutputKind, OutputParameters,
+    RequestInput, RequestOutput, RequestParameters, Wanted, decompress, header_length, parse,
 };
 pub use response::{InferResponse, ResponseOutput, TensorData, respond};
 

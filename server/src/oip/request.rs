@@ -8,26 +8,37 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, header};
 use base64::Engine;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::{HEADER_LENGTH, bad};
 use crate::error::ApiError;
 
 /// `POST /v2/models/{model}/infer`: the request's JSON (all of the body,
-/// or its first `Inference-Header-Content-Length` bytes).
+/// or its first `Inference-Header-Content-Length` bytes). Parameters the
+/// server does not use are skipped unread, and `data` is kept as raw text
+/// until the shape is checked, so no request becomes a tree of values many
+/// times its size.
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"id": "42", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNocFAAAAIkAOGrWWInAAAAAElFTkSuQmCC"]}], "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}))]
 pub struct InferRequest {
     /// Echoed in the answer.
     pub id: Option<String>,
-    /// `binary_data_output: true` sends every output as binary data.
+    /// Request parameters.
     #[serde(default)]
-    pub parameters: Map<String, Value>,
+    pub parameters: RequestParameters,
     /// Exactly one: `input` or `image`.
     pub inputs: Vec<RequestInput>,
     /// The outputs wanted; both when absent.
     pub outputs: Option<Vec<RequestOutput>>,
+}
+
+/// The request parameters this server reads; others are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct RequestParameters {
+    /// Every output as binary data after the JSON header.
+    pub binary_data_output: Option<bool>,
 }
 
 /// One input tensor of a request.
@@ -39,12 +50,23 @@ pub struct RequestInput {
     pub shape: Vec<i64>,
     /// `FP32` for `input`, `BYTES` for `image`.
     pub datatype: String,
-    /// `binary_data_size`: the tensor's bytes follow the JSON header.
+    /// Input parameters.
     #[serde(default)]
-    pub parameters: Map<String, Value>,
+    pub parameters: InputParameters,
     /// The elements in row-major order (flat or nested); base64 strings
     /// for `image`.
-    pub data: Option<Value>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub data: Option<Box<RawValue>>,
+}
+
+/// The input parameters this server reads; others are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct InputParameters {
+    /// The tensor's bytes follow the JSON header (after earlier inputs').
+    pub binary_data_size: Option<u64>,
+    /// Refused: this server reads tensors from the body only.
+    #[schema(value_type = Option<Object>)]
+    pub shared_memory_region: Option<IgnoredAny>,
 }
 
 /// An output a request asks for.
@@ -52,10 +74,28 @@ pub struct RequestInput {
 pub struct RequestOutput {
     /// `logits` or `probabilities`.
     pub name: String,
-    /// `binary_data` (bool) and `classification` (the top k, as BYTES
-    /// `"value:index:label"`).
+    /// Output parameters.
     #[serde(default)]
-    pub parameters: Map<String, Value>,
+    pub parameters: OutputParameters,
+}
+
+/// The output parameters this server reads; others are ignored.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct OutputParameters {
+    /// Its data after the JSON header (default: the request's `binary_data_output`).
+    pub binary_data: Option<bool>,
+    /// The top k classes as BYTES `"value:index:label"` (0: all values, as
+    /// without it).
+    pub classification: Option<u64>,
+}
+
+/// What the model takes, for checking a request before reading its data.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect {
+    /// `[C, H, W]` of the model's input.
+    pub input: [usize; 3],
+    /// `--max-batch`.
+    pub max_batch: usize,
 }
 
 /// The batch a request carries.
@@ -179,7 +219,11 @@ pub fn decompress(headers: &HeaderMap, body: Bytes, max_bytes: usize) -> Result<
 
 /// Reads an inference request: its JSON (the first `header_length` bytes
 /// when given, else the whole body) and the binary data after it.
-pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiError> {
+pub fn parse(
+    body: &Bytes,
+    header_length: Option<usize>,
+    expect: Expect,
+) -> Result<Decoded, ApiError> {
     let (json_part, mut binary) = match header_length {
         Some(n) if n > body.len() => {
             return Err(bad(format!(
@@ -201,19 +245,14 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiE
             inputs.len()
         ))
     })?;
-    let raw = match input.parameters.get("binary_data_size") {
+    let raw = match input.parameters.binary_data_size {
         None => None,
-        Some(v) => {
-            let n = v.as_u64().ok_or_else(|| {
-                bad(format!(
-                    "input `{}`: binary_data_size is {v}; it must be a byte count",
-                    input.name
-                ))
-            })? as usize;
+        Some(n) => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
             if n > binary.len() {
                 return Err(bad(format!(
                     "input `{}`: binary_data_size is {n} but only {} bytes follow the JSON header",
-                    input.name,
+                    short(&input.name),
                     binary.len()
                 )));
             }
@@ -226,7 +265,7 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiE
             binary.len()
         )));
     }
-    if input.parameters.contains_key("shared_memory_region") {
+    if input.parameters.shared_memory_region.is_some() {
         return Err(bad(
             "shared memory inputs are not supported: send the data in the body",
         ));
@@ -239,7 +278,8 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiE
         .map_err(|_| {
             bad(format!(
                 "input `{}`: shape {:?} has a negative dimension",
-                input.name, input.shape
+                short(&input.name),
+                input.shape
             ))
         })?;
     let data = match (raw, input.data) {
@@ -248,24 +288,26 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiE
         (Some(_), Some(_)) => {
             return Err(bad(format!(
                 "input `{}` has both `data` and binary_data_size; give one",
-                input.name
+                short(&input.name)
             )));
         }
         (None, None) => {
             return Err(bad(format!(
                 "input `{}` has no data: give `data` or binary_data_size with the bytes after the JSON header",
-                input.name
+                short(&input.name)
             )));
         }
     };
     let batch = match input.name.as_str() {
         "input" => {
             expect_datatype("input", &input.datatype, "FP32")?;
-            if shape.len() != 4 {
+            let [c, h, w] = expect.input;
+            if shape.len() != 4 || shape[1..] != expect.input || shape[0] == 0 {
                 return Err(bad(format!(
-                    "input `input`: shape {shape:?} is not [N, C, H, W]"
+                    "input `input`: the shape is {shape:?}; this model takes [N, {c}, {h}, {w}] with N >= 1"
                 )));
             }
+            over_batch(shape[0], expect.max_batch)?;
             Batch::Tensor {
                 values: data.floats(&shape)?,
                 shape,
@@ -281,9 +323,11 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Decoded, ApiE
                     )));
                 }
             };
+            over_batch(n, expect.max_batch)?;
             Batch::Images(data.strings(n)?)
         }
         other => {
+            let other = short(other);
             return Err(bad(format!(
                 "the model has no input `{other}`; its inputs are `input` (FP32 [N, C, H, W], preprocessed) and `image` (BYTES [N], encoded image files)"
             )));
@@ -304,26 +348,27 @@ fn expect_datatype(name: &str, got: &str, want: &str) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(bad(format!(
-            "input `{name}` has datatype {got}; it takes {want}"
+            "input `{name}` has datatype {}; it takes {want}",
+            short(got)
         )))
     }
 }
 
-fn flag(parameters: &Map<String, Value>, name: &str, at: &str) -> Result<bool, ApiError> {
-    match parameters.get(name) {
-        None => Ok(false),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(bad(format!(
-            "{at}: {name} is {other}; it must be true or false"
-        ))),
+/// A batch over `--max-batch` is refused before its data is read.
+fn over_batch(n: usize, max_batch: usize) -> Result<(), ApiError> {
+    if n > max_batch {
+        return Err(ApiError::TooLarge(format!(
+            "{n} images in one request; the limit is {max_batch} (--max-batch)"
+        )));
     }
+    Ok(())
 }
 
 fn wanted(
     outputs: Option<Vec<RequestOutput>>,
-    parameters: &Map<String, Value>,
+    parameters: &RequestParameters,
 ) -> Result<Vec<Wanted>, ApiError> {
-    let all_binary = flag(parameters, "binary_data_output", "the request")?;
+    let all_binary = parameters.binary_data_output.unwrap_or(false);
     let outputs = match outputs {
         Some(o) if !o.is_empty() => o,
         _ => {
@@ -343,30 +388,21 @@ fn wanted(
             "probabilities" => OutputKind::Probabilities,
             other => {
                 return Err(bad(format!(
-                    "the model has no output `{other}`; its outputs are `logits` and `probabilities`"
+                    "the model has no output `{}`; its outputs are `logits` and `probabilities`",
+                    short(other)
                 )));
             }
         };
         if list.iter().any(|w| w.kind == kind) {
             return Err(bad(format!("output `{}` is asked for twice", o.name)));
         }
-        let at = format!("output `{}`", o.name);
-        let binary = if o.parameters.contains_key("binary_data") {
-            flag(&o.parameters, "binary_data", &at)?
-        } else {
-            all_binary
-        };
-        let classification = match o.parameters.get("classification") {
-            None => None,
-            Some(v) => match v.as_u64() {
-                Some(k) if k >= 1 => Some(k as usize),
-                _ => {
-                    return Err(bad(format!(
-                        "{at}: classification is {v}; it must be a class count of at least 1"
-                    )));
-                }
-            },
-        };
+        let binary = o.parameters.binary_data.unwrap_or(all_binary);
+        // 0 asks for no classification, as Triton reads it.
+        let classification = o
+            .parameters
+            .classification
+            .filter(|&k| k > 0)
+            .map(|k| usize::try_from(k).unwrap_or(usize::MAX));
         list.push(Wanted {
             kind,
             binary,
@@ -378,7 +414,7 @@ fn wanted(
 
 /// An input's data, from the JSON or after it.
 enum Data {
-    Json(Value),
+    Json(Box<RawValue>),
     Binary(Bytes),
 }
 
@@ -404,8 +440,7 @@ impl Data {
                     .collect()
             }
             Data::Json(json) => {
-                let mut values = Vec::with_capacity(count.min(1 << 24));
-                flatten_numbers(&json, &mut values)?;
+                let values: Vec<f32> = read_flat(&json, count, "input `input`")?;
                 if values.len() != count {
                     return Err(bad(format!(
                         "input `input`: `data` has {} numbers; shape {shape:?} needs {count}",
@@ -425,6 +460,11 @@ impl Data {
             Data::Binary(mut raw) => {
                 let mut items = Vec::new();
                 while !raw.is_empty() {
+                    if items.len() == n {
+                        return Err(bad(format!(
+                            "input `image`: more than {n} elements for shape [{n}]"
+                        )));
+                    }
                     if raw.len() < 4 {
                         return Err(bad(
                             "input `image`: the binary data ends inside an element's 4-byte length",
@@ -444,22 +484,16 @@ impl Data {
                 items
             }
             Data::Json(json) => {
-                let mut strings = Vec::new();
-                flatten_strings(&json, &mut strings)?;
+                let strings: Vec<String> = read_flat(&json, n, "input `image`")?;
                 strings
                     .iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        // Data URLs as a browser makes them are accepted too.
-                        let b64 = s.split_once(";base64,").map_or(s.as_str(), |(_, b)| b);
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b64.trim())
-                            .map(Bytes::from)
-                            .map_err(|e| {
-                                bad(format!(
-                                    "input `image`: data[{i}] is not base64 ({e}); in JSON each element is a base64-encoded image file"
-                                ))
-                            })
+                        decode_base64(s).map(Bytes::from).ok_or_else(|| {
+                            bad(format!(
+                                "input `image`: data[{i}] is not base64; in JSON each element is a base64-encoded image file"
+                            ))
+                        })
                     })
                     .collect::<Result<_, _>>()?
             }
@@ -474,39 +508,122 @@ impl Data {
     }
 }
 
-fn flatten_numbers(v: &Value, out: &mut Vec<f32>) -> Result<(), ApiError> {
-    match v {
-        Value::Array(items) => items.iter().try_for_each(|item| flatten_numbers(item, out)),
-        Value::Number(n) => {
-            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
-            Ok(())
-        }
-        other => Err(bad(format!(
-            "input `input`: `data` holds {other}; FP32 data is numbers"
-        ))),
+/// Base64 as clients write it: standard or URL-safe, padded or not, or a
+/// data URL as a browser makes one.
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let b64 = s.split_once(";base64,").map_or(s, |(_, b)| b).trim();
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(b64).ok())
+}
+
+/// A tensor element in JSON: a number for FP32, a string for BYTES.
+trait Element: Sized {
+    /// What the protocol calls such data, for errors.
+    const KIND: &'static str;
+    fn from_number(v: f64) -> Option<Self>;
+    fn from_str(v: &str) -> Option<Self>;
+}
+
+impl Element for f32 {
+    const KIND: &'static str = "numbers";
+    fn from_number(v: f64) -> Option<Self> {
+        Some(v as f32)
+    }
+    fn from_str(_: &str) -> Option<Self> {
+        None
     }
 }
 
-fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), ApiError> {
-    match v {
-        Value::Array(items) => items.iter().try_for_each(|item| flatten_strings(item, out)),
-        Value::String(s) => {
-            out.push(s.clone());
-            Ok(())
-        }
-        other => Err(bad(format!(
-            "input `image`: `data` holds {}; BYTES data is base64 strings",
-            short(other)
-        ))),
+impl Element for String {
+    const KIND: &'static str = "base64 strings";
+    fn from_number(_: f64) -> Option<Self> {
+        None
+    }
+    fn from_str(v: &str) -> Option<Self> {
+        Some(v.to_string())
     }
 }
 
-fn short(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 40 {
-        format!("{}…", &s[..s.floor_char_boundary(40)])
-    } else {
-        s
+/// `data` read straight into a flat list (nested arrays in row-major
+/// order), never more than `limit` elements: the shape's count, already
+/// checked against the model and `--max-batch`.
+fn read_flat<T: Element>(raw: &RawValue, limit: usize, at: &str) -> Result<Vec<T>, ApiError> {
+    use serde::de::{DeserializeSeed, SeqAccess, Visitor};
+
+    struct Flat<'v, T> {
+        out: &'v mut Vec<T>,
+        limit: usize,
+    }
+
+    impl<'de, T: Element> DeserializeSeed<'de> for Flat<'_, T> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    impl<T: Element> Flat<'_, T> {
+        fn push<E: serde::de::Error>(self, v: Option<T>) -> Result<(), E> {
+            let v = v.ok_or_else(|| E::custom(format!("`data` must hold {}", T::KIND)))?;
+            if self.out.len() == self.limit {
+                return Err(E::custom(format!(
+                    "`data` has more than the {} elements its shape holds",
+                    self.limit
+                )));
+            }
+            self.out.push(v);
+            Ok(())
+        }
+    }
+
+    impl<'de, T: Element> Visitor<'de> for Flat<'_, T> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of {}", T::KIND)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while seq
+                .next_element_seed(Flat {
+                    out: &mut *self.out,
+                    limit: self.limit,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+            self.push(T::from_number(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+            self.push(T::from_number(v as f64))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+            self.push(T::from_number(v as f64))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+            self.push(T::from_str(v))
+        }
+    }
+
+    let mut out = Vec::with_capacity(limit.min(raw.get().len() / 2 + 1));
+    let mut d = serde_json::Deserializer::from_str(raw.get());
+    Flat {
+        out: &mut out,
+        limit,
+    }
+    .deserialize(&mut d)
+    .and_then(|()| d.end())
+    .map_err(|e| bad(format!("{at}: {e}")))?;
+    Ok(out)
+}
+
+/// At most 40 characters of client text, for error messages.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
     }
 }
 
@@ -515,9 +632,15 @@ mod tests {
     use std::io::Write;
 
     use axum::http::HeaderValue;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
+
+    /// A model of 1 × 2 × 2 inputs, batches of up to 8.
+    const E: Expect = Expect {
+        input: [1, 2, 2],
+        max_batch: 8,
+    };
 
     fn header_and(json: &Value, binary: &[u8]) -> (Bytes, usize) {
         let mut body = serde_json::to_vec(json).unwrap();
@@ -536,7 +659,7 @@ mod tests {
                     "parameters": {"binary_data_output": true}}),
             &raw,
         );
-        let d = parse(&body, Some(n)).unwrap();
+        let d = parse(&body, Some(n), E).unwrap();
         assert_eq!(d.id.as_deref(), Some("7"));
         match d.batch {
             Batch::Tensor { values: v, shape } => {
@@ -573,8 +696,8 @@ mod tests {
             .unwrap()
             .into();
         for d in [
-            parse(&body, Some(n)).unwrap(),
-            parse(&json_body, None).unwrap(),
+            parse(&body, Some(n), E).unwrap(),
+            parse(&json_body, None, E).unwrap(),
         ] {
             match d.batch {
                 Batch::Images(images) => assert_eq!(images, files.map(Bytes::from_static)),
@@ -592,8 +715,24 @@ mod tests {
                 "it takes FP32",
             ),
             (
+                json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [1, 2]}]}),
+                "needs 4",
+            ),
+            (
                 json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 2, 2], "data": [1, 2]}]}),
-                "needs 12",
+                "takes [N, 1, 2, 2]",
+            ),
+            (
+                json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [1, 2, 3, 4, 5]}]}),
+                "more than the 4 elements",
+            ),
+            (
+                json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 2, 2], "data": [1, "2", 3, 4]}]}),
+                "must hold numbers",
+            ),
+            (
+                json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["AA==", "AA==", "AA=="]}]}),
+                "more than the 2 elements",
             ),
             (
                 json!({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1], "data": [1]}]}),
@@ -619,23 +758,38 @@ mod tests {
         ];
         for (body, want) in cases {
             let body: Bytes = serde_json::to_vec(body).unwrap().into();
-            let e = parse(&body, None).unwrap_err();
+            let e = parse(&body, None, E).unwrap_err();
             assert!(matches!(e, ApiError::BadRequest(_)), "{e:?}");
             assert!(e.to_string().contains(want), "{e} lacks {want:?}");
         }
+        // Over --max-batch: refused before any data is read.
+        let body: Bytes = serde_json::to_vec(
+            &json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [9], "data": "x"}]}),
+        )
+        .unwrap()
+        .into();
+        assert!(matches!(parse(&body, None, E), Err(ApiError::TooLarge(_))));
+        // Long client text is cut in messages.
+        let name = "n".repeat(10_000);
+        let body: Bytes = serde_json::to_vec(
+            &json!({"inputs": [{"name": name, "datatype": "FP32", "shape": [1], "data": [1]}]}),
+        )
+        .unwrap()
+        .into();
+        assert!(parse(&body, None, E).unwrap_err().to_string().len() < 300);
         // A header length past the body, and bytes nobody accounts for.
         let (body, n) = header_and(
             &json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]}),
             b"xx",
         );
         assert!(
-            parse(&body, Some(n + 10))
+            parse(&body, Some(n + 10), E)
                 .unwrap_err()
                 .to_string()
                 .contains("only")
         );
         assert!(
-            parse(&body, Some(n))
+            parse(&body, Some(n), E)
                 .unwrap_err()
                 .to_string()
                 .contains("no input's binary_data_size")

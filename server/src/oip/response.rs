@@ -155,6 +155,8 @@ pub fn respond(
             HeaderValue::from_static("application/json"),
         );
     }
+    // Caches must not hand a compressed answer to a client that did not ask.
+    headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
     let bytes = match accepted_encoding(accept_encoding) {
         Some((name, compressed)) => {
             headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(name));

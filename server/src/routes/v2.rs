@@ -195,15 +195,14 @@ async fn run(
     let pipeline = Pipeline::new(state, model)?;
     let body = body.map_err(|e| body_error(e.status(), e.body_text()))?;
     let body = oip::decompress(headers, body, state.settings.max_body_bytes)?;
-    let oip::Decoded { id, batch, outputs } = oip::parse(&body, oip::header_length(headers)?)?;
+    let spec = &pipeline.model.manifest.input;
+    let expect = oip::Expect {
+        input: [spec.channels, spec.height, spec.width],
+        max_batch: state.settings.max_batch,
+    };
+    let oip::Decoded { id, batch, outputs } =
+        oip::parse(&body, oip::header_length(headers)?, expect)?;
     drop(body);
-    if batch.len() > state.settings.max_batch {
-        return Err(V2Error(ApiError::TooLarge(format!(
-            "{} images in one request; the limit is {} (--max-batch)",
-            batch.len(),
-            state.settings.max_batch
-        ))));
-    }
     let model = pipeline.model.clone();
     let x = match batch {
         Batch::Tensor { values, shape } => {

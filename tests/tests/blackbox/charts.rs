@@ -117,6 +117,11 @@ async fn cnn_a_training_and_its_confusion_matrix_are_charts() {
     .await;
     assert_eq!((s, ct.as_str()), (200, "image/png"));
     assert_chart_png(&png, (1800, 600), "training plot at scale 2");
+    // A scale that would take the chart's own size past the bound fits it in.
+    let (s, _, png) = get(&app, &format!("/jobs/{id}/plot?scale=4")).await;
+    assert_eq!(s, 200);
+    let (w, h) = png_size(&png);
+    assert!(w <= 4096 && h <= 4096 && w >= 4000, "{w}×{h}");
     let (s, ct, svg) = get(&app, &format!("/jobs/{id}/plot?format=svg")).await;
     assert_eq!((s, ct.as_str()), (200, "image/svg+xml"));
     assert_chart_svg(
