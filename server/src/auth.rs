@@ -8,7 +8,7 @@
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -53,15 +53,12 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             // Read (a bounded amount of) the body before answering: a client
             // still uploading would otherwise see the connection reset instead
             // of the 401. Beyond the bound the connection is closed anyway.
-            let uri = req.uri().clone();
             let _ = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT).await;
-            let mut response = crate::routes::shaped(
-                &uri,
-                ApiError::Unauthorized(
-                    "this endpoint needs the server's API key: send `Authorization: Bearer <key>`"
-                        .into(),
-                ),
-            );
+            let mut response = ApiError::Unauthorized(
+                "this endpoint needs the server's API key: send `Authorization: Bearer <key>`"
+                    .into(),
+            )
+            .into_response();
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

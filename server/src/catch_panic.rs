@@ -30,42 +30,35 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
     // nothing it leaves half-done is observed after the unwind.
     match AssertUnwindSafe(next.run(req)).catch_unwind().await {
         Ok(response) if response.status() == StatusCode::INTERNAL_SERVER_ERROR => {
-            with_request_id(response, &id, crate::routes::is_v2(&route)).await
+            with_request_id(response, &id).await
         }
         Ok(response) => response,
         Err(panic) => {
             let what = panic_message(panic.as_ref());
             tracing::error!(request_id = %id, %route, panic = %what, "request handler panicked");
-            problem(&id, crate::routes::is_v2(&route))
+            problem(&id)
         }
     }
 }
 
-/// A 500 with `request_id` added to its body (its detail is already
-/// generic: the cause is in the log): a problem+json's `request_id`, or
-/// under `/v2` the inference protocol's `{"error"}` naming it.
-async fn with_request_id(response: Response, request_id: &str, v2: bool) -> Response {
-    let is_json = response
+/// A 500 problem+json with `request_id` added to its body (its detail is
+/// already generic: the cause is in the log).
+async fn with_request_id(response: Response, request_id: &str) -> Response {
+    let is_problem = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| {
-            v.as_bytes().starts_with(b"application/problem+json")
-                || (v2 && v.as_bytes().starts_with(b"application/json"))
-        });
-    if !is_json {
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !is_problem {
         return response;
     }
     let (parts, body) = response.into_parts();
-    // Error bodies are a few hundred bytes; anything larger is not one.
+    // Problem bodies are a few hundred bytes; anything larger is not one.
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
-        return problem(request_id, v2);
+        return problem(request_id);
     };
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
         Ok(mut v) if v.is_object() => {
             v["request_id"] = json!(request_id);
-            if let Some(error) = v["error"].as_str() {
-                v["error"] = json!(format!("{error} (request id {request_id})"));
-            }
             Response::from_parts(parts, axum::body::Body::from(v.to_string()))
         }
         _ => Response::from_parts(parts, axum::body::Body::from(bytes)),
@@ -83,19 +76,8 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a non-string payload".into())
 }
 
-fn problem(request_id: &str, v2: bool) -> Response {
+fn problem(request_id: &str) -> Response {
     let status = StatusCode::INTERNAL_SERVER_ERROR;
-    if v2 {
-        let body = json!({
-            "error": format!("the server failed to handle this request; its log has the cause under request id {request_id}"),
-        });
-        let mut response = (status, body.to_string()).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return response;
-    }
     let body = json!({
         "type": "urn:convscope:problem:internal",
         "title": status.canonical_reason().unwrap_or("Error"),

@@ -4,7 +4,7 @@
 //! says what to fix; server faults are logged with their cause and answered
 //! generically, so internals never leak into a response.
 
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -118,37 +118,16 @@ impl From<crate::jobs::store::StoreError> for ApiError {
     }
 }
 
-impl ApiError {
-    /// What the client is told: the message, or for a server fault a
-    /// generic line (the cause is logged here, once per answer).
-    pub fn public_detail(&self) -> String {
-        match self {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 "the server failed to handle this request; the cause is in its log".to_string()
             }
             other => other.to_string(),
-        }
-    }
-
-    /// The headers every error answer carries, whatever its body's shape
-    /// (problem+json here, the inference protocol's `{"error"}` in `oip`).
-    pub fn add_headers(&self, headers: &mut HeaderMap) {
-        // An error may be answered before the request body was read (too
-        // large, not multipart, unknown route); hyper then drops the
-        // connection, and a client reusing it would see a reset instead of
-        // this answer. Saying so lets every client open a fresh one.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        if matches!(self, ApiError::Busy(_)) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let detail = self.public_detail();
+        };
         let mut body = json!({
             "type": format!("urn:convscope:problem:{}", self.slug()),
             "title": status.canonical_reason().unwrap_or("Error"),
@@ -163,7 +142,18 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        self.add_headers(response.headers_mut());
+        // An error may be answered before the request body was read (too
+        // large, not multipart, unknown route); hyper then drops the
+        // connection, and a client reusing it would see a reset instead of
+        // this answer. Saying so lets every client open a fresh one.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if matches!(self, ApiError::Busy(_)) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }

@@ -306,7 +306,7 @@ pub enum V2Errors {
     /// Malformed request.
     #[response(
         status = 400,
-        description = "The request is malformed (JSON, shape, datatype, data size, an image that does not decode); `error` says what to fix.",
+        description = "The request is malformed (JSON, shape, datatype, data size, an unknown input or output); `error` says what to fix.",
         content_type = "application/json"
     )]
     BadRequest(crate::oip::V2ErrorBody),
@@ -331,6 +331,13 @@ pub enum V2Errors {
         content_type = "application/json"
     )]
     TooLarge(crate::oip::V2ErrorBody),
+    /// Well-formed but unusable input.
+    #[response(
+        status = 422,
+        description = "An image does not decode, or a tensor holds a value the model cannot take (not finite).",
+        content_type = "application/json"
+    )]
+    Unprocessable(crate::oip::V2ErrorBody),
     /// The compute queue is full.
     #[response(
         status = 503,

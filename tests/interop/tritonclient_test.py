@@ -231,7 +231,7 @@ class OpenInferenceProtocol(unittest.TestCase):
         # Bytes that are no image.
         junk = httpclient.InferInput("image", [1], "BYTES")
         junk.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
-        refused("400", "image", RESNET, [junk])
+        refused("422", "image", RESNET, [junk])
         # An unknown model.
         refused("404", "no-such-model", "no-such-model", [image_input(CIFAR[:1], True)])
         # And the server still serves.

@@ -21,8 +21,11 @@ pub use request::{
 };
 pub use response::{InferResponse, ResponseOutput, TensorData, respond};
 
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
 use model_store::LoadedModel;
 use serde::Serialize;
 use serde_json::json;
@@ -39,46 +42,51 @@ pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "classification"];
 /// A model's only version: convscope keeps one checkpoint per name.
 pub const VERSION: &str = "1";
 
-/// An error answered the protocol's way, `{"error": "..."}`, with the status
-/// the rest of the API would give it, except that a body the protocol
-/// cannot use is a 400 (as the protocol says), not a 415 or 422.
-#[derive(Debug)]
-pub struct V2Error(pub ApiError);
-
-impl From<ApiError> for V2Error {
-    fn from(e: ApiError) -> Self {
-        Self(e)
-    }
+/// Whether `path` belongs to the inference protocol.
+pub fn is_v2(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
 }
 
-impl From<model_store::Error> for V2Error {
-    fn from(e: model_store::Error) -> Self {
-        Self(e.into())
+/// The protocol's error shape for every answer under `/v2`, whoever made
+/// it (a handler, the fallbacks, the API key check, the panic catcher):
+/// their problem+json becomes `{"error": detail}`, with the request id of
+/// a 500 in the text and the same status and headers (the protocol asks
+/// for an error status, usually 400; a 422 stays a 422, as `/metrics`
+/// counts it). One layer around the whole router, so no error path needs
+/// to know about the protocol.
+pub async fn protocol_errors(req: Request, next: Next) -> Response {
+    if !is_v2(req.uri().path()) {
+        return next.run(req).await;
     }
-}
-
-impl IntoResponse for V2Error {
-    fn into_response(self) -> Response {
-        let status = match self.0.status() {
-            StatusCode::UNPROCESSABLE_ENTITY | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                StatusCode::BAD_REQUEST
-            }
-            s => s,
-        };
-        let body = json!({ "error": self.0.public_detail() }).to_string();
-        let mut response = (status, body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        self.0.add_headers(headers);
-        response
+    let response = next.run(req).await;
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !is_problem {
+        return response;
     }
+    let (mut parts, body) = response.into_parts();
+    // Problem bodies are a few hundred bytes.
+    let problem: serde_json::Value = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut error = problem["detail"]
+        .as_str()
+        .unwrap_or("the server failed to handle this request")
+        .to_string();
+    if let Some(id) = problem["request_id"].as_str() {
+        error = format!("{error} (request id {id})");
+    }
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(json!({ "error": error }).to_string()))
 }
-
-/// Result of a `/v2` handler.
-pub type V2Result<T> = Result<T, V2Error>;
 
 pub(crate) fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())

@@ -62,23 +62,17 @@ pub fn router(state: AppState) -> Router {
     let routes = routes
         .method_not_allowed_fallback(
             |method: axum::http::Method, uri: axum::http::Uri| async move {
-                shaped(
-                    &uri,
-                    ApiError::MethodNotAllowed(format!(
-                        "{} does not accept {method}; see /docs for the endpoints",
-                        uri.path()
-                    )),
-                )
+                ApiError::MethodNotAllowed(format!(
+                    "{} does not accept {method}; see /docs for the endpoints",
+                    uri.path()
+                ))
             },
         )
         .fallback(|uri: axum::http::Uri| async move {
-            shaped(
-                &uri,
-                ApiError::NotFound(format!(
-                    "no route for {}; see /docs for the endpoints",
-                    uri.path()
-                )),
-            )
+            ApiError::NotFound(format!(
+                "no route for {}; see /docs for the endpoints",
+                uri.path()
+            ))
         })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -94,21 +88,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             crate::metrics::track,
         ))
+        // Last, so it wraps every route and layer above and the fallbacks:
+        // each error under /v2, wherever it was made, in the inference
+        // protocol's shape.
+        .layer(axum::middleware::from_fn(crate::oip::protocol_errors))
         .with_state(state)
-}
-
-/// An error as its path's clients expect it: the inference protocol's
-/// `{"error"}` under `/v2`, problem+json everywhere else.
-pub fn shaped(uri: &axum::http::Uri, e: ApiError) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if is_v2(uri.path()) {
-        crate::oip::V2Error(e).into_response()
-    } else {
-        e.into_response()
-    }
-}
-
-/// Whether `path` belongs to the inference protocol.
-pub fn is_v2(path: &str) -> bool {
-    path == "/v2" || path.starts_with("/v2/")
 }

@@ -7,17 +7,17 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use model_store::preprocess;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::error::ApiError;
-use crate::extract::body_error;
-use crate::oip::{self, Batch, ModelMetadata, ServerMetadata, V2Error, V2Result};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiPath, body_error};
+use crate::oip::{self, Batch, ModelMetadata, ServerMetadata};
 use crate::openapi::{Binary, V2Errors};
 use crate::pipeline::Pipeline;
 use crate::state::AppState;
@@ -36,24 +36,15 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(infer_version))
 }
 
-fn path<T>(p: Result<Path<T>, PathRejection>) -> V2Result<T> {
-    p.map(|Path(v)| v).map_err(|e| {
-        V2Error(ApiError::BadRequest(format!(
-            "invalid path: {}",
-            e.body_text()
-        )))
-    })
-}
-
 /// The model, if `version` is its one version.
-fn versioned(model: &str, version: &str) -> V2Result<()> {
+fn versioned(model: &str, version: &str) -> ApiResult<()> {
     if version == oip::VERSION {
         Ok(())
     } else {
-        Err(V2Error(ApiError::NotFound(format!(
+        Err(ApiError::NotFound(format!(
             "model '{model}' has no version '{version}'; convscope keeps one version of each model, '{}'",
             oip::VERSION
-        ))))
+        )))
     }
 }
 
@@ -85,9 +76,9 @@ async fn ready() -> StatusCode {
     responses((status = 200, description = "Inputs `input` (FP32 [-1, C, H, W]) and `image` (BYTES [-1]); outputs `logits` and `probabilities` (FP32 [-1, classes]).", body = ModelMetadata), V2Errors))]
 async fn model_metadata(
     State(state): State<AppState>,
-    model: Result<Path<String>, PathRejection>,
-) -> V2Result<Json<ModelMetadata>> {
-    let model = state.model(&path(model)?)?;
+    ApiPath(model): ApiPath<String>,
+) -> ApiResult<Json<ModelMetadata>> {
+    let model = state.model(&model)?;
     Ok(Json(ModelMetadata::of(&model)))
 }
 
@@ -98,9 +89,8 @@ async fn model_metadata(
     responses((status = 200, description = "As `GET /v2/models/{model}`.", body = ModelMetadata), V2Errors))]
 async fn model_version_metadata(
     State(state): State<AppState>,
-    p: Result<Path<(String, String)>, PathRejection>,
-) -> V2Result<Json<ModelMetadata>> {
-    let (model, version) = path(p)?;
+    ApiPath((model, version)): ApiPath<(String, String)>,
+) -> ApiResult<Json<ModelMetadata>> {
     let model = state.model(&model)?;
     versioned(model.name(), &version)?;
     Ok(Json(ModelMetadata::of(&model)))
@@ -112,9 +102,9 @@ async fn model_version_metadata(
     responses((status = 200, description = "The model is loaded (empty body)."), V2Errors))]
 async fn model_ready(
     State(state): State<AppState>,
-    model: Result<Path<String>, PathRejection>,
-) -> V2Result<StatusCode> {
-    state.model(&path(model)?)?;
+    ApiPath(model): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    state.model(&model)?;
     Ok(StatusCode::OK)
 }
 
@@ -125,9 +115,8 @@ async fn model_ready(
     responses((status = 200, description = "The model is loaded (empty body)."), V2Errors))]
 async fn model_version_ready(
     State(state): State<AppState>,
-    p: Result<Path<(String, String)>, PathRejection>,
-) -> V2Result<StatusCode> {
-    let (model, version) = path(p)?;
+    ApiPath((model, version)): ApiPath<(String, String)>,
+) -> ApiResult<StatusCode> {
     let model = state.model(&model)?;
     versioned(model.name(), &version)?;
     Ok(StatusCode::OK)
@@ -152,11 +141,10 @@ async fn model_version_ready(
     ))]
 async fn infer(
     State(state): State<AppState>,
-    model: Result<Path<String>, PathRejection>,
+    ApiPath(model): ApiPath<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> V2Result<Response> {
-    let model = path(model)?;
+) -> ApiResult<Response> {
     run(&state, &model, &headers, body).await
 }
 
@@ -177,11 +165,10 @@ async fn infer(
     ))]
 async fn infer_version(
     State(state): State<AppState>,
-    p: Result<Path<(String, String)>, PathRejection>,
+    ApiPath((model, version)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> V2Result<Response> {
-    let (model, version) = path(p)?;
+) -> ApiResult<Response> {
     versioned(state.model(&model)?.name(), &version)?;
     run(&state, &model, &headers, body).await
 }
@@ -191,7 +178,7 @@ async fn run(
     model: &str,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> V2Result<Response> {
+) -> ApiResult<Response> {
     let pipeline = Pipeline::new(state, model)?;
     let body = body.map_err(|e| body_error(e.status(), e.body_text()))?;
     let body = oip::decompress(headers, body, state.settings.max_body_bytes)?;

@@ -73,6 +73,18 @@ fn assert_chart_svg(bytes: &[u8], size: (u32, u32), texts: &[&str], what: &str) 
     }
 }
 
+/// Queues a training job and waits for it to succeed; its id.
+async fn train(app: &TestApp, body: &Value) -> String {
+    let (status, queued) = app.submit_job(body).await;
+    assert_eq!(status, 202, "{queued}");
+    let id = queued["job_id"].as_str().unwrap().to_string();
+    let job = app
+        .wait_for_job(&id, Duration::from_secs(300), job_is_final)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    id
+}
+
 fn write_doc(name: &str, bytes: &[u8]) {
     if std::env::var_os("CONVSCOPE_WRITE_DOCS").is_some() {
         std::fs::write(repo().join("docs/img").join(name), bytes).unwrap();
@@ -92,19 +104,13 @@ async fn cnn_a_training_and_its_confusion_matrix_are_charts() {
     let app = TestApp::spawn(models.path()).await;
 
     // A short CNN_A run on real MNIST with a step schedule: all three panels.
-    let (status, queued) = app
-        .submit_job(
-            &json!({"model_name": "cnn-a-charts", "architecture": "cnn_a", "dataset": "mnist",
+    let id = train(
+        &app,
+        &json!({"model_name": "cnn-a-charts", "architecture": "cnn_a", "dataset": "mnist",
             "epochs": 3, "batch_size": 64, "train_limit": 2000, "test_limit": 500,
             "lr_schedule": {"type": "step", "step_size": 1, "gamma": 0.5}, "seed": 3}),
-        )
-        .await;
-    assert_eq!(status, 202, "{queued}");
-    let id = queued["job_id"].as_str().unwrap().to_string();
-    let job = app
-        .wait_for_job(&id, Duration::from_secs(300), job_is_final)
-        .await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+    )
+    .await;
 
     let (s, ct, png) = get(&app, &format!("/jobs/{id}/plot.png")).await;
     assert_eq!((s, ct.as_str()), (200, "image/png"));
@@ -239,17 +245,13 @@ async fn a_hundred_class_image_folder_gets_a_legible_confusion_matrix() {
         {"name": "flatten", "type": "flatten"},
         {"name": "fc", "type": "linear", "in_features": 32 * 7 * 14, "out_features": 100}
     ]);
-    let (status, queued) = app
-        .submit_job(&json!({"model_name": "two-digits", "architecture": {"layers": layers}, "dataset": "two-digits",
+    let id = train(
+        &app,
+        &json!({"model_name": "two-digits", "architecture": {"layers": layers}, "dataset": "two-digits",
             "input": {"channels": 1, "height": 28, "width": 56, "mean": [0.1307], "std": [0.3081]},
-            "epochs": 4, "batch_size": 32, "test_fraction": 0.25, "seed": 11}))
-        .await;
-    assert_eq!(status, 202, "{queued}");
-    let id = queued["job_id"].as_str().unwrap().to_string();
-    let job = app
-        .wait_for_job(&id, Duration::from_secs(300), job_is_final)
-        .await;
-    assert_eq!(job["status"], "succeeded", "{job}");
+            "epochs": 4, "batch_size": 32, "test_fraction": 0.25, "seed": 11}),
+    )
+    .await;
     let (s, _, png) = get(&app, &format!("/jobs/{id}/plot.png")).await;
     assert_eq!(s, 200);
     assert_chart_png(&png, (1100, 460), "100-class training plot");

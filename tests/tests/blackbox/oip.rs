@@ -62,6 +62,17 @@ fn binary_body(header: &Value, binary: &[u8]) -> (Vec<u8>, usize) {
     (body, n)
 }
 
+/// POSTs a binary-extension body whose JSON header is `n` bytes.
+async fn post_binary(app: &TestApp, url: &str, body: Vec<u8>, n: usize) -> reqwest::Response {
+    app.client
+        .post(url)
+        .header("Inference-Header-Content-Length", n)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The answer's `Inference-Header-Content-Length`.
 fn answer_header_length(r: &reqwest::Response) -> usize {
     r.headers()["inference-header-content-length"]
@@ -143,14 +154,7 @@ async fn images_and_tensors_give_predicts_logits_in_json_and_binary() {
                 "outputs": [{"name": "logits", "parameters": {"binary_data": true}}]}),
         &raw,
     );
-    let r = app
-        .client
-        .post(&url)
-        .header("Inference-Header-Content-Length", n)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_binary(&app, &url, body, n).await;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(r.headers()["content-type"], "application/octet-stream");
     let header_length = answer_header_length(&r);
@@ -177,14 +181,13 @@ async fn images_and_tensors_give_predicts_logits_in_json_and_binary() {
                 "parameters": {"binary_data_output": true}}),
         &raw,
     );
-    let r = app
-        .client
-        .post(app.url(&format!("/v2/models/{MODEL}/versions/1/infer")))
-        .header("Inference-Header-Content-Length", n)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_binary(
+        &app,
+        &app.url(&format!("/v2/models/{MODEL}/versions/1/infer")),
+        body,
+        n,
+    )
+    .await;
     assert_eq!(r.status().as_u16(), 200);
     let header_length = answer_header_length(&r);
     let (_, outputs) = read_binary_answer(&r.bytes().await.unwrap(), header_length);
@@ -251,7 +254,7 @@ async fn metadata_health_and_errors_follow_the_protocol() {
         (
             url.clone(),
             json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}).to_string().into_bytes(),
-            400,
+            422,
             "image",
         ),
         (

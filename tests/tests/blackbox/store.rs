@@ -180,5 +180,26 @@ async fn a_panic_while_answering_is_a_500_with_the_request_id_and_the_next_reque
         metrics.lines().any(|l| l.contains("status=\"500\"")),
         "the panic is counted as a 500"
     );
+    // Under /v2 the same 500 comes in the inference protocol's shape
+    // (armed here, in the same test, since the hook is process-wide).
+    let path = "/v2/models/panic-probe";
+    convscope::catch_panic::hook::panic_on(Some(path));
+    let r = app
+        .client
+        .get(app.url(path))
+        .header("x-request-id", "panic-test-2")
+        .send()
+        .await
+        .unwrap();
+    convscope::catch_panic::hook::panic_on(None);
+    assert_eq!(r.status().as_u16(), 500);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("request id panic-test-2")),
+        "{body}"
+    );
     app.stop().await;
 }
