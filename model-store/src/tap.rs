@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use candle_core::Tensor;
 
 use crate::error::Result;
+pub use crate::kernels::relu_rule::ReluRule;
 
 /// An observer of named layer outputs.
 pub trait Tap {
@@ -29,6 +30,13 @@ pub trait Tap {
     /// the layers after the one it wants.
     fn is_done(&self) -> bool {
         false
+    }
+
+    /// How the pass's ReLUs pass gradients back: guided backpropagation and
+    /// deconvolution change the rule, not the network. Any other rule than
+    /// the chain rule runs every ReLU as its own node (none fused).
+    fn relu_rule(&self) -> ReluRule {
+        ReluRule::Autograd
     }
 }
 

@@ -23,12 +23,15 @@ pub enum Colormap {
     Magma,
     /// matplotlib's jet (also what pytorch-grad-cam overlays use).
     Jet,
+    /// ColorBrewer's red-yellow-green, diverging: Captum's colormap for
+    /// signed attributions (`sign=all`, 0 in the middle).
+    Rdylgn,
 }
 
 impl Colormap {
     /// The 256-entry RGB lookup table.
     pub fn lut(self) -> &'static [[u8; 3]; 256] {
-        static TABLES: [OnceLock<[[u8; 3]; 256]>; 4] = [const { OnceLock::new() }; 4];
+        static TABLES: [OnceLock<[[u8; 3]; 256]>; 5] = [const { OnceLock::new() }; 5];
         let i = self as usize;
         TABLES[i].get_or_init(|| build_lut(self))
     }
@@ -55,6 +58,7 @@ fn build_lut(map: Colormap) -> [[u8; 3]; 256] {
         Colormap::Viridis => sample(&colorgrad::preset::viridis()),
         Colormap::Magma => sample(&colorgrad::preset::magma()),
         Colormap::Jet => sample(&jet()),
+        Colormap::Rdylgn => sample(&colorgrad::preset::rd_yl_gn()),
     }
 }
 

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::graph::{LayerInfo, NodeKind};
 use crate::kernels::conv::Activation;
 use crate::layers::Geo;
-use crate::tap::Tap;
+use crate::tap::{ReluRule, Tap};
 pub use ops::GraphOp;
 
 /// A container module whose output is a node's output (`layer1.0`,
@@ -267,6 +267,7 @@ impl Dag {
             node.hidden
                 || (!tap.wants(&node.name) && node.aliases.iter().all(|a| !tap.wants(&a.name)))
         };
+        let rule = tap.relu_rule();
         let mut latest = x.clone();
         for i in 0..n {
             if !covered[i] {
@@ -276,9 +277,10 @@ impl Dag {
                     source,
                 };
                 let fused = self.fusions[i].as_ref().filter(|f| {
-                    std::iter::once(i)
-                        .chain(f.covers[..f.covers.len() - 1].iter().copied())
-                        .all(|j| hidden(tap, &self.nodes[j]))
+                    (rule == ReluRule::Autograd || f.activation != Activation::Relu)
+                        && std::iter::once(i)
+                            .chain(f.covers[..f.covers.len() - 1].iter().copied())
+                            .all(|j| hidden(tap, &self.nodes[j]))
                 });
                 let get = |j: usize| -> Result<&Tensor> {
                     if j == INPUT {
@@ -316,7 +318,7 @@ impl Dag {
                         }
                         (last, y)
                     }
-                    None => (i, self.unfused(node, &inputs).map_err(ctx)?),
+                    None => (i, self.unfused(node, &inputs, rule).map_err(ctx)?),
                 };
                 let out = &self.nodes[last];
                 let mut y = y;
@@ -341,8 +343,14 @@ impl Dag {
 
     /// One node alone. A convolution runs with its prepared weights unless
     /// they fold a batch norm (which then runs as its own node).
-    fn unfused(&self, node: &DagNode, inputs: &[&Tensor]) -> candle_core::Result<Tensor> {
+    fn unfused(
+        &self,
+        node: &DagNode,
+        inputs: &[&Tensor],
+        rule: ReluRule,
+    ) -> candle_core::Result<Tensor> {
         match &node.op {
+            GraphOp::Unary(ops::Unary::Relu) => crate::kernels::relu_rule::relu(inputs[0], rule),
             GraphOp::Conv(conv) => match conv.prepared.as_deref() {
                 Some(p) if !p.folds_bn => conv.forward_fused(inputs[0], p, Activation::Identity),
                 _ => conv.forward(inputs[0]),

@@ -3,9 +3,9 @@
 //! Encoding (PNG, JSON, npy) is the server's business.
 
 pub mod activations;
+pub mod attribution;
 pub mod embeddings;
 pub mod filters;
 pub mod grad_cam;
 pub mod maximize;
 pub mod predict;
-pub mod saliency;

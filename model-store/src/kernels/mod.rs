@@ -9,6 +9,7 @@ mod direct;
 pub mod elementwise;
 pub mod peak;
 pub mod pool;
+pub mod relu_rule;
 pub mod tier;
 pub mod winograd;
 

@@ -5,6 +5,7 @@
 //! while a job trains, so no other test may share the cores with it.)
 
 mod api;
+mod attributions;
 mod charts;
 mod ecosystem;
 mod fidelity;
