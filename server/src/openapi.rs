@@ -297,6 +297,8 @@ pub enum CamMethod {
     Eigencam,
     /// Score-CAM: masked forward passes (slow).
     Scorecam,
+    /// Ablation-CAM: one forward pass per channel ablated (slow).
+    Ablationcam,
 }
 
 /// Errors of the Open Inference Protocol's endpoints: `{"error": ...}`, as

@@ -20,6 +20,16 @@
 //!   (`align_corners=True`) and min-max scaled (`+1e-8`), masks the
 //!   normalised input; the class logits of the masked inputs (batched
 //!   forward passes), softmaxed over channels, are the weights.
+//! - `ablationcam`: each channel of the layer in turn set to 0 (to
+//!   `min(A) − 1e7` when the layer's minimum is not 0) in batched forward
+//!   passes; `w_c = (y − y_c) / y` with `y` the class logit and `y_c` the
+//!   logit with channel `c` ablated.
+//!
+//! [`Smoothing`] adds pytorch-grad-cam's two options: `eigen_smooth` maps
+//! the per-channel products (`w_c·A_c`, `G⊙A` or `max(G,0)⊙A`) by their
+//! first principal component instead of summing them; `aug_smooth` averages
+//! the normalised maps of six inputs, the image and its mirror image each
+//! times 0.9, 1 and 1.1, each map mirrored back.
 //!
 //! Then `cam = ReLU(raw)` and per image `cam −= min; cam /= (max + 1e-7)`,
 //! all zeros (never NaN) when nothing survives the ReLU.
@@ -48,10 +58,12 @@ pub enum Method {
     EigenCam,
     /// Wang et al. 2020: gradient-free, masked forward passes.
     ScoreCam,
+    /// Desai & Ramaswamy 2020: gradient-free, each channel ablated in turn.
+    AblationCam,
 }
 
 /// Every method, in the contract's order.
-pub const METHODS: [Method; 7] = [
+pub const METHODS: [Method; 8] = [
     Method::GradCam,
     Method::GradCamPlusPlus,
     Method::HiResCam,
@@ -59,6 +71,7 @@ pub const METHODS: [Method; 7] = [
     Method::LayerCam,
     Method::EigenCam,
     Method::ScoreCam,
+    Method::AblationCam,
 ];
 
 impl Method {
@@ -72,6 +85,7 @@ impl Method {
             Method::LayerCam => "layercam",
             Method::EigenCam => "eigencam",
             Method::ScoreCam => "scorecam",
+            Method::AblationCam => "ablationcam",
         }
     }
 
@@ -84,7 +98,10 @@ impl Method {
     }
 
     fn uses_gradients(self) -> bool {
-        !matches!(self, Method::EigenCam | Method::ScoreCam)
+        !matches!(
+            self,
+            Method::EigenCam | Method::ScoreCam | Method::AblationCam
+        )
     }
 }
 
@@ -214,6 +231,15 @@ impl Tap for SwapTap {
     }
 }
 
+/// pytorch-grad-cam's `aug_smooth` and `eigen_smooth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Smoothing {
+    /// The mean map over mirrored and scaled copies of the input.
+    pub aug_smooth: bool,
+    /// The first principal component of the per-channel products.
+    pub eigen_smooth: bool,
+}
+
 /// Explains each target of the batch `x` at `layer` with `method`.
 pub fn grad_cam(
     model: &LoadedModel,
@@ -221,6 +247,87 @@ pub fn grad_cam(
     layer: &str,
     targets: &[Target],
     method: Method,
+) -> Result<CamSet> {
+    grad_cam_smoothed(model, x, layer, targets, method, Smoothing::default())
+}
+
+/// [`grad_cam`] with pytorch-grad-cam's smoothing options. With
+/// `aug_smooth`, `cam` is the mean of the six normalised maps, `raw_cam`
+/// the same, and there are no weights; the class and score are the
+/// clean image's.
+pub fn grad_cam_smoothed(
+    model: &LoadedModel,
+    x: &Tensor,
+    layer: &str,
+    targets: &[Target],
+    method: Method,
+    smoothing: Smoothing,
+) -> Result<CamSet> {
+    let eigen = smoothing.eigen_smooth;
+    let clean = one_pass(model, x, layer, targets, method, eigen)?;
+    if !smoothing.aug_smooth {
+        return Ok(clean);
+    }
+    let (_, _, _, width) = x.dims4()?;
+    let fixed: Vec<Target> = clean
+        .cams
+        .iter()
+        .map(|c| Target {
+            image: c.image,
+            class: Some(c.class_index),
+        })
+        .collect();
+    let reversed: Vec<u32> = (0..width as u32).rev().collect();
+    let reversed = Tensor::new(reversed.as_slice(), x.device())?;
+    let (h, w) = clean.shape;
+    let mut sums: Vec<Vec<f64>> = vec![vec![0.0; h * w]; clean.cams.len()];
+    for flip in [false, true] {
+        for factor in [0.9, 1.0, 1.1] {
+            let xa = if flip {
+                x.index_select(&reversed, 3)?
+            } else {
+                x.clone()
+            };
+            let xa = (xa * factor)?;
+            let set = if !flip && factor == 1.0 {
+                clean.clone()
+            } else {
+                one_pass(model, &xa, layer, &fixed, method, eigen)?
+            };
+            for (sum, cam) in sums.iter_mut().zip(&set.cams) {
+                for y in 0..h {
+                    for xx in 0..w {
+                        let from = if flip { w - 1 - xx } else { xx };
+                        sum[y * w + xx] += cam.cam[y * w + from] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let cams = clean
+        .cams
+        .into_iter()
+        .zip(sums)
+        .map(|(c, sum)| {
+            let mean: Vec<f32> = sum.iter().map(|v| (v / 6.0) as f32).collect();
+            Cam {
+                weights: None,
+                raw_cam: mean.clone(),
+                cam: mean,
+                ..c
+            }
+        })
+        .collect();
+    Ok(CamSet { cams, ..clean })
+}
+
+fn one_pass(
+    model: &LoadedModel,
+    x: &Tensor,
+    layer: &str,
+    targets: &[Target],
+    method: Method,
+    eigen_smooth: bool,
 ) -> Result<CamSet> {
     let (c, h, w) = check_layer(model, layer)?;
     let classes = model.classes.len();
@@ -279,10 +386,17 @@ pub fn grad_cam(
         .flatten_all()?
         .to_vec1::<f32>()?;
     let plane = c * h * w;
-    let score_weights = if method == Method::ScoreCam {
-        Some(score_cam_weights(model, &x, &activations, &class_of)?)
-    } else {
-        None
+    let score_weights = match method {
+        Method::ScoreCam => Some(score_cam_weights(model, &x, &activations, &class_of)?),
+        Method::AblationCam => Some(ablation_weights(
+            model,
+            &x,
+            layer,
+            &activations,
+            &class_of,
+            &logit_rows,
+        )?),
+        _ => None,
     };
     let cams = targets
         .iter()
@@ -292,7 +406,7 @@ pub fn grad_cam(
             let gr = grads.as_ref().map(|g| &g[r * plane..(r + 1) * plane]);
             let (weights, raw) = match (method, gr) {
                 (Method::EigenCam, _) => (None, eigen_projection(ar, c, h * w)),
-                (Method::ScoreCam, _) => {
+                (Method::ScoreCam | Method::AblationCam, _) => {
                     let wts = score_weights
                         .as_ref()
                         .map(|s| s[r].clone())
@@ -302,6 +416,13 @@ pub fn grad_cam(
                 }
                 (_, Some(g)) => gradient_cam(method, ar, g, c, h * w),
                 (_, None) => unreachable!("gradient methods have gradients"),
+            };
+            let raw = match (eigen_smooth, method) {
+                (false, _) | (true, Method::EigenCam) => raw,
+                (true, _) => {
+                    let products = channel_products(method, ar, gr, weights.as_deref(), h * w);
+                    eigen_projection(&products, c, h * w)
+                }
             };
             Cam {
                 image: t.image,
@@ -397,9 +518,26 @@ fn gradient_cam(
             }
             (None, raw.into_iter().map(|v| v as f32).collect())
         }
-        Method::EigenCam | Method::ScoreCam => {
+        Method::EigenCam | Method::ScoreCam | Method::AblationCam => {
             unreachable!("gradient-free methods are handled by the caller")
         }
+    }
+}
+
+/// The `C × HW` terms whose sum over channels is the map: `w_c·A_c` for
+/// the methods with weights, `G⊙A` (HiResCAM), `max(G, 0)⊙A` (LayerCAM).
+fn channel_products(
+    method: Method,
+    a: &[f32],
+    g: Option<&[f32]>,
+    weights: Option<&[f32]>,
+    hw: usize,
+) -> Vec<f32> {
+    match (method, g, weights) {
+        (Method::HiResCam, Some(g), _) => a.iter().zip(g).map(|(a, g)| a * g).collect(),
+        (Method::LayerCam, Some(g), _) => a.iter().zip(g).map(|(a, g)| a * g.max(0.0)).collect(),
+        (_, _, Some(w)) => a.iter().enumerate().map(|(i, &v)| v * w[i / hw]).collect(),
+        _ => a.to_vec(),
     }
 }
 
@@ -574,6 +712,114 @@ fn score_cam_weights(
         out.push(exps.iter().map(|e| (e / sum) as f32).collect());
     }
     Ok(out)
+}
+
+/// Replaces a layer's output with a batch of ablated copies of it.
+struct AblateTap {
+    layer: String,
+    replacement: Option<Tensor>,
+}
+
+impl Tap for AblateTap {
+    fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor> {
+        if layer == self.layer
+            && let Some(t) = self.replacement.take()
+        {
+            return Ok(t);
+        }
+        Ok(output)
+    }
+
+    fn wants(&self, layer: &str) -> bool {
+        layer == self.layer
+    }
+}
+
+/// AblationCAM's weights, `[rows][C]`: pytorch-grad-cam's `AblationCAM`
+/// with its default `AblationLayer` (every channel, batches of 32).
+fn ablation_weights(
+    model: &LoadedModel,
+    x: &Tensor,
+    layer: &str,
+    activations: &Tensor,
+    class_of: &[usize],
+    logit_rows: &[Vec<f32>],
+) -> Result<Vec<Vec<f32>>> {
+    let (_, c, h, w) = activations.dims4()?;
+    let hw = h * w;
+    const BATCH: usize = 32;
+    let mut out = Vec::with_capacity(class_of.len());
+    for (r, &class) in class_of.iter().enumerate() {
+        let a = activations.get(r)?.flatten_all()?.to_vec1::<f32>()?;
+        let min = a.iter().copied().fold(f32::INFINITY, f32::min);
+        // Zero where the layer's minimum is 0 (after a ReLU), else far
+        // below every value (pytorch-grad-cam's 1e7 below the minimum).
+        let ablated = if min == 0.0 { 0.0 } else { min - 1e7 };
+        let original = logit_rows[r][class];
+        let xr = x.get(r)?.unsqueeze(0)?;
+        let mut weights = Vec::with_capacity(c);
+        for start in (0..c).step_by(BATCH) {
+            let len = BATCH.min(c - start);
+            let mut batch = Vec::with_capacity(len * c * hw);
+            for k in start..start + len {
+                let from = batch.len();
+                batch.extend_from_slice(&a);
+                batch[from + k * hw..from + (k + 1) * hw].fill(ablated);
+            }
+            let mut tap = AblateTap {
+                layer: layer.to_string(),
+                replacement: Some(Tensor::from_vec(batch, (len, c, h, w), x.device())?),
+            };
+            let input = xr.repeat((len, 1, 1, 1))?;
+            let logits = logits_through(model, &input, &mut tap)?;
+            for y in logits
+                .narrow(1, class, 1)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+            {
+                weights.push((original - y) / original);
+            }
+        }
+        out.push(weights);
+    }
+    Ok(out)
+}
+
+/// The logits of a pass observed by `tap` (the softmax's inputs for a
+/// network that ends in one).
+fn logits_through(model: &LoadedModel, x: &Tensor, tap: &mut AblateTap) -> Result<Tensor> {
+    if !model.network.ends_with_softmax() {
+        return model.network.forward(x, tap);
+    }
+    let l = model.network.layers();
+    let before = l[l.len() - 2].name.clone();
+    struct Both<'a> {
+        inner: &'a mut AblateTap,
+        before: String,
+        logits: Option<Tensor>,
+    }
+    impl Tap for Both<'_> {
+        fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor> {
+            let output = self.inner.on_output(layer, output)?;
+            if layer == self.before {
+                self.logits = Some(output.clone());
+            }
+            Ok(output)
+        }
+        fn wants(&self, layer: &str) -> bool {
+            self.inner.wants(layer) || layer == self.before
+        }
+    }
+    let mut both = Both {
+        inner: tap,
+        before,
+        logits: None,
+    };
+    model.network.forward(x, &mut both)?;
+    both.logits.ok_or_else(|| Error::Shape {
+        layer: "logits".into(),
+        reason: "the layer before the softmax produced no output".into(),
+    })
 }
 
 #[cfg(test)]

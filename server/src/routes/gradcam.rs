@@ -31,9 +31,17 @@ pub struct CamParams {
     /// Class index or label, or several separated by commas (default: the predicted class).
     #[param(example = "cat")]
     pub class: Option<String>,
-    /// `gradcam` (default), `gradcam++`, `hirescam`, `xgradcam`, `layercam`, `eigencam`, `scorecam`.
+    /// `gradcam` (default), `gradcam++`, `hirescam`, `xgradcam`, `layercam`, `eigencam`, `scorecam`, `ablationcam`.
     #[param(value_type = Option<CamMethod>, inline)]
     pub method: Option<String>,
+    /// Average the maps of the image and its mirror image, each times 0.9,
+    /// 1 and 1.1 (pytorch-grad-cam's `aug_smooth`; six passes).
+    #[serde(default)]
+    pub aug_smooth: bool,
+    /// Map the per-channel products by their first principal component
+    /// instead of summing them (pytorch-grad-cam's `eigen_smooth`).
+    #[serde(default)]
+    pub eigen_smooth: bool,
     /// `overlay` (default), `heatmap`, `json`.
     #[serde(default)]
     #[param(inline)]
@@ -77,6 +85,10 @@ pub struct CamJson {
     pub layer: String,
     /// The method.
     pub method: &'static str,
+    /// Whether the map is the mean over mirrored and scaled inputs.
+    pub aug_smooth: bool,
+    /// Whether the map is the principal component of the channel products.
+    pub eigen_smooth: bool,
     /// `[H, W]` of the layer.
     pub shape: [usize; 2],
     /// The first explanation.
@@ -151,10 +163,14 @@ async fn gradcam(
     } = checked;
     let cmap = params.colormap.unwrap_or(Colormap::Jet);
     let output = params.output;
+    let smoothing = grad_cam::Smoothing {
+        aug_smooth: params.aug_smooth,
+        eigen_smooth: params.eigen_smooth,
+    };
     let (l, limits) = (layer.clone(), pipeline.limits);
     let (set, picture) = pipeline
         .on_images(upload.images, move |m, x, images| {
-            let set = grad_cam::grad_cam(m, &x, &l, &targets, method)?;
+            let set = grad_cam::grad_cam_smoothed(m, &x, &l, &targets, method, smoothing)?;
             let picture = match output {
                 Output::Json => None,
                 Output::Heatmap => {
@@ -188,7 +204,7 @@ async fn gradcam(
     if let Some(png) = picture {
         return Ok(png_response(png));
     }
-    Ok(Json(cam_json(&model, method, set)).into_response())
+    Ok(Json(cam_json(&model, method, smoothing, set)).into_response())
 }
 
 /// The parameters of a Grad-CAM request, checked against the model.
@@ -260,7 +276,12 @@ fn check(
     })
 }
 
-fn cam_json(model: &LoadedModel, method: Method, set: grad_cam::CamSet) -> CamJson {
+fn cam_json(
+    model: &LoadedModel,
+    method: Method,
+    smoothing: grad_cam::Smoothing,
+    set: grad_cam::CamSet,
+) -> CamJson {
     let (h, w) = set.shape;
     let rows = |v: &[f32]| v.chunks(w).map(<[f32]>::to_vec).collect::<Vec<_>>();
     let results: Vec<CamResult> = set
@@ -281,6 +302,8 @@ fn cam_json(model: &LoadedModel, method: Method, set: grad_cam::CamSet) -> CamJs
         model: model.name().to_string(),
         layer: set.layer,
         method: method.name(),
+        aug_smooth: smoothing.aug_smooth,
+        eigen_smooth: smoothing.eigen_smooth,
         shape: [h, w],
         first,
         results,

@@ -297,3 +297,55 @@ async fn classes_batches_and_errors() {
     app.assert_healthy().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn aug_smooth_eigen_smooth_and_ablation_cam_match_pytorch_grad_cam() {
+    let dir = models_dir(&["resnet20-cifar10", "cnn-a-mnist"]);
+    write_hash_torchvision(dir.path(), "resnet18", "resnet18-hash", 224);
+    let app = TestApp::spawn(dir.path()).await;
+    let fixtures: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("tests/fixtures/gradcam/smooth.json")).unwrap(),
+    )
+    .unwrap();
+    for case in fixtures["cases"].as_array().unwrap() {
+        let (model, layer, method) = (
+            case["model"].as_str().unwrap(),
+            case["layer"].as_str().unwrap(),
+            case["method"].as_str().unwrap(),
+        );
+        let (aug, eigen) = (case["aug_smooth"] == true, case["eigen_smooth"] == true);
+        let class = case["class_index"].as_u64().unwrap();
+        let image = std::fs::read(repo().join(case["image"].as_str().unwrap())).unwrap();
+        let what = format!("{model} {layer} {method} aug_smooth={aug} eigen_smooth={eigen}");
+        let got = cam_json(
+            &app,
+            &format!(
+                "/models/{model}/gradcam?output=json&layer={layer}&method={method}&class={class}&aug_smooth={aug}&eigen_smooth={eigen}"
+            ),
+            &image,
+        )
+        .await;
+        assert_eq!(got["shape"], case["shape"], "{what}: {got}");
+        assert_eq!(
+            (got["aug_smooth"] == true, got["eigen_smooth"] == true),
+            (aug, eigen)
+        );
+        let ours = flat(&got["cam"]);
+        // SVD's sign is arbitrary: pytorch-grad-cam's own map, or its map
+        // with the sign correction convscope applies.
+        let r = ["cam", "cam_sign_corrected"]
+            .iter()
+            .filter(|k| case.get(**k).is_some())
+            .map(|k| pearson(&ours, &flat(&case[*k])))
+            .fold(f64::NEG_INFINITY, f64::max);
+        assert!(r >= 0.999, "{what}: r = {r}");
+    }
+    // The options are checked like every other parameter.
+    let cat = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
+    let r = app
+        .post_images("/models/resnet20-cifar10/gradcam?aug_smooth=yes", &[&cat])
+        .await;
+    let (status, body) = problem(r).await;
+    assert_problem(status, &body, 400, "aug_smooth");
+    app.stop().await;
+}
