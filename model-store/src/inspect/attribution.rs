@@ -710,6 +710,13 @@ pub fn visual_map(values: &[f32], c: usize, hw: usize, sign: Sign) -> Vec<f32> {
         .collect()
 }
 
+/// Per pixel, the sum over the channels: an attribution's map.
+pub fn channel_sum(values: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    (0..hw)
+        .map(|p| (0..c).map(|ch| values[ch * hw + p]).sum())
+        .collect()
+}
+
 /// Per pixel, the largest |value| over the channels, min-max scaled to
 /// `[0, 1]` (Simonyan et al. 2014's saliency map).
 pub fn max_abs_map(values: &[f32], c: usize, hw: usize) -> Vec<f32> {

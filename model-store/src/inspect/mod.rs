@@ -5,6 +5,7 @@
 pub mod activations;
 pub mod attribution;
 pub mod embeddings;
+pub mod faithfulness;
 pub mod filters;
 pub mod grad_cam;
 pub mod maximize;

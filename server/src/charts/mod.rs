@@ -1,5 +1,6 @@
-//! Charts drawn with plotters: the training curves of a job and the
-//! confusion matrix of an evaluation, as PNG (plotters' bitmap backend) or
+//! Charts drawn with plotters: the training curves of a job, the
+//! confusion matrix of an evaluation and the deletion and insertion curves
+//! of explanations, as PNG (plotters' bitmap backend) or
 //! SVG (its SVG backend), with text in the bundled DejaVu Sans.
 //!
 //! A chart says what it draws at a given scale on any plotters backend
@@ -8,6 +9,7 @@
 //! gigapixel canvas.
 
 pub mod confusion;
+pub mod faithfulness;
 pub mod font;
 pub mod training;
 
@@ -155,9 +157,15 @@ pub fn text(px: f64, scale: f64) -> TextStyle<'static> {
 }
 
 /// matplotlib's tab10 colours, for series.
-pub const SERIES: [RGBColor; 4] = [
+pub const SERIES: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
+    RGBColor(214, 39, 40),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];

@@ -6,6 +6,7 @@ pub mod activations;
 pub mod datasets;
 pub mod embeddings;
 pub mod evaluate;
+pub mod faithfulness;
 pub mod filters;
 pub mod gradcam;
 pub mod health;
@@ -42,6 +43,7 @@ pub fn api_router_with(max_model_bytes: usize) -> OpenApiRouter<AppState> {
         .merge(filters::router())
         .merge(gradcam::router())
         .merge(saliency::router())
+        .merge(faithfulness::router())
         .merge(maximize::router())
         .merge(embeddings::router())
         .merge(inputs::router())

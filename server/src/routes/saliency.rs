@@ -90,7 +90,7 @@ pub const MAX_STEPS: usize = 500;
 pub const MAX_SAMPLES: usize = 200;
 
 /// Query of the saliency endpoint.
-#[derive(Debug, Deserialize, IntoParams)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct SaliencyParams {
     /// Class index or label (default: the predicted class).
@@ -195,7 +195,20 @@ pub struct SaliencyJson {
     pub results: Vec<SaliencyResult>,
 }
 
+/// Every method's name, in the contract's order.
+pub const METHOD_NAMES: [&str; 8] = [
+    "vanilla",
+    "smoothgrad",
+    "integrated_gradients",
+    "input_x_gradient",
+    "guided_backprop",
+    "deconvolution",
+    "guided_gradcam",
+    "occlusion",
+];
+
 /// A request's method, checked and with its defaults.
+#[derive(Clone)]
 pub(crate) struct Checked {
     pub method: attribution::Method,
     pub tunnel: Option<Tunnel>,

@@ -8,6 +8,7 @@ mod api;
 mod attributions;
 mod charts;
 mod ecosystem;
+mod faithfulness;
 mod fidelity;
 mod gradcam;
 mod gradients;
