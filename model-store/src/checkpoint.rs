@@ -43,6 +43,28 @@ impl Checkpoint {
         Self::from_bytes(&bytes, device)
     }
 
+    /// Tensors already in memory (a loaded model's, some replaced), on
+    /// `device`; `num_batches_tracked` counters are dropped as in
+    /// [`Self::from_bytes`].
+    pub fn from_tensors(
+        tensors: impl IntoIterator<Item = (String, Tensor)>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for (name, t) in tensors {
+            if !name.ends_with("num_batches_tracked") {
+                map.insert(name, t.to_device(device)?);
+            }
+        }
+        Ok(Self {
+            tensors: map,
+            used: BTreeSet::new(),
+            problems: Vec::new(),
+            device: device.clone(),
+            init: None,
+        })
+    }
+
     /// Parses safetensors bytes. Float tensors become `f32` on `device`; a
     /// leading `module.` (from `DataParallel`) is stripped; BatchNorm's
     /// integer `num_batches_tracked` counters are dropped, as inference

@@ -86,6 +86,20 @@ impl LoadedModel {
         Ok(model)
     }
 
+    /// Every tensor of the model as PyTorch's `state_dict` names it.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        crate::train::net::TrainNet::new(&self.network, &[])?.state_dict()
+    }
+
+    /// The same architecture with these tensors (a [`Self::state_dict`],
+    /// some replaced). The manifest's `check` logits are not verified:
+    /// the weights are no longer the ones they were recorded with.
+    pub fn with_tensors(&self, tensors: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut manifest = self.manifest.clone();
+        manifest.check = None;
+        Self::build(manifest, Checkpoint::from_tensors(tensors, &self.device)?)
+    }
+
     /// Recomputes the manifest's `check` logits, when it has one.
     fn run_check(&self) -> Result<()> {
         let Some(check) = &self.manifest.check else {

@@ -349,6 +349,24 @@ pub fn grid(tiles: &[Tile], h: usize, w: usize, style: GridStyle) -> Canvas {
     canvas
 }
 
+/// One row of labelled `h × w` maps (a cascade of steps), each `scale`
+/// times its size, each label above its map cut to the map's width, with
+/// 1-px white separators.
+pub fn strip(tiles: &[Tile], h: usize, w: usize, scale: u32, cmap: Colormap) -> Canvas {
+    let tw = (w as u32 * scale).max(1);
+    let th = h as u32 * scale + LINE;
+    let n = tiles.len().max(1) as u32;
+    let mut canvas = Canvas::new(n * tw + (n + 1), th + 2);
+    for (i, tile) in tiles.iter().enumerate() {
+        let x = 1 + i as u32 * (tw + 1);
+        canvas.text(x + 1, 1, &tile.label, tw.saturating_sub(1));
+        if let [p] = tile.planes.as_slice() {
+            canvas.map((x, 1 + LINE), p, (h, w), scale, cmap);
+        }
+    }
+    canvas
+}
+
 /// What a sheet's colours mean, drawn in a footer under it: the colormap
 /// from its low end to its high end, and what the ends are.
 pub struct Legend {

@@ -10,3 +10,4 @@ pub mod filters;
 pub mod grad_cam;
 pub mod maximize;
 pub mod predict;
+pub mod sanity;

@@ -106,7 +106,11 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(faithfulness))
 }
 
-fn explainers(list: &str, model: &LoadedModel, layer: &str) -> ApiResult<Vec<(String, Explainer)>> {
+pub(crate) fn explainers(
+    list: &str,
+    model: &LoadedModel,
+    layer: &str,
+) -> ApiResult<Vec<(String, Explainer)>> {
     let mut out: Vec<(String, Explainer)> = Vec::new();
     for raw in list.split(',') {
         let name = query_plus(raw);

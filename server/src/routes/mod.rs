@@ -18,6 +18,7 @@ pub mod output;
 pub mod pages;
 pub mod predict;
 pub mod saliency;
+pub mod sanity;
 pub mod v2;
 
 use axum::Router;
@@ -44,6 +45,7 @@ pub fn api_router_with(max_model_bytes: usize) -> OpenApiRouter<AppState> {
         .merge(gradcam::router())
         .merge(saliency::router())
         .merge(faithfulness::router())
+        .merge(sanity::router())
         .merge(maximize::router())
         .merge(embeddings::router())
         .merge(inputs::router())

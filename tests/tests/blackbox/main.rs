@@ -20,6 +20,7 @@ mod hostile;
 mod inspection;
 mod oip;
 mod openapi;
+mod sanity;
 mod store;
 mod training;
 mod training_fidelity;
