@@ -215,3 +215,50 @@ async fn bad_attribution_parameters_are_400s_that_say_what_to_send() {
     app.assert_healthy().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn long_explanations_stop_at_the_deadline_and_free_their_slot() {
+    let dir = models_dir(&["resnet20-cifar10"]);
+    write_hash_torchvision(dir.path(), "resnet18", "resnet18-hash", 224);
+    let mut settings = convscope::Settings::for_tests(dir.path());
+    settings.compute_slots = 1;
+    settings.request_timeout_secs = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let cat = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
+    let hopper = std::fs::read(repo().join("tests/fixtures/torchvision/grace_hopper_224.png")).unwrap();
+    for (path, image) in [
+        // 200 noisy copies of 500 integrated-gradients steps: 100,000 backward passes.
+        (
+            "/models/resnet20-cifar10/saliency?method=integrated_gradients&steps=500&noise_tunnel=smoothgrad&samples=200&output=json",
+            &cat,
+        ),
+        (
+            "/models/resnet18-hash/faithfulness?methods=integrated_gradients,occlusion",
+            &hopper,
+        ),
+        (
+            "/models/resnet18-hash/sanity?method=integrated_gradients",
+            &hopper,
+        ),
+    ] {
+        let r = app.post_images(path, &[image]).await;
+        let (status, body) = problem(r).await;
+        assert_problem(status, &body, 504, "--request-timeout-secs");
+        // The work stops between its batches instead of computing on for
+        // nobody: the one slot is free again soon.
+        let freed = std::time::Instant::now();
+        loop {
+            let metrics = app.get_text("/metrics").await;
+            if metrics.contains("convscope_compute_running 0\n") {
+                break;
+            }
+            assert!(
+                freed.elapsed() < std::time::Duration::from_secs(20),
+                "{path}: the timed-out computation still holds its slot"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    app.assert_healthy().await;
+    app.stop().await;
+}
