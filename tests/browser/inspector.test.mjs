@@ -295,10 +295,66 @@ async function testTraining() {
   }
 }
 
+/** The side-by-side panel: four methods' maps over the cat, each with its
+ * faithfulness scores, and the deletion/insertion plot. */
+async function testExplanations() {
+  const t = await isolatedPage();
+  const { page } = t;
+  try {
+    await page.goto(url('/'), { waitUntil: 'load' });
+    await waitFor(page, `model ${MODEL} in the picker`,
+      (m) => [...document.querySelectorAll('#model option')].some((o) => o.value === m), MODEL);
+    await page.selectOption('#model', MODEL);
+    await waitFor(page, 'the layer picker to fill', (m) => document.getElementById('act-layer').dataset.model === m, MODEL);
+    await page.setInputFiles('#image-input', CAT);
+    await waitFor(page, 'the Compare button', () => !document.getElementById('explain-run').disabled);
+    await page.click('#explain-run');
+    const methods = await page.evaluate(() => [...document.querySelectorAll('input[name="explain-method"]:checked')].map((c) => c.value));
+    assert(methods.length === 4, `${methods.length} methods checked by default: ${methods.join(', ')}`);
+    await waitFor(page, 'the scores', () => document.getElementById('explain-cards').dataset.done === 'true');
+    const cards = await page.evaluate(() => [...document.querySelectorAll('#explain-cards .card')].map((c) => ({
+      method: c.dataset.method,
+      scores: Object.fromEntries([...c.querySelectorAll('td.score')].map((td) => [td.dataset.metric, Number(td.textContent)])),
+    })));
+    assert(cards.map((c) => c.method).join() === methods.join(), `cards ${cards.map((c) => c.method).join(', ')}`);
+    for (const c of cards) {
+      const names = Object.keys(c.scores);
+      assert(names.join() === 'deletion,insertion,road_morf,road_lerf', `${c.method}: scores ${names.join(', ')}`);
+      assert(Object.values(c.scores).every(Number.isFinite), `${c.method}: ${JSON.stringify(c.scores)}`);
+      assert(c.scores.deletion >= 0 && c.scores.deletion <= 1 && c.scores.insertion >= 0 && c.scores.insertion <= 1,
+        `${c.method}: areas outside [0, 1]: ${JSON.stringify(c.scores)}`);
+    }
+    for (let i = 0; i < methods.length; i++) {
+      const id = `explain-img-${i}`;
+      await waitFor(page, `#${id} to load`,
+        (x) => { const img = document.getElementById(x); return img.dataset.loaded === 'true' && img.naturalWidth > 0; }, id);
+      const size = await imgSize(page, id);
+      assert(size.w === 32 && size.h === 32, `${methods[i]}'s map is ${size.w}×${size.h}, expected the image's 32×32`);
+    }
+    await waitFor(page, 'the curves plot',
+      () => { const img = document.getElementById('explain-curves'); return img.dataset.loaded === 'true' && img.naturalWidth > 0; });
+    const plot = await imgSize(page, 'explain-curves');
+    const banner = await errorBanner(page);
+    assert(banner === null, `error banner shown: ${banner}`);
+    await page.locator('section[aria-labelledby="h-explain"]').screenshot({ path: path.join(outDir, 'inspector-explanations.png') });
+    if (process.env.DOCS_IMG) {
+      await page.locator('section[aria-labelledby="h-explain"]').screenshot({ path: process.env.DOCS_IMG });
+    }
+    checkIsolation(t);
+    return cards.map((c) => `${c.method} deletion ${c.scores.deletion.toFixed(3)} insertion ${c.scores.insertion.toFixed(3)}`).join('; ') + `; plot ${plot.w}×${plot.h}`;
+  } catch (e) {
+    await page.screenshot({ path: path.join(outDir, 'inspector-explanations-failure.png'), fullPage: true }).catch(() => {});
+    throw e;
+  } finally {
+    await t.context.close();
+  }
+}
+
 const tests = [
   ['inspector: predict, activations, filters and Grad-CAM of the CIFAR-10 cat', testInspector],
   ['inspector: a graph model lists its nodes and shows a functional node', testGraphModel],
   ['inspector: a training job\'s curves live, and an evaluation\'s confusion matrix', testTraining],
+  ['inspector: explanations side by side, each with its faithfulness scores', testExplanations],
   ['docs: Swagger UI renders /openapi.json without a CDN', testDocs],
 ];
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use image::ImageEncoder;
 use model_store::checkpoint::Checkpoint;
-use model_store::inspect::{activations, grad_cam};
+use model_store::inspect::{activations, attribution, grad_cam};
 use model_store::train::net::{TrainNet, cross_entropy};
 use model_store::train::optim::{Optimizer, OptimizerSpec};
 use model_store::train::{self, Rng};
@@ -155,6 +155,8 @@ pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<
         "forward resnet18 224 b1",
         "forward resnet18 224 b8",
         "gradcam resnet18 layer4.1",
+        "integrated gradients resnet18 224 50 steps",
+        "input gradient resnet18 224 b13 fused",
     ];
     let r18 = if r18_cases.iter().any(|c| wanted(c)) {
         Some(resnet18()?)
@@ -196,6 +198,39 @@ pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<
         }];
         out.push(time("gradcam resnet18 layer4.1", 1, runs, || {
             grad_cam::grad_cam(r18, &x, "layer4.1", &target, grad_cam::Method::GradCam)?;
+            Ok(())
+        })?);
+    }
+    if let Some(r18) = r18
+        .as_ref()
+        .filter(|_| wanted("integrated gradients resnet18 224 50 steps"))
+    {
+        let x = random(&[1, 3, 224, 224], 2)?;
+        let method = attribution::Method::IntegratedGradients {
+            steps: 50,
+            baseline: attribution::Baseline::Zero,
+        };
+        out.push(time(
+            "integrated gradients resnet18 224 50 steps",
+            1,
+            runs,
+            || {
+                attribution::attribute(r18, &x, &[None], &method, None, None)?;
+                Ok(())
+            },
+        )?);
+    }
+    if let Some(r18) = r18
+        .as_ref()
+        .filter(|_| wanted("input gradient resnet18 224 b13 fused"))
+    {
+        // The fused pass (batch norm folded, Winograd and packed kernels)
+        // differentiated: what integrated gradients would cost on it.
+        let x = random(&[13, 3, 224, 224], 2)?;
+        out.push(time("input gradient resnet18 224 b13 fused", 13, runs, || {
+            let var = candle_core::Var::from_tensor(&x)?;
+            let score = r18.logits(var.as_tensor())?.narrow(1, 0, 1)?.sum_all()?;
+            score.backward()?;
             Ok(())
         })?);
     }
