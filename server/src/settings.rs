@@ -85,6 +85,17 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_MAX_STEPS", default_value_t = 1000)]
     pub max_steps: usize,
 
+    /// Most network passes one explanation may take, per image:
+    /// integrated-gradients steps or occlusion patches, times noise-tunnel
+    /// samples, summed over a faithfulness report's methods and times a
+    /// sanity check's layers. Beyond it, 400 with the count.
+    #[arg(
+        long,
+        env = "CONVSCOPE_MAX_EXPLANATION_PASSES",
+        default_value_t = 20_000
+    )]
+    pub max_explanation_passes: usize,
+
     /// Directory of training and evaluation datasets (`mnist/`, `cifar10/`,
     /// `imagefolder/<name>/<class>/`).
     #[arg(long, env = "CONVSCOPE_DATASETS", default_value = "data")]
@@ -151,6 +162,7 @@ impl Settings {
             protect_reads: false,
             request_timeout_secs: 120,
             max_steps: 1000,
+            max_explanation_passes: 20_000,
             datasets: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data")),
             jobs_db: None,
             train_workers: 1,

@@ -23,12 +23,13 @@ fi
 work=$(mktemp -d)
 cp -r models "$work/models"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# Short maximisations (--max-steps 16) keep a 2-core run quick; larger
-# `steps` values are then refused with 400, as documented. Jobs the run
+# Short maximisations (--max-steps 16) and explanations
+# (--max-explanation-passes 256) keep a 2-core run quick; larger `steps`
+# and `samples` are then refused with 400, as documented. Jobs the run
 # queues (the documented example is a real MNIST job) are not trained:
 # --train-workers 0.
 target/release/convscope serve --models "$work/models" --addr "127.0.0.1:$port" --max-steps 16 \
-  --train-workers 0 >"$work/server.log" 2>&1 &
+  --max-explanation-passes 256 --train-workers 0 >"$work/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 1 120); do

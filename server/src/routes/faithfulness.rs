@@ -106,18 +106,30 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(faithfulness))
 }
 
+/// The methods of a comma-separated list with their defaults, and the
+/// network passes their maps take per image (`--max-explanation-passes`).
 pub(crate) fn explainers(
     list: &str,
     model: &LoadedModel,
     layer: &str,
-) -> ApiResult<Vec<(String, Explainer)>> {
+) -> ApiResult<(Vec<(String, Explainer)>, usize)> {
     let mut out: Vec<(String, Explainer)> = Vec::new();
+    let mut passes = 0;
     for raw in list.split(',') {
         let name = query_plus(raw);
         if name.is_empty() || out.iter().any(|(n, _)| n == name) {
             continue;
         }
         let explainer = if let Some(method) = grad_cam::Method::parse(name) {
+            // ScoreCAM and AblationCAM: a pass per channel of the layer.
+            passes += match method {
+                grad_cam::Method::ScoreCam | grad_cam::Method::AblationCam => model
+                    .network
+                    .layer(layer)
+                    .and_then(|l| l.output_shape.first().copied())
+                    .unwrap_or(1),
+                _ => 1,
+            };
             Explainer::Cam {
                 method,
                 layer: layer.to_string(),
@@ -131,6 +143,7 @@ pub(crate) fn explainers(
                 ..SaliencyParams::default()
             };
             let checked = saliency::check(&params, model)?;
+            passes += checked.passes;
             Explainer::Attribution {
                 method: checked.method,
                 tunnel: checked.tunnel,
@@ -149,7 +162,7 @@ pub(crate) fn explainers(
             "methods is empty; name at least one, e.g. methods=gradcam".into(),
         ));
     }
-    Ok(out)
+    Ok((out, passes))
 }
 
 fn metrics(list: Option<&str>) -> ApiResult<Vec<Metric>> {
@@ -206,10 +219,15 @@ async fn faithfulness(
         })?,
     };
     grad_cam::check_layer(&model, &layer)?;
-    let methods = explainers(
+    let (methods, passes) = explainers(
         params.methods.as_deref().unwrap_or("gradcam"),
         &model,
         &layer,
+    )?;
+    saliency::check_passes(
+        passes,
+        state.settings.max_explanation_passes,
+        "this report's methods",
     )?;
     let metrics = metrics(params.metrics.as_deref())?;
     let steps = params.steps.unwrap_or(20);

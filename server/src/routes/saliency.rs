@@ -215,6 +215,18 @@ pub(crate) struct Checked {
     pub params: serde_json::Value,
     /// `vanilla` or `smoothgrad`: the gradient fields too.
     pub gradient_fields: bool,
+    /// Network passes per image (see `--max-explanation-passes`).
+    pub passes: usize,
+}
+
+/// 400 when `passes` is over `--max-explanation-passes`, saying what made it.
+pub(crate) fn check_passes(passes: usize, limit: usize, what: &str) -> ApiResult<()> {
+    if passes > limit {
+        return Err(ApiError::BadRequest(format!(
+            "{what} takes {passes} network passes per image; the limit is {limit} (--max-explanation-passes): ask for fewer steps, samples, layers or a larger occlusion stride"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks every parameter (whatever the method, so a bad value never
@@ -302,6 +314,16 @@ pub(crate) fn check(p: &SaliencyParams, model: &model_store::LoadedModel) -> Api
             )
         }
     };
+    let one = match &method {
+        M::IntegratedGradients { steps, .. } => *steps,
+        M::Occlusion { window, stride } => {
+            let n = |size: usize| (size - window).div_ceil(*stride) + 1;
+            n(input.height) * n(input.width)
+        }
+        M::GuidedGradCam { .. } => 2,
+        _ => 1,
+    };
+    let passes = one * reduce.map_or(1, |_| samples);
     let mut params = params;
     let tunnel = reduce.map(|reduce| {
         params["samples"] = samples.into();
@@ -315,6 +337,7 @@ pub(crate) fn check(p: &SaliencyParams, model: &model_store::LoadedModel) -> Api
         }
     });
     Ok(Checked {
+        passes,
         gradient_fields: method == M::Vanilla
             && tunnel.is_none_or(|t| t.reduce == Reduce::SmoothGrad),
         method,
@@ -379,6 +402,11 @@ async fn saliency_map(
         Some(c) => Some(model.class_index(c.trim())?),
     };
     let checked = check(&params, &model)?;
+    check_passes(
+        checked.passes,
+        state.settings.max_explanation_passes,
+        "this explanation",
+    )?;
     let alpha = params.alpha.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&alpha) {
         return Err(ApiError::BadRequest(format!(

@@ -129,11 +129,9 @@ async fn sanity_check(
             "a sanity check takes one method; score several with /faithfulness".into(),
         ));
     }
+    let (parsed, passes) = crate::routes::faithfulness::explainers(method, &model, &layer)?;
     let (name, explainer): (String, Explainer) =
-        crate::routes::faithfulness::explainers(method, &model, &layer)?
-            .into_iter()
-            .next()
-            .expect("one method parsed");
+        parsed.into_iter().next().expect("one method parsed");
     let layers: Vec<String> = match params.layers.as_deref() {
         None => sanity::parameter_layers(&model),
         Some(list) => list
@@ -143,6 +141,11 @@ async fn sanity_check(
             .map(String::from)
             .collect(),
     };
+    crate::routes::saliency::check_passes(
+        passes * (layers.len() + 1),
+        state.settings.max_explanation_passes,
+        &format!("a cascade of {} layers with {name}", layers.len()),
+    )?;
     let seed = crate::routes::maximize::seed(params.seed)?;
     let png = match params.format.as_deref() {
         None | Some("json") => false,

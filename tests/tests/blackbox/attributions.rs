@@ -193,6 +193,15 @@ async fn bad_attribution_parameters_are_400s_that_say_what_to_send() {
         ),
         ("method=guided_gradcam&layer=linear", "no spatial extent"),
         ("sign=both", "absolute"),
+        // 500 steps × 200 samples: 100,000 passes, over the default 20,000.
+        (
+            "method=integrated_gradients&steps=500&noise_tunnel=vargrad&samples=200",
+            "100000 network passes per image; the limit is 20000 (--max-explanation-passes)",
+        ),
+        (
+            "method=occlusion&window=1&stride=1&noise_tunnel=smoothgrad&samples=20",
+            "20480 network passes",
+        ),
     ] {
         let r = app
             .post_images(&format!("/models/resnet20-cifar10/saliency?{q}"), &[&cat])
@@ -223,9 +232,11 @@ async fn long_explanations_stop_at_the_deadline_and_free_their_slot() {
     let mut settings = convscope::Settings::for_tests(dir.path());
     settings.compute_slots = 1;
     settings.request_timeout_secs = 1;
+    settings.max_explanation_passes = 1_000_000;
     let app = TestApp::spawn_with(settings).await;
     let cat = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
-    let hopper = std::fs::read(repo().join("tests/fixtures/torchvision/grace_hopper_224.png")).unwrap();
+    let hopper =
+        std::fs::read(repo().join("tests/fixtures/torchvision/grace_hopper_224.png")).unwrap();
     for (path, image) in [
         // 200 noisy copies of 500 integrated-gradients steps: 100,000 backward passes.
         (

@@ -227,12 +227,17 @@ pub(crate) fn run(models: &Path, runs: usize, only: Option<&str>) -> Result<Vec<
         // The fused pass (batch norm folded, Winograd and packed kernels)
         // differentiated: what integrated gradients would cost on it.
         let x = random(&[13, 3, 224, 224], 2)?;
-        out.push(time("input gradient resnet18 224 b13 fused", 13, runs, || {
-            let var = candle_core::Var::from_tensor(&x)?;
-            let score = r18.logits(var.as_tensor())?.narrow(1, 0, 1)?.sum_all()?;
-            score.backward()?;
-            Ok(())
-        })?);
+        out.push(time(
+            "input gradient resnet18 224 b13 fused",
+            13,
+            runs,
+            || {
+                let var = candle_core::Var::from_tensor(&x)?;
+                let score = r18.logits(var.as_tensor())?.narrow(1, 0, 1)?.sum_all()?;
+                score.backward()?;
+                Ok(())
+            },
+        )?);
     }
     if wanted("activations resnet20 all layers + stats") {
         let x = random(&[1, 3, 32, 32], 3)?;
