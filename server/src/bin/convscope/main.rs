@@ -31,7 +31,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models directory over HTTP.
-    Serve(Settings),
+    Serve(Box<Settings>),
     /// Print the OpenAPI 3.1 document (`convscope openapi > openapi/openapi.json`).
     Openapi,
     /// Run a training job in the foreground (the body `POST /jobs` takes),
@@ -214,7 +214,7 @@ async fn run() {
             }
         }
         Command::Serve(settings) => {
-            let app = match Application::build(settings).await {
+            let app = match Application::build(*settings).await {
                 Ok(app) => app,
                 Err(e) => {
                     eprintln!("convscope: {e}");
