@@ -109,6 +109,21 @@ pub const METHOD_NAMES: [&str; 7] = [
 ];
 
 impl Method {
+    /// Network passes per image on an `h × w` input, without a tunnel:
+    /// integrated gradients' steps, occlusion's patches (Captum's count),
+    /// two for guided Grad-CAM, one otherwise.
+    pub fn passes(&self, h: usize, w: usize) -> usize {
+        match self {
+            Method::IntegratedGradients { steps, .. } => *steps,
+            Method::Occlusion { window, stride } => {
+                occlusion_starts(h, *window, *stride).len()
+                    * occlusion_starts(w, *window, *stride).len()
+            }
+            Method::GuidedGradCam { .. } => 2,
+            _ => 1,
+        }
+    }
+
     /// The API name.
     pub fn name(&self) -> &'static str {
         match self {
@@ -211,6 +226,21 @@ pub fn attribute(
     if let Method::Occlusion { window, stride } = *method {
         check_occlusion(window, stride, h, w)?;
     }
+    if !x.device().is_cpu()
+        && matches!(
+            method,
+            Method::GuidedBackprop | Method::Deconvolution | Method::GuidedGradCam { .. }
+        )
+    {
+        return Err(Error::InvalidArgument {
+            param: "method".into(),
+            reason: format!(
+                "{} replaces the ReLU's backward with a CPU kernel; this model runs on {:?}: use a server on the CPU for it",
+                method.name(),
+                x.device()
+            ),
+        });
+    }
     let logits = model.logits(x)?.to_vec2::<f32>()?;
     let mut out = Vec::with_capacity(n);
     for (i, row) in logits.iter().enumerate() {
@@ -220,9 +250,20 @@ pub fn attribute(
             .flatten()
             .unwrap_or_else(|| argmax(row));
         let xi = x.narrow(0, i, 1)?;
+        // The baseline comes from the clean image, also inside a tunnel (a
+        // fixed baseline tensor, as Captum is given one).
+        let base = match method {
+            Method::IntegratedGradients { baseline, .. } => {
+                Some(baseline_of(model, &xi, *baseline)?)
+            }
+            _ => None,
+        };
         let (values, delta) = match tunnel {
-            None => one(model, &xi, class, method, &clock)?,
-            Some(t) => (tunneled(model, &xi, class, method, t, &clock)?, None),
+            None => one(model, &xi, class, method, base.as_deref(), &clock)?,
+            Some(t) => (
+                tunneled(model, &xi, class, method, base.as_deref(), t, &clock)?,
+                None,
+            ),
         };
         debug_assert_eq!(values.len(), c * h * w);
         out.push(Attribution {
@@ -259,7 +300,9 @@ impl Clock {
     }
 }
 
-fn check_occlusion(window: usize, stride: usize, h: usize, w: usize) -> Result<()> {
+/// Whether a `window × window` patch every `stride` pixels fits an
+/// `h × w` input and covers every pixel (Captum's conditions), or why not.
+pub fn check_occlusion(window: usize, stride: usize, h: usize, w: usize) -> Result<()> {
     let bad = |param: &str, reason: String| {
         Err(Error::InvalidArgument {
             param: param.into(),
@@ -286,12 +329,14 @@ fn check_occlusion(window: usize, stride: usize, h: usize, w: usize) -> Result<(
     Ok(())
 }
 
-/// One image (`[1, C, H, W]`) without a tunnel.
+/// One image (`[1, C, H, W]`) without a tunnel; `base` is integrated
+/// gradients' baseline.
 fn one(
     model: &LoadedModel,
     x: &Tensor,
     class: usize,
     method: &Method,
+    base: Option<&[f32]>,
     clock: &Clock,
 ) -> Result<(Vec<f32>, Option<f32>)> {
     clock.check()?;
@@ -305,7 +350,10 @@ fn one(
             (host()?.iter().zip(&g).map(|(a, b)| a * b).collect(), None)
         }
         Method::IntegratedGradients { steps, baseline } => {
-            let b = baseline_of(model, x, *baseline)?;
+            let b = match base {
+                Some(b) => b.to_vec(),
+                None => baseline_of(model, x, *baseline)?,
+            };
             let (values, delta) = integrated(model, x, &b, class, *steps, clock)?;
             (values, Some(delta))
         }
@@ -322,6 +370,7 @@ fn tunneled(
     x: &Tensor,
     class: usize,
     method: &Method,
+    base: Option<&[f32]>,
     t: Tunnel,
     clock: &Clock,
 ) -> Result<Vec<f32>> {
@@ -338,7 +387,7 @@ fn tunneled(
     for _ in 0..t.samples {
         let noisy: Vec<f32> = host.iter().map(|&v| v + sigma * rng.normal()).collect();
         let xn = Tensor::from_vec(noisy, x.shape(), x.device())?;
-        let (a, _) = one(model, &xn, class, method, clock)?;
+        let (a, _) = one(model, &xn, class, method, base, clock)?;
         for ((s, q), &v) in sum.iter_mut().zip(&mut sum_sq).zip(&a) {
             *s += v as f64;
             *q += v as f64 * v as f64;
@@ -608,16 +657,10 @@ fn occlusion(
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let initial = model.logits(x)?.narrow(1, class, 1)?.flatten_all()?;
     let initial = initial.to_vec1::<f32>()?[0];
-    // Captum's shift counts: ⌈(size − window) / stride⌉ + 1 per side; the
-    // last patch may hang over the edge and is cut there.
-    let starts = |size: usize| -> Vec<usize> {
-        (0..(size - window).div_ceil(stride) + 1)
-            .map(|k| k * stride)
-            .collect()
-    };
-    let patches: Vec<(usize, usize)> = starts(h)
+    let columns = occlusion_starts(w, window, stride);
+    let patches: Vec<(usize, usize)> = occlusion_starts(h, window, stride)
         .into_iter()
-        .flat_map(|y| starts(w).into_iter().map(move |x| (y, x)))
+        .flat_map(|y| columns.iter().map(move |&x| (y, x)))
         .collect();
     let covers = |(py, px): (usize, usize)| {
         (py..(py + window).min(h))
@@ -735,6 +778,18 @@ pub fn max_abs_map(values: &[f32], c: usize, hw: usize) -> Vec<f32> {
     let span = hi - lo;
     m.iter()
         .map(|&v| if span > 0.0 { (v - lo) / span } else { 0.0 })
+        .collect()
+}
+
+/// Where occlusion's patches start along a side: Captum's shift count,
+/// `⌈(size − window) / stride⌉ + 1` (the last patch may hang over the edge
+/// and is cut there); none when the window does not fit.
+fn occlusion_starts(size: usize, window: usize, stride: usize) -> Vec<usize> {
+    if window == 0 || stride == 0 || window > size {
+        return Vec::new();
+    }
+    (0..(size - window).div_ceil(stride) + 1)
+        .map(|k| k * stride)
         .collect()
 }
 

@@ -50,6 +50,24 @@ pub enum Explainer {
 }
 
 impl Explainer {
+    /// Network passes its map of one image takes.
+    pub fn passes(&self, model: &LoadedModel) -> usize {
+        match self {
+            Explainer::Cam { method, layer } => {
+                let channels = model
+                    .network
+                    .layer(layer)
+                    .and_then(|l| l.output_shape.first().copied())
+                    .unwrap_or(1);
+                method.passes(channels, false)
+            }
+            Explainer::Attribution { method, tunnel } => {
+                let (_, h, w) = model.network.input();
+                method.passes(h, w) * tunnel.map_or(1, |t| t.samples)
+            }
+        }
+    }
+
     /// The map of image `x` (`[1, C, H, W]`) for `class` at the input's
     /// size: a Grad-CAM map's `cam` by [`resize_cam`], an attribution's
     /// sum over channels.
@@ -67,7 +85,11 @@ impl Explainer {
                     image: 0,
                     class: Some(class),
                 };
-                let set = grad_cam::grad_cam(model, x, layer, &[target], *method)?;
+                let options = grad_cam::Options {
+                    deadline,
+                    ..Default::default()
+                };
+                let set = grad_cam::grad_cam_with(model, x, layer, &[target], *method, options)?;
                 resize_cam(&set.cams[0].cam, set.shape, (h, w))
             }
             Explainer::Attribution { method, tunnel } => {
@@ -308,7 +330,7 @@ pub fn score(
                     clock.check()?;
                     let threshold = percentile(&ranked, q);
                     let keep: Vec<bool> = ranked.iter().map(|&v| v < threshold).collect();
-                    batch.extend(impute(&img, c, h, w, &keep));
+                    batch.extend(impute(&img, c, h, w, &keep, deadline)?);
                 }
                 let ps = probs(batch, ROAD_PERCENTILES.len())?;
                 let mean = ps.iter().map(|&p| (p - p0) as f64).sum::<f64>() / ps.len() as f64;
@@ -351,6 +373,19 @@ impl Clock {
             _ => Ok(()),
         }
     }
+}
+
+/// Forward passes the metrics take per map: a curve's `steps + 1`, ROAD's
+/// nine imputations, one for the confidence scores.
+pub fn metric_passes(metrics: &[Metric], steps: usize) -> usize {
+    metrics
+        .iter()
+        .map(|m| match m {
+            Metric::Deletion | Metric::Insertion => steps + 1,
+            Metric::RoadMorf | Metric::RoadLerf => ROAD_PERCENTILES.len(),
+            Metric::DropInConfidence | Metric::IncreaseInConfidence => 1,
+        })
+        .sum()
 }
 
 /// Softmax probability of `class` for each image of a batch.
@@ -407,8 +442,17 @@ pub fn percentile(values: &[f32], q: f64) -> f32 {
 /// pytorch-grad-cam's `NoisyLinearImputer`. Its sparse system is
 /// symmetric positive definite wherever the imputed pixels touch a kept
 /// one, so conjugate gradients solve it (in f64, to a relative residual of
-/// 1e-12) where pytorch-grad-cam calls a direct sparse solver.
-pub fn impute(img: &[f32], c: usize, h: usize, w: usize, keep: &[bool]) -> Vec<f32> {
+/// 1e-12) where pytorch-grad-cam calls a direct sparse solver. Stops with
+/// [`Error::DeadlineExceeded`] (checked every 64 iterations) once
+/// `deadline` has passed.
+pub fn impute(
+    img: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    keep: &[bool],
+    deadline: Option<Instant>,
+) -> Result<Vec<f32>> {
     const NEIGHBOURS: [((isize, isize), f64); 8] = [
         ((1, 1), 1.0 / 12.0),
         ((0, 1), 1.0 / 6.0),
@@ -458,15 +502,20 @@ pub fn impute(img: &[f32], c: usize, h: usize, w: usize, keep: &[bool]) -> Vec<f
             .iter()
             .map(|k| k.iter().map(|&(q, wt)| wt * plane[q] as f64).sum())
             .collect();
-        let x = conjugate_gradients(&apply, &b, n);
+        let x = conjugate_gradients(&apply, &b, n, deadline)?;
         for (i, &p) in unknown.iter().enumerate() {
             out[ch * hw + p] = x[i] as f32;
         }
     }
-    out
+    Ok(out)
 }
 
-fn conjugate_gradients(apply: &dyn Fn(&[f64], &mut [f64]), b: &[f64], n: usize) -> Vec<f64> {
+fn conjugate_gradients(
+    apply: &dyn Fn(&[f64], &mut [f64]),
+    b: &[f64],
+    n: usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<f64>> {
     let mut x = vec![0f64; n];
     let mut r = b.to_vec();
     let mut p = r.clone();
@@ -474,11 +523,14 @@ fn conjugate_gradients(apply: &dyn Fn(&[f64], &mut [f64]), b: &[f64], n: usize) 
     let norm_b: f64 = b.iter().map(|v| v * v).sum::<f64>().sqrt();
     let mut rr: f64 = r.iter().map(|v| v * v).sum();
     if norm_b == 0.0 {
-        return x;
+        return Ok(x);
     }
-    for _ in 0..(10 * n).max(100) {
+    for iteration in 0..(10 * n).max(100) {
         if rr.sqrt() <= 1e-12 * norm_b {
             break;
+        }
+        if iteration % 64 == 63 && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::DeadlineExceeded(0.0));
         }
         apply(&p, &mut ap);
         let pap: f64 = p.iter().zip(&ap).map(|(a, b)| a * b).sum();
@@ -497,7 +549,7 @@ fn conjugate_gradients(apply: &dyn Fn(&[f64], &mut [f64]), b: &[f64], n: usize) 
             p[i] = r[i] + beta * p[i];
         }
     }
-    x
+    Ok(x)
 }
 
 /// A Grad-CAM map (`lh × lw`, in `[0, 1]`) at the input's `h × w`:
@@ -559,14 +611,14 @@ mod tests {
         // symmetric).
         let mut keep = vec![true; 9];
         keep[4] = false;
-        let flat = impute(&[2.0; 9], 1, 3, 3, &keep);
+        let flat = impute(&[2.0; 9], 1, 3, 3, &keep, None).unwrap();
         assert!((flat[4] - 2.0).abs() < 1e-6);
         let ramp: Vec<f32> = (0..25).map(|i| (i % 5) as f32).collect();
         let mut keep = vec![true; 25];
         for p in [6, 7, 8, 11, 12, 13, 16, 17, 18] {
             keep[p] = false;
         }
-        let filled = impute(&ramp, 1, 5, 5, &keep);
+        let filled = impute(&ramp, 1, 5, 5, &keep, None).unwrap();
         for p in [6, 7, 8, 11, 12, 13, 16, 17, 18] {
             assert!((filled[p] - ramp[p]).abs() < 1e-6, "{p}: {}", filled[p]);
         }

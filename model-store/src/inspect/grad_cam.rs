@@ -20,16 +20,18 @@
 //!   (`align_corners=True`) and min-max scaled (`+1e-8`), masks the
 //!   normalised input; the class logits of the masked inputs (batched
 //!   forward passes), softmaxed over channels, are the weights.
-//! - `ablationcam`: each channel of the layer in turn set to 0 (to
-//!   `min(A) − 1e7` when the layer's minimum is not 0) in batched forward
-//!   passes; `w_c = (y − y_c) / y` with `y` the class logit and `y_c` the
-//!   logit with channel `c` ablated.
+//! - `ablationcam`: each channel of the layer in turn set to 0 (far below
+//!   the layer's minimum when that is not 0, as pytorch-grad-cam's
+//!   `AblationLayer`) in batched forward passes of 32; `w_c = (y − y_c) / y`
+//!   with `y` the class logit and `y_c` the logit with channel `c` ablated.
 //!
-//! [`Smoothing`] adds pytorch-grad-cam's two options: `eigen_smooth` maps
+//! [`Options`] adds pytorch-grad-cam's two options: `eigen_smooth` maps
 //! the per-channel products (`w_c·A_c`, `G⊙A` or `max(G,0)⊙A`) by their
 //! first principal component instead of summing them; `aug_smooth` averages
 //! the normalised maps of six inputs, the image and its mirror image each
-//! times 0.9, 1 and 1.1, each map mirrored back.
+//! times 0.9, 1 and 1.1, each map mirrored back. Every copy explains the
+//! class of the clean image (asked for, or predicted on it), where
+//! pytorch-grad-cam without targets would take each copy's own prediction.
 //!
 //! Then `cam = ReLU(raw)` and per image `cam −= min; cam /= (max + 1e-7)`,
 //! all zeros (never NaN) when nothing survives the ReLU.
@@ -231,13 +233,36 @@ impl Tap for SwapTap {
     }
 }
 
-/// pytorch-grad-cam's `aug_smooth` and `eigen_smooth`.
+/// pytorch-grad-cam's `aug_smooth` and `eigen_smooth`, and a deadline.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Smoothing {
+pub struct Options {
     /// The mean map over mirrored and scaled copies of the input.
     pub aug_smooth: bool,
     /// The first principal component of the per-channel products.
     pub eigen_smooth: bool,
+    /// When set, the passes stop with [`Error::DeadlineExceeded`] once it
+    /// has passed (checked between batches of masked or ablated inputs).
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl Method {
+    /// Forward passes per explanation of one image at a layer of
+    /// `channels` channels: one for most, one per channel for ScoreCAM and
+    /// AblationCAM, six times that with `aug_smooth`.
+    pub fn passes(self, channels: usize, aug_smooth: bool) -> usize {
+        let one = match self {
+            Method::ScoreCam | Method::AblationCam => channels.max(1) + 1,
+            _ => 1,
+        };
+        one * if aug_smooth { 6 } else { 1 }
+    }
+}
+
+fn check_deadline(deadline: Option<std::time::Instant>) -> Result<()> {
+    match deadline {
+        Some(d) if std::time::Instant::now() >= d => Err(Error::DeadlineExceeded(0.0)),
+        _ => Ok(()),
+    }
 }
 
 /// Explains each target of the batch `x` at `layer` with `method`.
@@ -248,24 +273,23 @@ pub fn grad_cam(
     targets: &[Target],
     method: Method,
 ) -> Result<CamSet> {
-    grad_cam_smoothed(model, x, layer, targets, method, Smoothing::default())
+    grad_cam_with(model, x, layer, targets, method, Options::default())
 }
 
 /// [`grad_cam`] with pytorch-grad-cam's smoothing options. With
 /// `aug_smooth`, `cam` is the mean of the six normalised maps, `raw_cam`
 /// the same, and there are no weights; the class and score are the
 /// clean image's.
-pub fn grad_cam_smoothed(
+pub fn grad_cam_with(
     model: &LoadedModel,
     x: &Tensor,
     layer: &str,
     targets: &[Target],
     method: Method,
-    smoothing: Smoothing,
+    options: Options,
 ) -> Result<CamSet> {
-    let eigen = smoothing.eigen_smooth;
-    let clean = one_pass(model, x, layer, targets, method, eigen)?;
-    if !smoothing.aug_smooth {
+    let clean = one_pass(model, x, layer, targets, method, options)?;
+    if !options.aug_smooth {
         return Ok(clean);
     }
     let (_, _, _, width) = x.dims4()?;
@@ -292,7 +316,7 @@ pub fn grad_cam_smoothed(
             let set = if !flip && factor == 1.0 {
                 clean.clone()
             } else {
-                one_pass(model, &xa, layer, &fixed, method, eigen)?
+                one_pass(model, &xa, layer, &fixed, method, options)?
             };
             for (sum, cam) in sums.iter_mut().zip(&set.cams) {
                 for y in 0..h {
@@ -327,8 +351,10 @@ fn one_pass(
     layer: &str,
     targets: &[Target],
     method: Method,
-    eigen_smooth: bool,
+    options: Options,
 ) -> Result<CamSet> {
+    let eigen_smooth = options.eigen_smooth;
+    check_deadline(options.deadline)?;
     let (c, h, w) = check_layer(model, layer)?;
     let classes = model.classes.len();
     for t in targets {
@@ -387,14 +413,20 @@ fn one_pass(
         .to_vec1::<f32>()?;
     let plane = c * h * w;
     let score_weights = match method {
-        Method::ScoreCam => Some(score_cam_weights(model, &x, &activations, &class_of)?),
+        Method::ScoreCam => Some(score_cam_weights(
+            model,
+            &x,
+            &activations,
+            &class_of,
+            options.deadline,
+        )?),
         Method::AblationCam => Some(ablation_weights(
             model,
             &x,
             layer,
             &activations,
-            &class_of,
-            &logit_rows,
+            (&class_of, &logit_rows),
+            options.deadline,
         )?),
         _ => None,
     };
@@ -679,6 +711,7 @@ fn score_cam_weights(
     x: &Tensor,
     activations: &Tensor,
     class_of: &[usize],
+    deadline: Option<std::time::Instant>,
 ) -> Result<Vec<Vec<f32>>> {
     let (_, _, ih, iw) = x.dims4()?;
     let (_, c, _, _) = activations.dims4()?;
@@ -696,6 +729,7 @@ fn score_cam_weights(
         let mr = masks.get(r)?.unsqueeze(1)?; // [C, 1, H, W]
         let mut scores = Vec::with_capacity(c);
         for start in (0..c).step_by(BATCH) {
+            check_deadline(deadline)?;
             let len = BATCH.min(c - start);
             let masked = mr.narrow(0, start, len)?.broadcast_mul(&xr)?;
             let logits = model.logits(&masked)?;
@@ -742,8 +776,8 @@ fn ablation_weights(
     x: &Tensor,
     layer: &str,
     activations: &Tensor,
-    class_of: &[usize],
-    logit_rows: &[Vec<f32>],
+    (class_of, logit_rows): (&[usize], &[Vec<f32>]),
+    deadline: Option<std::time::Instant>,
 ) -> Result<Vec<Vec<f32>>> {
     let (_, c, h, w) = activations.dims4()?;
     let hw = h * w;
@@ -752,16 +786,25 @@ fn ablation_weights(
     for (r, &class) in class_of.iter().enumerate() {
         let a = activations.get(r)?.flatten_all()?.to_vec1::<f32>()?;
         let min = a.iter().copied().fold(f32::INFINITY, f32::min);
-        // Zero where the layer's minimum is 0 (after a ReLU), else far
-        // below every value (pytorch-grad-cam's 1e7 below the minimum).
-        let ablated = if min == 0.0 { 0.0 } else { min - 1e7 };
         let original = logit_rows[r][class];
         let xr = x.get(r)?.unsqueeze(0)?;
         let mut weights = Vec::with_capacity(c);
         for start in (0..c).step_by(BATCH) {
+            check_deadline(deadline)?;
             let len = BATCH.min(c - start);
             let mut batch = Vec::with_capacity(len * c * hw);
+            // Zero where the layer's minimum is 0 (after a ReLU). Else far
+            // below every value: pytorch-grad-cam's AblationLayer sets each
+            // row of its batch of 32 to the batch's running minimum minus
+            // 1e7, which every row before it has lowered by 1e7 (in f32).
+            let mut running = min;
             for k in start..start + len {
+                let ablated = if min == 0.0 {
+                    0.0
+                } else {
+                    running -= 1e7;
+                    running
+                };
                 let from = batch.len();
                 batch.extend_from_slice(&a);
                 batch[from + k * hw..from + (k + 1) * hw].fill(ablated);

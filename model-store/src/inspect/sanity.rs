@@ -82,6 +82,19 @@ pub fn cascade(
     deadline: Option<Instant>,
 ) -> Result<Cascade> {
     let known = parameter_layers(model);
+    if let Some((i, dup)) = layers
+        .iter()
+        .enumerate()
+        .find(|(i, l)| layers[..*i].contains(l))
+    {
+        return Err(Error::InvalidArgument {
+            param: "layers".into(),
+            reason: format!(
+                "'{dup}' is listed twice (again at position {}): a cascade re-initialises each layer once",
+                i + 1
+            ),
+        });
+    }
     if let Some(bad) = layers.iter().find(|l| !known.contains(l)) {
         return Err(Error::InvalidArgument {
             param: "layers".into(),
@@ -254,8 +267,9 @@ pub fn spearman(a: &[f32], b: &[f32]) -> f32 {
 /// SSIM of two `h × w` maps, each min-max scaled to `[0, 1]` first.
 pub fn ssim(a: &[f32], b: &[f32], h: usize, w: usize) -> f32 {
     let (a, b) = (scaled(a), scaled(b));
-    const WIN: usize = 7;
-    let win = WIN.min(h).min(w) | 1;
+    // skimage's 7×7 window, or the largest odd one the map holds.
+    let side = 7.min(h).min(w).max(1);
+    let win = if side % 2 == 0 { side - 1 } else { side };
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
     let np = (win * win) as f64;
     let cov_norm = np / (np - 1.0).max(1.0);
@@ -292,6 +306,14 @@ pub fn ssim(a: &[f32], b: &[f32], h: usize, w: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ssim_fits_its_window_into_small_maps() {
+        for (h, w) in [(1, 1), (2, 2), (4, 6), (6, 9), (3, 8)] {
+            let m: Vec<f32> = (0..h * w).map(|i| (i % 5) as f32).collect();
+            assert!((ssim(&m, &m, h, w) - 1.0).abs() < 1e-6, "{h}x{w}");
+        }
+    }
 
     #[test]
     fn spearman_uses_average_ranks_and_ssim_is_one_for_equal_maps() {

@@ -90,8 +90,9 @@ pub struct FaithfulnessJson {
     pub steps: usize,
     /// The fraction of pixels at each point of a curve: `i / steps`.
     pub fractions: Vec<f32>,
-    /// The Grad-CAM layer.
-    pub layer: String,
+    /// The Grad-CAM family's layer (null when the model has none and no
+    /// method needs one).
+    pub layer: Option<String>,
     /// Deletion's baseline.
     pub baseline: &'static str,
     /// The first image's scores.
@@ -106,44 +107,57 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(faithfulness))
 }
 
-/// The methods of a comma-separated list with their defaults, and the
-/// network passes their maps take per image (`--max-explanation-passes`).
+/// The Grad-CAM family's layer: the one asked for, else `/gradcam`'s
+/// default (`None` when the model has no spatial layer: fine for
+/// attributions alone).
+pub(crate) fn cam_layer(model: &LoadedModel, asked: Option<&str>) -> ApiResult<Option<String>> {
+    match asked {
+        Some(l) => {
+            grad_cam::check_layer(model, l)?;
+            Ok(Some(l.to_string()))
+        }
+        None => Ok(grad_cam::default_layer(model)),
+    }
+}
+
+/// The methods of a comma-separated list, each with its defaults.
 pub(crate) fn explainers(
     list: &str,
     model: &LoadedModel,
-    layer: &str,
-) -> ApiResult<(Vec<(String, Explainer)>, usize)> {
+    layer: Option<&str>,
+) -> ApiResult<Vec<(String, Explainer)>> {
     let mut out: Vec<(String, Explainer)> = Vec::new();
-    let mut passes = 0;
+    let needs_layer = |name: &str| -> ApiResult<String> {
+        layer.map(str::to_string).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{name} needs a layer with a spatial output, and model '{}' has none",
+                model.name()
+            ))
+        })
+    };
     for raw in list.split(',') {
         let name = query_plus(raw);
         if name.is_empty() || out.iter().any(|(n, _)| n == name) {
             continue;
         }
         let explainer = if let Some(method) = grad_cam::Method::parse(name) {
-            // ScoreCAM and AblationCAM: a pass per channel of the layer.
-            passes += match method {
-                grad_cam::Method::ScoreCam | grad_cam::Method::AblationCam => model
-                    .network
-                    .layer(layer)
-                    .and_then(|l| l.output_shape.first().copied())
-                    .unwrap_or(1),
-                _ => 1,
-            };
             Explainer::Cam {
                 method,
-                layer: layer.to_string(),
+                layer: needs_layer(name)?,
             }
         } else if let Ok(method) =
             serde_json::from_value::<SaliencyMethod>(serde_json::Value::String(name.into()))
         {
+            let layer = match method {
+                SaliencyMethod::GuidedGradcam => Some(needs_layer(name)?),
+                _ => None,
+            };
             let params = SaliencyParams {
                 method,
-                layer: Some(layer.to_string()),
+                layer,
                 ..SaliencyParams::default()
             };
             let checked = saliency::check(&params, model)?;
-            passes += checked.passes;
             Explainer::Attribution {
                 method: checked.method,
                 tunnel: checked.tunnel,
@@ -162,7 +176,7 @@ pub(crate) fn explainers(
             "methods is empty; name at least one, e.g. methods=gradcam".into(),
         ));
     }
-    Ok((out, passes))
+    Ok(out)
 }
 
 fn metrics(list: Option<&str>) -> ApiResult<Vec<Metric>> {
@@ -209,25 +223,11 @@ async fn faithfulness(
 ) -> ApiResult<Response> {
     let pipeline = Pipeline::new(&state, &model)?;
     let model = pipeline.model.clone();
-    let layer = match &params.layer {
-        Some(l) => l.clone(),
-        None => grad_cam::default_layer(&model).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "model '{}' has no layer with a spatial output for the Grad-CAM family",
-                model.name()
-            ))
-        })?,
-    };
-    grad_cam::check_layer(&model, &layer)?;
-    let (methods, passes) = explainers(
+    let layer = cam_layer(&model, params.layer.as_deref())?;
+    let methods = explainers(
         params.methods.as_deref().unwrap_or("gradcam"),
         &model,
-        &layer,
-    )?;
-    saliency::check_passes(
-        passes,
-        state.settings.max_explanation_passes,
-        "this report's methods",
+        layer.as_deref(),
     )?;
     let metrics = metrics(params.metrics.as_deref())?;
     let steps = params.steps.unwrap_or(20);
@@ -236,6 +236,15 @@ async fn faithfulness(
             "steps must be in 1..={MAX_STEPS}, got {steps}"
         )));
     }
+    let passes: usize = methods
+        .iter()
+        .map(|(_, e)| e.passes(&model) + faithfulness::metric_passes(&metrics, steps))
+        .sum();
+    saliency::check_passes(
+        passes,
+        state.settings.max_explanation_passes,
+        "this report of one image",
+    )?;
     let (baseline, baseline_name) = match params.baseline.as_deref() {
         None | Some("zero") => (DeletionBaseline::Zero, "zero"),
         Some("blur") => (DeletionBaseline::Blur, "blur"),

@@ -35,7 +35,7 @@ pub struct CamParams {
     #[param(value_type = Option<CamMethod>, inline)]
     pub method: Option<String>,
     /// Average the maps of the image and its mirror image, each times 0.9,
-    /// 1 and 1.1 (pytorch-grad-cam's `aug_smooth`; six passes).
+    /// 1 and 1.1 (pytorch-grad-cam's `aug_smooth`; six times the work).
     #[serde(default)]
     pub aug_smooth: bool,
     /// Map the per-channel products by their first principal component
@@ -161,16 +161,34 @@ async fn gradcam(
         targets,
         alpha,
     } = checked;
+    let channels = model
+        .network
+        .layer(&layer)
+        .and_then(|l| l.output_shape.first().copied())
+        .unwrap_or(1);
+    crate::routes::saliency::check_passes(
+        method.passes(channels, params.aug_smooth) * targets.len(),
+        state.settings.max_explanation_passes,
+        &format!(
+            "{} at {layer} for {} target(s)",
+            method.name(),
+            targets.len()
+        ),
+    )?;
     let cmap = params.colormap.unwrap_or(Colormap::Jet);
     let output = params.output;
-    let smoothing = grad_cam::Smoothing {
+    let smoothing = grad_cam::Options {
         aug_smooth: params.aug_smooth,
         eigen_smooth: params.eigen_smooth,
+        deadline: Some(
+            std::time::Instant::now()
+                + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1)),
+        ),
     };
     let (l, limits) = (layer.clone(), pipeline.limits);
     let (set, picture) = pipeline
         .on_images(upload.images, move |m, x, images| {
-            let set = grad_cam::grad_cam_smoothed(m, &x, &l, &targets, method, smoothing)?;
+            let set = grad_cam::grad_cam_with(m, &x, &l, &targets, method, smoothing)?;
             let picture = match output {
                 Output::Json => None,
                 Output::Heatmap => {
@@ -279,7 +297,7 @@ fn check(
 fn cam_json(
     model: &LoadedModel,
     method: Method,
-    smoothing: grad_cam::Smoothing,
+    smoothing: grad_cam::Options,
     set: grad_cam::CamSet,
 ) -> CamJson {
     let (h, w) = set.shape;

@@ -157,8 +157,10 @@ pub struct SaliencyResult {
     pub score: f32,
     /// `[C][H][W]`, the input's layout.
     pub attributions: Vec<Vec<Vec<f32>>>,
-    /// `[H][W]`: the channel sum as pictures show it (`sign`; 2% outliers
-    /// clipped), in `[0, 1]`, or `[−1, 1]` for `sign=all`.
+    /// `[H][W]`: the channel sum scaled as Captum's `visualize_image_attr`
+    /// (the signs `sign` asks for, 2% outliers clipped), in `[0, 1]`, or
+    /// `[−1, 1]` for `sign=all`; what the pictures show but for `vanilla`
+    /// and `smoothgrad` without `sign` (those show `saliency`).
     pub map: Vec<Vec<f32>>,
     /// Integrated gradients outside a noise tunnel:
     /// `Σ attributions − (logit(x) − logit(baseline))`.
@@ -223,7 +225,7 @@ pub(crate) struct Checked {
 pub(crate) fn check_passes(passes: usize, limit: usize, what: &str) -> ApiResult<()> {
     if passes > limit {
         return Err(ApiError::BadRequest(format!(
-            "{what} takes {passes} network passes per image; the limit is {limit} (--max-explanation-passes): ask for fewer steps, samples, layers or a larger occlusion stride"
+            "{what} takes {passes} network passes; the limit is {limit} (--max-explanation-passes): ask for fewer steps, samples, layers, classes or a larger occlusion stride"
         )));
     }
     Ok(())
@@ -253,6 +255,10 @@ pub(crate) fn check(p: &SaliencyParams, model: &model_store::LoadedModel) -> Api
     let side = input.height.min(input.width);
     let window = p.window.unwrap_or(8.min(side));
     let stride = p.stride.unwrap_or((window / 2).max(1));
+    attribution::check_occlusion(window, stride, input.height, input.width)?;
+    if let Some(layer) = &p.layer {
+        grad_cam::check_layer(model, layer)?;
+    }
     let baseline = match p.baseline.unwrap_or(BaselineParam::Zero) {
         BaselineParam::Zero => Baseline::Zero,
         BaselineParam::Black => Baseline::Black,
@@ -295,35 +301,13 @@ pub(crate) fn check(p: &SaliencyParams, model: &model_store::LoadedModel) -> Api
             let params = serde_json::json!({ "layer": layer });
             (M::GuidedGradCam { layer }, reduce, params)
         }
-        SaliencyMethod::Occlusion => {
-            if window == 0 || window > side {
-                return bad(format!(
-                    "window must be in 1..={side} (the input is {}x{}), got {window}",
-                    input.height, input.width
-                ));
-            }
-            if stride == 0 || stride > window {
-                return bad(format!(
-                    "stride must be in 1..={window} (at most the window, so that every pixel is covered), got {stride}"
-                ));
-            }
-            (
-                M::Occlusion { window, stride },
-                reduce,
-                serde_json::json!({"window": window, "stride": stride}),
-            )
-        }
+        SaliencyMethod::Occlusion => (
+            M::Occlusion { window, stride },
+            reduce,
+            serde_json::json!({"window": window, "stride": stride}),
+        ),
     };
-    let one = match &method {
-        M::IntegratedGradients { steps, .. } => *steps,
-        M::Occlusion { window, stride } => {
-            let n = |size: usize| (size - window).div_ceil(*stride) + 1;
-            n(input.height) * n(input.width)
-        }
-        M::GuidedGradCam { .. } => 2,
-        _ => 1,
-    };
-    let passes = one * reduce.map_or(1, |_| samples);
+    let passes = method.passes(input.height, input.width) * reduce.map_or(1, |_| samples);
     let mut params = params;
     let tunnel = reduce.map(|reduce| {
         params["samples"] = samples.into();
@@ -405,7 +389,7 @@ async fn saliency_map(
     check_passes(
         checked.passes,
         state.settings.max_explanation_passes,
-        "this explanation",
+        "this explanation of one image",
     )?;
     let alpha = params.alpha.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&alpha) {

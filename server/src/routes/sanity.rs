@@ -6,7 +6,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use model_store::inspect::faithfulness::Explainer;
-use model_store::inspect::{grad_cam, sanity};
+use model_store::inspect::sanity;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -65,8 +65,8 @@ pub struct SanityJson {
     pub model: String,
     /// The method.
     pub method: String,
-    /// The Grad-CAM family's layer.
-    pub layer: String,
+    /// The Grad-CAM family's layer (null when the model has none).
+    pub layer: Option<String>,
     /// The class explained.
     pub class_index: usize,
     /// Its label.
@@ -113,25 +113,19 @@ async fn sanity_check(
             upload.images.len()
         )));
     }
-    let layer = match &params.layer {
-        Some(l) => l.clone(),
-        None => grad_cam::default_layer(&model).ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "model '{}' has no layer with a spatial output for the Grad-CAM family",
-                model.name()
-            ))
-        })?,
-    };
-    grad_cam::check_layer(&model, &layer)?;
+    let layer = crate::routes::faithfulness::cam_layer(&model, params.layer.as_deref())?;
     let method = params.method.as_deref().unwrap_or("gradcam");
     if method.contains(',') {
         return Err(ApiError::BadRequest(
             "a sanity check takes one method; score several with /faithfulness".into(),
         ));
     }
-    let (parsed, passes) = crate::routes::faithfulness::explainers(method, &model, &layer)?;
     let (name, explainer): (String, Explainer) =
-        parsed.into_iter().next().expect("one method parsed");
+        crate::routes::faithfulness::explainers(method, &model, layer.as_deref())?
+            .into_iter()
+            .next()
+            .expect("one method parsed");
+    let passes = explainer.passes(&model);
     let layers: Vec<String> = match params.layers.as_deref() {
         None => sanity::parameter_layers(&model),
         Some(list) => list
@@ -162,36 +156,33 @@ async fn sanity_check(
     };
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1));
-    let cascade = pipeline
+    let (cascade, strip) = pipeline
         .on_images(upload.images, move |m, x, _| {
-            Ok(sanity::cascade(
-                m,
-                &x,
-                class,
-                &explainer,
-                &layers,
-                seed,
-                Some(deadline),
-            )?)
+            let cascade = sanity::cascade(m, &x, class, &explainer, &layers, seed, Some(deadline))?;
+            // The strip is drawn here, on the compute pool, not on the
+            // server's async threads.
+            let strip = png.then(|| {
+                let s = &m.manifest.input;
+                let (h, w) = (s.height, s.width);
+                let tiles: Vec<render::Tile> = cascade
+                    .steps
+                    .iter()
+                    .map(|step| render::Tile {
+                        label: match &step.layer {
+                            None => "original".into(),
+                            Some(l) => format!("{l} ({:.2})", step.spearman),
+                        },
+                        planes: vec![step.map.clone()],
+                    })
+                    .collect();
+                let scale = (160 / w.max(1)).clamp(1, 16) as u32;
+                render::strip(&tiles, h, w, scale, Colormap::Jet).png()
+            });
+            Ok((cascade, strip))
         })
         .await?;
-    let s = &model.manifest.input;
-    if png {
-        let (h, w) = (s.height, s.width);
-        let tiles: Vec<render::Tile> = cascade
-            .steps
-            .iter()
-            .map(|step| render::Tile {
-                label: match &step.layer {
-                    None => "original".into(),
-                    Some(l) => format!("{l} ({:.2})", step.spearman),
-                },
-                planes: vec![step.map.clone()],
-            })
-            .collect();
-        let scale = (160 / w.max(1)).clamp(1, 16) as u32;
-        let strip = render::strip(&tiles, h, w, scale, Colormap::Jet);
-        return Ok(png_response(strip.png()));
+    if let Some(strip) = strip {
+        return Ok(png_response(strip));
     }
     Ok(Json(SanityJson {
         model: model.name().to_string(),

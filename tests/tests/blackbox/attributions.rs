@@ -186,17 +186,19 @@ async fn bad_attribution_parameters_are_400s_that_say_what_to_send() {
         ),
         ("noise_tunnel=smoothgrad_squared", "vargrad"),
         ("method=smoothgrad&noise_tunnel=vargrad", "not both"),
-        ("method=occlusion&window=33", "window must be in 1..=32"),
+        ("method=occlusion&window=33", "window: must be in 1..=32"),
+        // Checked whatever the method.
+        ("method=vanilla&window=0", "window: must be in 1..=32"),
         (
             "method=occlusion&window=4&stride=5",
-            "stride must be in 1..=4",
+            "stride: must be in 1..=4",
         ),
         ("method=guided_gradcam&layer=linear", "no spatial extent"),
         ("sign=both", "absolute"),
         // 500 steps × 200 samples: 100,000 passes, over the default 20,000.
         (
             "method=integrated_gradients&steps=500&noise_tunnel=vargrad&samples=200",
-            "100000 network passes per image; the limit is 20000 (--max-explanation-passes)",
+            "100000 network passes; the limit is 20000 (--max-explanation-passes)",
         ),
         (
             "method=occlusion&window=1&stride=1&noise_tunnel=smoothgrad&samples=20",
@@ -209,6 +211,15 @@ async fn bad_attribution_parameters_are_400s_that_say_what_to_send() {
         let (status, body) = problem(r).await;
         assert_problem(status, &body, 400, says);
     }
+    // A layer is checked whatever the method (404, as an unknown layer is everywhere).
+    let r = app
+        .post_images(
+            "/models/resnet20-cifar10/saliency?method=vanilla&layer=nope",
+            &[&cat],
+        )
+        .await;
+    let (status, body) = problem(r).await;
+    assert_problem(status, &body, 404, "no layer 'nope'");
     // Pictures of every sign: the input's size.
     for sign in ["absolute", "positive", "negative", "all"] {
         let r = app
@@ -271,5 +282,59 @@ async fn long_explanations_stop_at_the_deadline_and_free_their_slot() {
         }
     }
     app.assert_healthy().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_over_the_pass_budget_is_a_400_that_counts_its_passes() {
+    let dir = models_dir(&["resnet20-cifar10"]);
+    let mut settings = convscope::Settings::for_tests(dir.path());
+    settings.max_explanation_passes = 100;
+    let app = TestApp::spawn_with(settings).await;
+    let cat = std::fs::read(repo().join("data/cifar10/samples/test0000_cat.png")).unwrap();
+    let m = "/models/resnet20-cifar10";
+    // Within it: ScoreCAM at layer3.2 (64 channels: 65 passes), a report of
+    // Grad-CAM's deletion curve (1 + 21), a cascade of 3 layers (4).
+    for ok in [
+        format!("{m}/gradcam?method=scorecam&output=json"),
+        format!("{m}/faithfulness?methods=gradcam&metrics=deletion"),
+        format!("{m}/sanity?layers=linear,layer3.2.bn2,layer3.2.conv2"),
+    ] {
+        let r = app.post_images(&ok, &[&cat]).await;
+        assert_eq!(r.status().as_u16(), 200, "{ok}");
+    }
+    for (q, says) in [
+        (
+            format!("{m}/gradcam?method=scorecam&aug_smooth=true"),
+            "390 network passes",
+        ),
+        (
+            format!("{m}/gradcam?method=ablationcam&class=cat,dog&output=json"),
+            "130 network passes",
+        ),
+        (
+            format!("{m}/saliency?method=integrated_gradients&steps=101"),
+            "101 network passes",
+        ),
+        (
+            format!(
+                "{m}/faithfulness?methods=gradcam,vanilla&metrics=deletion,insertion,road_morf"
+            ),
+            "104 network passes",
+        ),
+        (
+            format!("{m}/sanity?method=scorecam&layers=linear"),
+            "130 network passes",
+        ),
+        (
+            format!("{m}/sanity?method=integrated_gradients&layers=linear,layer3.2.bn2"),
+            "150 network passes",
+        ),
+        (format!("{m}/sanity?layers=linear,linear"), "listed twice"),
+    ] {
+        let r = app.post_images(&q, &[&cat]).await;
+        let (status, body) = problem(r).await;
+        assert_problem(status, &body, 400, says);
+    }
     app.stop().await;
 }
