@@ -201,6 +201,9 @@ impl CustomOp3 for ConvOp {
         let out_image = d.o * p;
         let dx = want_x
             .then(|| {
+                if let Some(t) = self.transposed(&d) {
+                    return Tensor::from_vec(t.input_grad(&d, &wv, &g), x.shape(), x.device());
+                }
                 let mut dx = vec![0f32; d.n * in_image];
                 if self.depthwise(&d) {
                     dx.par_chunks_mut(d.h * d.w)
