@@ -42,6 +42,15 @@ impl Pipeline {
         }
     }
 
+    /// A `class` parameter: an index or a label of the model, or `None`
+    /// (absent or empty: the predicted class).
+    pub fn class(&self, token: Option<&str>) -> ApiResult<Option<usize>> {
+        match token.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(c) => Ok(Some(self.model.class_index(c)?)),
+        }
+    }
+
     /// Runs `f` on the compute pool (503 when full, 504 past the deadline).
     pub async fn compute<T, F>(&self, f: F) -> ApiResult<T>
     where

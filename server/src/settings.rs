@@ -127,6 +127,12 @@ fn parse_delay_ms(s: &str) -> Result<f64, String> {
 pub const DEFAULT_MAX_MODEL_BYTES: usize = 1024 * 1024 * 1024;
 
 impl Settings {
+    /// When a request arriving now must be answered: the long inspections
+    /// stop between their batches once it has passed (`--request-timeout-secs`).
+    pub fn deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + std::time::Duration::from_secs(self.request_timeout_secs.max(1))
+    }
+
     /// The jobs database path.
     pub fn jobs_db(&self) -> PathBuf {
         self.jobs_db

@@ -29,7 +29,9 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::inspect::clock::Clock;
 use crate::inspect::grad_cam::{self, Target};
+use crate::inspect::{argmax, min_max};
 use crate::model::LoadedModel;
 use crate::rng::Rng;
 use crate::tap::{ReluRule, Tap};
@@ -96,17 +98,6 @@ pub enum Method {
         stride: usize,
     },
 }
-
-/// The API names of [`Method`], in the contract's order.
-pub const METHOD_NAMES: [&str; 7] = [
-    "vanilla",
-    "integrated_gradients",
-    "input_x_gradient",
-    "guided_backprop",
-    "deconvolution",
-    "guided_gradcam",
-    "occlusion",
-];
 
 impl Method {
     /// Network passes per image on an `h × w` input, without a tunnel:
@@ -274,30 +265,6 @@ pub fn attribute(
         });
     }
     Ok(out)
-}
-
-/// The deadline of a request, checked between batches.
-struct Clock {
-    deadline: Option<Instant>,
-    began: Instant,
-}
-
-impl Clock {
-    fn new(deadline: Option<Instant>) -> Self {
-        Self {
-            deadline,
-            began: Instant::now(),
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        match self.deadline {
-            Some(d) if Instant::now() >= d => {
-                Err(Error::DeadlineExceeded(self.began.elapsed().as_secs_f64()))
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Whether a `window × window` patch every `stride` pixels fits an
@@ -770,15 +737,7 @@ pub fn max_abs_map(values: &[f32], c: usize, hw: usize) -> Vec<f32> {
                 .fold(0f32, f32::max)
         })
         .collect();
-    let (lo, hi) = m
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let span = hi - lo;
-    m.iter()
-        .map(|&v| if span > 0.0 { (v - lo) / span } else { 0.0 })
-        .collect()
+    min_max(&m)
 }
 
 /// Where occlusion's patches start along a side: Captum's shift count,
@@ -791,15 +750,6 @@ fn occlusion_starts(size: usize, window: usize, stride: usize) -> Vec<usize> {
     (0..(size - window).div_ceil(stride) + 1)
         .map(|k| k * stride)
         .collect()
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
 }
 
 #[cfg(test)]

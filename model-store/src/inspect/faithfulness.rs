@@ -26,7 +26,9 @@ use std::time::Instant;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
+use crate::inspect::argmax;
 use crate::inspect::attribution::{self, BLUR_SIGMA, Tunnel, blur};
+use crate::inspect::clock::Clock;
 use crate::inspect::grad_cam::{self, Target};
 use crate::model::LoadedModel;
 
@@ -148,15 +150,6 @@ pub fn report(
     Ok(out)
 }
 
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
-}
-
 /// A faithfulness score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Metric {
@@ -275,10 +268,7 @@ pub fn score(
             reason: format!("has {} values for a {h}x{w} input", map.len()),
         });
     }
-    let clock = Clock {
-        deadline,
-        began: Instant::now(),
-    };
+    let clock = Clock::new(deadline);
     let img = x.flatten_all()?.to_vec1::<f32>()?;
     let blurred = || blur(&img, c, h, w, BLUR_SIGMA);
     let probs = |batch: Vec<f32>, n: usize| -> Result<Vec<f32>> {
@@ -357,22 +347,6 @@ pub fn score(
         });
     }
     Ok(out)
-}
-
-struct Clock {
-    deadline: Option<Instant>,
-    began: Instant,
-}
-
-impl Clock {
-    fn check(&self) -> Result<()> {
-        match self.deadline {
-            Some(d) if Instant::now() >= d => {
-                Err(Error::DeadlineExceeded(self.began.elapsed().as_secs_f64()))
-            }
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Forward passes the metrics take per map: a curve's `steps + 1`, ROAD's
@@ -516,6 +490,7 @@ fn conjugate_gradients(
     n: usize,
     deadline: Option<Instant>,
 ) -> Result<Vec<f64>> {
+    let clock = Clock::new(deadline);
     let mut x = vec![0f64; n];
     let mut r = b.to_vec();
     let mut p = r.clone();
@@ -529,8 +504,8 @@ fn conjugate_gradients(
         if rr.sqrt() <= 1e-12 * norm_b {
             break;
         }
-        if iteration % 64 == 63 && deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::DeadlineExceeded(0.0));
+        if iteration % 64 == 63 {
+            clock.check()?;
         }
         apply(&p, &mut ap);
         let pap: f64 = p.iter().zip(&ap).map(|(a, b)| a * b).sum();

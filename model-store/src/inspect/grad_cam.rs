@@ -40,6 +40,8 @@ use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::graph::NodeKind;
+use crate::inspect::argmax;
+use crate::inspect::clock::Clock;
 use crate::model::LoadedModel;
 use crate::tap::Tap;
 
@@ -258,13 +260,6 @@ impl Method {
     }
 }
 
-fn check_deadline(deadline: Option<std::time::Instant>) -> Result<()> {
-    match deadline {
-        Some(d) if std::time::Instant::now() >= d => Err(Error::DeadlineExceeded(0.0)),
-        _ => Ok(()),
-    }
-}
-
 /// Explains each target of the batch `x` at `layer` with `method`.
 pub fn grad_cam(
     model: &LoadedModel,
@@ -354,7 +349,7 @@ fn one_pass(
     options: Options,
 ) -> Result<CamSet> {
     let eigen_smooth = options.eigen_smooth;
-    check_deadline(options.deadline)?;
+    Clock::new(options.deadline).check()?;
     let (c, h, w) = check_layer(model, layer)?;
     let classes = model.classes.len();
     for t in targets {
@@ -471,15 +466,6 @@ fn one_pass(
         shape: (h, w),
         cams,
     })
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-            if v > best.1 { (i, v) } else { best }
-        })
-        .0
 }
 
 /// Weights and raw map of the gradient methods, for one image.
@@ -713,6 +699,7 @@ fn score_cam_weights(
     class_of: &[usize],
     deadline: Option<std::time::Instant>,
 ) -> Result<Vec<Vec<f32>>> {
+    let clock = Clock::new(deadline);
     let (_, _, ih, iw) = x.dims4()?;
     let (_, c, _, _) = activations.dims4()?;
     let up = activations.upsample_bilinear2d(ih, iw, true)?;
@@ -729,7 +716,7 @@ fn score_cam_weights(
         let mr = masks.get(r)?.unsqueeze(1)?; // [C, 1, H, W]
         let mut scores = Vec::with_capacity(c);
         for start in (0..c).step_by(BATCH) {
-            check_deadline(deadline)?;
+            clock.check()?;
             let len = BATCH.min(c - start);
             let masked = mr.narrow(0, start, len)?.broadcast_mul(&xr)?;
             let logits = model.logits(&masked)?;
@@ -779,6 +766,7 @@ fn ablation_weights(
     (class_of, logit_rows): (&[usize], &[Vec<f32>]),
     deadline: Option<std::time::Instant>,
 ) -> Result<Vec<Vec<f32>>> {
+    let clock = Clock::new(deadline);
     let (_, c, h, w) = activations.dims4()?;
     let hw = h * w;
     const BATCH: usize = 32;
@@ -790,7 +778,7 @@ fn ablation_weights(
         let xr = x.get(r)?.unsqueeze(0)?;
         let mut weights = Vec::with_capacity(c);
         for start in (0..c).step_by(BATCH) {
-            check_deadline(deadline)?;
+            clock.check()?;
             let len = BATCH.min(c - start);
             let mut batch = Vec::with_capacity(len * c * hw);
             // Zero where the layer's minimum is 0 (after a ReLU). Else far

@@ -142,13 +142,9 @@ pub fn maximize(model: &LoadedModel, start: Option<&Tensor>, s: &Settings) -> Re
     let start_value = objective(model, &x0, &s.objective)?.to_scalar::<f32>()?;
     let var = Var::from_tensor(&x0)?;
     let mut curve = Vec::with_capacity(s.steps);
-    let began = std::time::Instant::now();
+    let clock = crate::inspect::clock::Clock::new(s.deadline);
     for _ in 0..s.steps {
-        if s.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-            return Err(crate::Error::DeadlineExceeded(
-                began.elapsed().as_secs_f64(),
-            ));
-        }
+        clock.check()?;
         let (dy, dx) = if s.jitter > 0 {
             let span = 2 * s.jitter + 1;
             let r = |g: &mut Rng| (g.uniform() * span as f64) as i32 - s.jitter as i32;

@@ -26,7 +26,9 @@ use candle_core::Tensor;
 
 use crate::error::{Error, Result};
 use crate::graph::NodeKind;
+use crate::inspect::clock::Clock;
 use crate::inspect::faithfulness::Explainer;
+use crate::inspect::{argmax, min_max};
 use crate::model::LoadedModel;
 use crate::rng::{Rng, fnv1a64};
 
@@ -113,10 +115,7 @@ pub fn cascade(
             )));
         }
         Some(c) => c,
-        None => {
-            let row = model.logits(x)?.flatten_all()?.to_vec1::<f32>()?;
-            (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
-        }
+        None => argmax(&model.logits(x)?.flatten_all()?.to_vec1::<f32>()?),
     };
     let shown = |m: Vec<f32>| -> Vec<f32> {
         match explainer {
@@ -124,6 +123,7 @@ pub fn cascade(
             Explainer::Attribution { .. } => m.iter().map(|v| v.abs()).collect(),
         }
     };
+    let clock = Clock::new(deadline);
     let (_, _, h, w) = x.dims4()?;
     let original = shown(explainer.map(model, x, class, deadline)?);
     let state = model.state_dict()?;
@@ -131,12 +131,10 @@ pub fn cascade(
         layer: None,
         spearman: spearman(&original, &original),
         ssim: ssim(&original, &original, h, w),
-        map: scaled(&original),
+        map: min_max(&original),
     }];
     for (i, layer) in layers.iter().enumerate() {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::DeadlineExceeded(0.0));
-        }
+        clock.check()?;
         let random = &layers[..=i];
         let tensors = reinitialise(&state, random, seed)?;
         let randomised = model.with_tensors(tensors)?;
@@ -145,7 +143,7 @@ pub fn cascade(
             layer: Some(layer.clone()),
             spearman: spearman(&original, &map),
             ssim: ssim(&original, &map, h, w),
-            map: scaled(&map),
+            map: min_max(&map),
         });
     }
     Ok(Cascade {
@@ -212,18 +210,6 @@ fn reinitialise(
         .collect()
 }
 
-fn scaled(m: &[f32]) -> Vec<f32> {
-    let (lo, hi) = m
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let span = hi - lo;
-    m.iter()
-        .map(|&v| if span > 0.0 { (v - lo) / span } else { 0.0 })
-        .collect()
-}
-
 /// Ranks from 1, ties given their average rank.
 fn ranks(v: &[f32]) -> Vec<f64> {
     let mut order: Vec<usize> = (0..v.len()).collect();
@@ -266,7 +252,7 @@ pub fn spearman(a: &[f32], b: &[f32]) -> f32 {
 
 /// SSIM of two `h × w` maps, each min-max scaled to `[0, 1]` first.
 pub fn ssim(a: &[f32], b: &[f32], h: usize, w: usize) -> f32 {
-    let (a, b) = (scaled(a), scaled(b));
+    let (a, b) = (min_max(a), min_max(b));
     // skimage's 7×7 window, or the largest odd one the map holds.
     let side = 7.min(h).min(w).max(1);
     let win = if side % 2 == 0 { side - 1 } else { side };

@@ -96,17 +96,13 @@ impl Chart for FaithfulnessChart {
                         PathElement::new(vec![(x, y), (x + px(20.0) as i32, y)], style)
                     });
             }
-            chart
-                .configure_series_labels()
-                .position(if insertion {
-                    SeriesLabelPosition::LowerRight
-                } else {
-                    SeriesLabelPosition::UpperRight
-                })
-                .label_font(text(13.0, s))
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(200, 200, 200))
-                .draw()?;
+            // Deletion falls from the top left, insertion rises to the top right.
+            let corner = if insertion {
+                SeriesLabelPosition::LowerRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            };
+            super::training::legend(&mut chart, s, corner)?;
         }
         Ok(())
     }

@@ -181,7 +181,8 @@ impl Chart for TrainingChart<'_> {
     }
 }
 
-type EpochChart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+pub(super) type EpochChart<'a, DB> =
+    ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
 /// One panel: `caption` above, epochs 0..`epochs` across, 0..`top` up with
 /// `y_desc` and ticks written by `y_tick`, on a light grid.
@@ -213,7 +214,7 @@ fn panel<'a, DB: DrawingBackend + 'a>(
 }
 
 /// The chart's series names in a box at `position`.
-fn legend<'a, DB: DrawingBackend + 'a>(
+pub(super) fn legend<'a, DB: DrawingBackend + 'a>(
     chart: &mut EpochChart<'a, DB>,
     s: f64,
     position: SeriesLabelPosition,

@@ -25,6 +25,7 @@ use crate::input::ImageUpload;
 use crate::openapi::{Base64Images, Binary, ImageErrors, ImageForm};
 use crate::pipeline::Pipeline;
 use crate::routes::gradcam::query_plus;
+use crate::routes::output::json_or_png;
 use crate::routes::saliency::{self, SaliencyMethod, SaliencyParams};
 use crate::state::AppState;
 
@@ -254,25 +255,12 @@ async fn faithfulness(
             )));
         }
     };
-    let png = match params.format.as_deref() {
-        None | Some("json") => false,
-        Some("png") => true,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "format must be json or png, got {other:?}"
-            )));
-        }
-    };
-    let class = match params.class.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(model.class_index(c.trim())?),
-    };
-    let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1));
+    let png = json_or_png(params.format.as_deref())?;
+    let class = pipeline.class(params.class.as_deref())?;
     let options = Options {
         steps,
         baseline,
-        deadline: Some(deadline),
+        deadline: Some(state.settings.deadline()),
     };
     let jobs: Vec<Explainer> = methods.iter().map(|(_, e)| e.clone()).collect();
     let ms = metrics.clone();

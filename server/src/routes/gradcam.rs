@@ -180,10 +180,7 @@ async fn gradcam(
     let smoothing = grad_cam::Options {
         aug_smooth: params.aug_smooth,
         eigen_smooth: params.eigen_smooth,
-        deadline: Some(
-            std::time::Instant::now()
-                + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1)),
-        ),
+        deadline: Some(state.settings.deadline()),
     };
     let (l, limits) = (layer.clone(), pipeline.limits);
     let (set, picture) = pipeline

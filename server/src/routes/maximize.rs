@@ -268,10 +268,7 @@ fn check(
         seed: seed(params.seed)?,
         jitter,
         tv_weight: tv_weight as f32,
-        deadline: Some(
-            std::time::Instant::now()
-                + std::time::Duration::from_secs(server.request_timeout_secs.max(1)),
-        ),
+        deadline: Some(server.deadline()),
     };
     Ok((settings, scale, json))
 }

@@ -23,6 +23,17 @@ pub enum Format {
     Npy,
 }
 
+/// `format=json` (the default) or `format=png`: whether a PNG is asked for.
+pub fn json_or_png(format: Option<&str>) -> ApiResult<bool> {
+    match format {
+        None | Some("json") => Ok(false),
+        Some("png") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "format must be json or png, got {other:?}"
+        ))),
+    }
+}
+
 /// What comes back.
 #[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "lowercase")]

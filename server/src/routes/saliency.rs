@@ -381,10 +381,7 @@ async fn saliency_map(
 ) -> ApiResult<Response> {
     let pipeline = Pipeline::new(&state, &model)?;
     let model = pipeline.model.clone();
-    let class = match params.class.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(model.class_index(c.trim())?),
-    };
+    let class = pipeline.class(params.class.as_deref())?;
     let checked = check(&params, &model)?;
     check_passes(
         checked.passes,
@@ -419,8 +416,7 @@ async fn saliency_map(
         Colormap::Gray
     });
     let limits = pipeline.limits;
-    let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1));
+    let deadline = state.settings.deadline();
     let (method, tunnel) = (checked.method.clone(), checked.tunnel);
     let (result, picture) = pipeline
         .on_images(upload.images, move |m, x, images| {

@@ -141,21 +141,9 @@ async fn sanity_check(
         &format!("a cascade of {} layers with {name}", layers.len()),
     )?;
     let seed = crate::routes::maximize::seed(params.seed)?;
-    let png = match params.format.as_deref() {
-        None | Some("json") => false,
-        Some("png") => true,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "format must be json or png, got {other:?}"
-            )));
-        }
-    };
-    let class = match params.class.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(model.class_index(c.trim())?),
-    };
-    let deadline = std::time::Instant::now()
-        + std::time::Duration::from_secs(state.settings.request_timeout_secs.max(1));
+    let png = crate::routes::output::json_or_png(params.format.as_deref())?;
+    let class = pipeline.class(params.class.as_deref())?;
+    let deadline = state.settings.deadline();
     let (cascade, strip) = pipeline
         .on_images(upload.images, move |m, x, _| {
             let cascade = sanity::cascade(m, &x, class, &explainer, &layers, seed, Some(deadline))?;
