@@ -23,6 +23,7 @@
 //! it alone, so two writers that cannot see each other's names never share
 //! a directory.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,9 @@ use crate::model::{LoadFailure, LoadedModel};
 const TEMP_PREFIX: &str = ".upload-";
 const TEMP_SUFFIX: &str = ".tmp";
 const JOURNAL_PREFIX: &str = ".commit-";
+
+/// A manifest's modified time and length.
+pub type Stamp = (std::time::SystemTime, u64);
 
 /// The directory of `<name>.json` + `<name>.safetensors` pairs.
 #[derive(Debug, Clone)]
@@ -109,10 +113,22 @@ impl ModelDir {
                 }
             }
         } else {
-            match dir._lock.try_lock_shared() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
-                Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+            // Another process holds it: a server (shared), one recovering
+            // it at its start (exclusive for a moment: wait, so replicas
+            // started together all come up), or `convscope train`
+            // (exclusive for its whole run: refused).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            loop {
+                match dir._lock.try_lock_shared() {
+                    Ok(()) => break,
+                    Err(std::fs::TryLockError::WouldBlock)
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+                    Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+                }
             }
         }
         Ok(dir)
@@ -191,6 +207,37 @@ impl ModelDir {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Each committed model's name with its manifest's stamp (modified
+    /// time and length: a save renames a new manifest into place last, so
+    /// a new stamp means a new commit). `None` while a commit is in flight
+    /// (a journal is present): a reader looks again later rather than see
+    /// half of it.
+    pub fn stamps(&self) -> Option<BTreeMap<String, Stamp>> {
+        let names = self.entries().ok()?;
+        if names.iter().any(|n| n.starts_with(JOURNAL_PREFIX)) {
+            return None;
+        }
+        Some(
+            names
+                .into_iter()
+                .filter(|n| !n.starts_with('.'))
+                .filter_map(|n| n.strip_suffix(".json").map(str::to_string))
+                .filter_map(|name| Some((name.clone(), self.stamp(&name)?)))
+                .collect(),
+        )
+    }
+
+    /// The stamp of `name`'s manifest, if it is there.
+    pub fn stamp(&self, name: &str) -> Option<Stamp> {
+        let meta = std::fs::metadata(self.file(name, "json")).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    }
+
+    /// The manifest file of `name`.
+    pub fn manifest_path(&self, name: &str) -> PathBuf {
+        self.file(name, "json")
     }
 
     /// Whether either file of `name` exists.

@@ -25,7 +25,7 @@ use candle_core::Device;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::model::{LoadFailure, LoadedModel};
-use crate::model_dir::ModelDir;
+use crate::model_dir::{ModelDir, Stamp};
 
 /// Who holds a name that is not (yet) a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,8 @@ struct State {
     /// Names held without a model (or, for a job, with its snapshots).
     claims: BTreeMap<String, Owner>,
     failures: Vec<LoadFailure>,
+    /// The manifest stamps [`ModelStore::refresh`] last saw, loaded or not.
+    seen: BTreeMap<String, Stamp>,
 }
 
 impl State {
@@ -109,6 +111,8 @@ impl ModelStore {
     }
 
     fn over(dir: ModelDir, device: &Device) -> Result<Self> {
+        // Stamps first: a model committed while loading is seen as new.
+        let seen = dir.stamps().unwrap_or_default();
         let (loaded, failures) = dir.load_all(device);
         let models = loaded
             .into_iter()
@@ -121,6 +125,7 @@ impl ModelStore {
                 models,
                 claims: BTreeMap::new(),
                 failures,
+                seen,
             }),
         })
     }
@@ -206,7 +211,7 @@ impl ModelStore {
         let model = LoadedModel::from_bytes(manifest_json, &weights, &self.device)?;
         self.dir.save(&name, manifest_json, &weights)?;
         let model = Arc::new(model);
-        self.write().models.insert(name, model.clone());
+        self.loaded(&name, model.clone());
         Ok(model)
     }
 
@@ -243,6 +248,82 @@ impl ModelStore {
             .insert(name.to_string(), Owner::Job(job.to_string()));
     }
 
+    /// Serves a model just saved here, with its files' stamp, so that
+    /// [`ModelStore::refresh`] does not load it again.
+    fn loaded(&self, name: &str, model: Arc<LoadedModel>) {
+        let stamp = self.dir.stamp(name);
+        let mut state = self.write();
+        if let Some(stamp) = stamp {
+            state.seen.insert(name.to_string(), stamp);
+        }
+        state.models.insert(name.to_string(), model);
+    }
+
+    /// `(job, name)` for every name a job holds here.
+    pub fn job_holds(&self) -> Vec<(String, String)> {
+        self.read()
+            .claims
+            .iter()
+            .filter_map(|(name, owner)| match owner {
+                Owner::Job(job) => Some((job.clone(), name.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Catches up with other processes sharing the directory: loads the
+    /// models they committed, reloads those they replaced and drops those
+    /// they deleted. Names held here (a job's, a registration or deletion
+    /// in progress) are left alone, and nothing is read while a commit is
+    /// in flight; a model that does not load is tried again only once its
+    /// files change. Returns the names that changed.
+    pub fn refresh(&self) -> Vec<String> {
+        let Some(on_disk) = self.dir.stamps() else {
+            return Vec::new();
+        };
+        let (changed, gone): (Vec<(String, Stamp)>, Vec<String>) = {
+            let state = self.read();
+            let changed = on_disk
+                .iter()
+                .filter(|(name, stamp)| {
+                    state.holder(name).is_none() && state.seen.get(*name) != Some(*stamp)
+                })
+                .map(|(n, s)| (n.clone(), *s))
+                .collect();
+            let gone = state
+                .models
+                .keys()
+                .filter(|n| !on_disk.contains_key(*n) && state.holder(n).is_none())
+                .cloned()
+                .collect();
+            (changed, gone)
+        };
+        let mut names = Vec::new();
+        for (name, stamp) in changed {
+            let loaded = LoadedModel::from_files(&self.dir.manifest_path(&name), &self.device)
+                .ok()
+                .filter(|m| m.name() == name);
+            let mut state = self.write();
+            if state.holder(&name).is_some() {
+                continue;
+            }
+            state.seen.insert(name.clone(), stamp);
+            if let Some(m) = loaded {
+                state.models.insert(name.clone(), Arc::new(m));
+                names.push(name);
+            }
+        }
+        let mut state = self.write();
+        for name in gone {
+            if state.holder(&name).is_none() {
+                state.models.remove(&name);
+                state.seen.remove(&name);
+                names.push(name);
+            }
+        }
+        names
+    }
+
     /// Ends every hold of `job`.
     pub fn release(&self, job: &str) {
         self.write()
@@ -264,9 +345,7 @@ impl ModelStore {
         let model = LoadedModel::from_bytes(&json, weights, &self.device)?;
         self.dir.save(&manifest.name, &json, weights)?;
         let model = Arc::new(model);
-        self.write()
-            .models
-            .insert(manifest.name.clone(), model.clone());
+        self.loaded(&manifest.name, model.clone());
         Ok(model)
     }
 

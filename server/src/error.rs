@@ -114,7 +114,14 @@ impl From<model_store::Error> for ApiError {
 
 impl From<crate::jobs::store::StoreError> for ApiError {
     fn from(e: crate::jobs::store::StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        use crate::jobs::store::StoreError as E;
+        match e {
+            // PostgreSQL restarting or unreachable: the request may be
+            // repeated in a moment (503 with Retry-After).
+            E::Unavailable(_) => ApiError::Busy(e.to_string()),
+            E::Conflict(msg) => ApiError::Conflict(msg),
+            E::Sqlite(_) | E::Postgres(_) | E::Io { .. } => ApiError::Internal(e.to_string()),
+        }
     }
 }
 

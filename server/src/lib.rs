@@ -37,4 +37,4 @@ pub mod startup;
 pub mod state;
 
 pub use settings::Settings;
-pub use startup::Application;
+pub use startup::{Application, Worker};

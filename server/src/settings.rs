@@ -105,6 +105,29 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_JOBS_DB")]
     pub jobs_db: Option<PathBuf>,
 
+    /// The job queue in PostgreSQL instead (`postgres://USER@HOST/DB`),
+    /// shared by every API replica and `convscope worker` (they then share
+    /// `--models` too); without it, SQLite at `--jobs-db`.
+    #[arg(long, env = "CONVSCOPE_JOBS")]
+    pub jobs: Option<String>,
+
+    /// Seconds a claimed job stays this worker's without a heartbeat (sent
+    /// every second) before another worker may take it over (`--jobs`
+    /// PostgreSQL only).
+    #[arg(long = "lease", env = "CONVSCOPE_LEASE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=86_400))]
+    pub lease_secs: u64,
+
+    /// Starts after which a job whose worker keeps dying fails instead of
+    /// being claimed again (`--jobs` PostgreSQL only).
+    #[arg(long, env = "CONVSCOPE_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+
+    /// This process's name in a shared job store: the `worker` a job shows
+    /// while it runs here (default: host name, process id and a random
+    /// suffix).
+    #[arg(long, env = "CONVSCOPE_INSTANCE")]
+    pub instance: Option<String>,
+
     /// Training jobs run at once (0: queue jobs but run none here).
     #[arg(long, env = "CONVSCOPE_TRAIN_WORKERS", default_value_t = 1)]
     pub train_workers: usize,
@@ -140,6 +163,20 @@ impl Settings {
             .unwrap_or_else(|| self.models.join(".jobs").join("jobs.sqlite3"))
     }
 
+    /// This process's name in a shared job store.
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "convscope".into());
+            let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+            format!("{host}-{}-{suffix}", std::process::id())
+        })
+    }
+
     /// Threads per training job.
     pub fn train_threads(&self) -> usize {
         self.train_threads.unwrap_or_else(|| {
@@ -171,6 +208,10 @@ impl Settings {
             max_explanation_passes: 20_000,
             datasets: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data")),
             jobs_db: None,
+            jobs: None,
+            lease_secs: 30,
+            max_attempts: 3,
+            instance: None,
             train_workers: 1,
             train_threads: None,
         }

@@ -1,4 +1,5 @@
-//! `Application`: loads the model store, binds, serves until stopped.
+//! `Application`: loads the model store, binds, serves until stopped; and
+//! `Worker`, the same without the API: it runs jobs from a shared store.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -40,9 +41,9 @@ impl Application {
         for f in models.failures() {
             tracing::warn!(file = %f.file.display(), error = %f.error, "model not loaded");
         }
-        let store = crate::jobs::store::SqliteStore::open(&settings.jobs_db())?;
+        let store = open_job_store(&settings).await?;
         let jobs = crate::jobs::Jobs::new(
-            Arc::new(store),
+            store,
             crate::jobs::Context {
                 models: models.clone(),
                 datasets: settings.datasets.clone(),
@@ -104,6 +105,13 @@ impl Application {
         })
     }
 
+    /// The server as a worker: jobs run, and only `/healthz`, `/readyz`
+    /// and `/metrics` are served.
+    fn into_worker(mut self) -> Self {
+        self.router = routes::worker_router(self.state.clone());
+        self
+    }
+
     /// The bound address (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
@@ -138,6 +146,91 @@ impl Application {
         // A running job stops after its batch and resumes at the next start.
         jobs.shutdown();
         served
+    }
+}
+
+/// The job store `--jobs` names (PostgreSQL), or SQLite at `--jobs-db`.
+async fn open_job_store(
+    settings: &Settings,
+) -> Result<Arc<dyn crate::jobs::store::JobStore>, StartupError> {
+    let Some(url) = settings.jobs.clone() else {
+        let store = crate::jobs::store::SqliteStore::open(&settings.jobs_db())?;
+        return Ok(Arc::new(store));
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StartupError::JobsUrl(url));
+    }
+    let opts = crate::jobs::postgres::PgOptions {
+        url,
+        instance: settings.instance(),
+        lease: std::time::Duration::from_secs(settings.lease_secs),
+        max_attempts: settings.max_attempts,
+    };
+    let store = tokio::task::spawn_blocking(move || crate::jobs::postgres::PgStore::open(opts))
+        .await
+        .map_err(|e| StartupError::Loading(e.to_string()))??;
+    tracing::info!(instance = %store.instance(), "jobs in PostgreSQL");
+    Ok(Arc::new(store))
+}
+
+/// `convscope worker`: trains the jobs of a shared store and answers only
+/// `/healthz`, `/readyz` and `/metrics`. SIGTERM (or Ctrl-C) lets the
+/// running job finish its epoch, then gives it back to the queue.
+pub struct Worker {
+    app: Application,
+    max_jobs: Option<usize>,
+}
+
+impl Worker {
+    /// Loads the models, connects to `--jobs` (which must be PostgreSQL:
+    /// with SQLite, `serve` runs its own jobs), binds and starts training.
+    pub async fn build(settings: Settings, max_jobs: Option<usize>) -> Result<Self, StartupError> {
+        if settings.jobs.is_none() {
+            return Err(StartupError::WorkerWithoutQueue);
+        }
+        let mut settings = settings;
+        // The workers start below, once the claim limit is set.
+        let workers = std::mem::replace(&mut settings.train_workers, 0).max(1);
+        let threads = settings.train_threads();
+        let app = Application::build(settings).await?.into_worker();
+        if let Some(n) = max_jobs {
+            app.state.jobs.limit_claims(n);
+        }
+        app.state.jobs.start_workers(workers, threads);
+        Ok(Self { app, max_jobs })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.app.local_addr()
+    }
+
+    /// Runs until a signal (then drains) or, with `--max-jobs`, until that
+    /// many jobs have run.
+    pub async fn run(self) -> std::io::Result<()> {
+        let jobs = self.app.state.jobs.clone();
+        let limited = self.max_jobs.is_some();
+        let stop = async move {
+            let done = async {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    if limited && jobs.workers_done() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    // The job in hand finishes its epoch and is given back.
+                    jobs.drain();
+                    while !jobs.workers_done() {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+                _ = done => tracing::info!("--max-jobs reached"),
+            }
+        };
+        self.app.run_until(stop).await
     }
 }
 
@@ -177,8 +270,18 @@ pub enum StartupError {
     #[error("loading the models failed: {0}")]
     Loading(String),
     /// The job store cannot be opened or migrated.
-    #[error("--jobs-db: {0}")]
+    #[error("--jobs: {0}")]
     Jobs(#[from] crate::jobs::store::StoreError),
+    /// `--jobs` is not a PostgreSQL URL.
+    #[error(
+        "--jobs: '{0}' is not a postgres:// URL (without --jobs, jobs are kept in SQLite at --jobs-db)"
+    )]
+    JobsUrl(String),
+    /// `convscope worker` without a shared queue.
+    #[error(
+        "convscope worker needs --jobs postgres://...: with the default SQLite queue, `convscope serve` runs its own jobs"
+    )]
+    WorkerWithoutQueue,
     /// The address is taken or not ours.
     #[error("cannot listen on {addr}: {source}")]
     Bind {

@@ -11,13 +11,23 @@
 //! After every epoch the worker leaves resumable state in
 //! `<models>/.jobs/<id>/`; if the process dies, the next start puts
 //! `running` jobs back in the queue and they resume from their last epoch.
+//!
+//! With a shared store (PostgreSQL: API replicas and `convscope worker`s
+//! over one shared models directory) three more threads run: a heartbeat
+//! renews this process's leases every second and stops a job whose lease
+//! was lost (another worker has it now; nothing is written or removed); a
+//! listener turns other processes' changes into the same events, holds and
+//! releases names for their jobs, wakes idle workers and loads or drops the
+//! models they registered or deleted; and both also poll, since
+//! notifications sent while a connection is down are lost.
 
+pub mod postgres;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -27,7 +37,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
-use store::{JobRecord, JobStore, Status};
+use store::{JobRecord, JobStore, Notice, Status};
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -56,6 +66,9 @@ pub struct JobView {
     pub finished_at: Option<f64>,
     /// Starts, counting resumes after a crash.
     pub attempts: u32,
+    /// The worker running it (with `--jobs postgres://`; null otherwise
+    /// and when it is not running).
+    pub worker: Option<String>,
     /// A cancel was asked for.
     pub cancel_requested: bool,
     /// The job body.
@@ -79,6 +92,7 @@ impl From<&JobRecord> for JobView {
             started_at: r.started_at,
             finished_at: r.finished_at,
             attempts: r.attempts,
+            worker: r.worker.clone(),
             cancel_requested: r.cancel_requested,
             spec: r.spec.clone(),
         }
@@ -113,9 +127,23 @@ pub struct Jobs {
     ctx: Context,
     wake: (Mutex<bool>, Condvar),
     shutdown: AtomicBool,
+    /// Stop after the current epoch and claim nothing more (SIGTERM to a
+    /// worker, `--max-jobs` reached).
+    draining: AtomicBool,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Running jobs whose lease another worker took.
+    lost: Mutex<HashSet<String>>,
     channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    /// What each channel last heard, so polling sends only changes.
+    sent: Mutex<HashMap<String, String>>,
+    /// Claims left before this process stops claiming (`--max-jobs`).
+    claims_left: Mutex<Option<usize>>,
+    /// Worker threads still looping.
+    looping: AtomicUsize,
 }
+
+/// How often the shared-store threads renew leases and poll.
+const TICK: Duration = Duration::from_secs(1);
 
 impl Jobs {
     /// The service over `store`; interrupted jobs go back to the queue, and
@@ -128,14 +156,183 @@ impl Jobs {
         for (id, name) in store.active()? {
             ctx.models.restore_reservation(&name, &id);
         }
-        Ok(Arc::new(Self {
+        let jobs = Arc::new(Self {
             store,
             ctx,
             wake: (Mutex::new(false), Condvar::new()),
             shutdown: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             cancels: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashSet::new()),
             channels: Mutex::new(HashMap::new()),
-        }))
+            sent: Mutex::new(HashMap::new()),
+            claims_left: Mutex::new(None),
+            looping: AtomicUsize::new(0),
+        });
+        if jobs.store.shared() {
+            jobs.start_shared_threads();
+        }
+        Ok(jobs)
+    }
+
+    /// The heartbeat and the listener of a shared store; they hold the
+    /// service weakly and end with it.
+    fn start_shared_threads(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("job-leases".into())
+            .spawn(move || {
+                while let Some(jobs) = Weak::upgrade(&weak) {
+                    jobs.renew_leases();
+                    drop(jobs);
+                    std::thread::sleep(TICK);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the lease heartbeat");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.store.listen(tx);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("job-notices".into())
+            .spawn(move || {
+                loop {
+                    let heard = rx.recv_timeout(TICK);
+                    let Some(jobs) = Weak::upgrade(&weak) else {
+                        return;
+                    };
+                    match heard {
+                        Ok(Notice::Job { kind, id }) => jobs.heard(kind, &id),
+                        Ok(Notice::Resync) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            jobs.resync();
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            jobs.resync();
+                            std::thread::sleep(TICK);
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the job listener");
+        }
+    }
+
+    /// Renews this process's leases; a running job missing from the answer
+    /// was lost, one asked to stop is stopped.
+    fn renew_leases(&self) {
+        let leases = match self.store.heartbeat() {
+            Ok(Some(leases)) => leases,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the job leases; retrying");
+                return;
+            }
+        };
+        let cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, flag) in cancels.iter() {
+            match leases.iter().find(|l| &l.id == id) {
+                Some(lease) if lease.cancel_requested => flag.store(true, Ordering::SeqCst),
+                Some(_) => {}
+                None => {
+                    tracing::warn!(job = %id, "lost the job's lease (another worker has it); stopping it here without writing");
+                    self.lost
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone());
+                    flag.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+
+    /// Another process changed job `id`.
+    fn heard(&self, kind: &'static str, id: &str) {
+        match kind {
+            "cancel" => self.cancel_running(id),
+            "state" => {
+                if let Ok(Some(job)) = self.store.get(id) {
+                    self.hold_or_release(&job);
+                    if job.status == Status::Queued {
+                        self.notify();
+                    }
+                    if job.status.is_final() {
+                        self.ctx.models.refresh();
+                    }
+                }
+            }
+            _ => {}
+        }
+        if kind != "cancel" {
+            self.publish(id, kind);
+        }
+    }
+
+    /// A job's name is held here while it is queued or running anywhere,
+    /// and free once it has ended (unless this process runs it).
+    fn hold_or_release(&self, job: &JobRecord) {
+        let running_here = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&job.id);
+        if running_here {
+            return;
+        }
+        if job.status.is_final() {
+            self.ctx.models.release(&job.id);
+        } else if let Some(name) = job.spec["model_name"].as_str() {
+            self.ctx.models.restore_reservation(name, &job.id);
+        }
+    }
+
+    /// Everything again: names held by active jobs anywhere, models on
+    /// disk, and the current state to every stream (notices may be lost).
+    fn resync(&self) {
+        let Ok(active) = self.store.active() else {
+            return;
+        };
+        let running_here: HashSet<String> = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for (job, name) in self.ctx.models.job_holds() {
+            let still = active.iter().any(|(id, _)| *id == job);
+            if still || running_here.contains(&job) {
+                continue;
+            }
+            // Only a job recorded as ended frees its name: one not found
+            // may be a submission between its hold and its row.
+            if let Ok(Some(r)) = self.store.get(&job)
+                && r.status.is_final()
+            {
+                tracing::debug!(job = %job, model = %name, "the job ended elsewhere; its name is free");
+                self.ctx.models.release(&job);
+            }
+        }
+        for (id, name) in &active {
+            if self.ctx.models.holder(name).is_none() {
+                self.ctx.models.restore_reservation(name, id);
+            }
+        }
+        if active.iter().any(|(id, _)| !running_here.contains(id)) {
+            self.notify();
+        }
+        self.ctx.models.refresh();
+        let subscribed: Vec<String> = self
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for id in subscribed {
+            self.publish_if_changed(&id);
+        }
     }
 
     /// The context jobs run in.
@@ -254,21 +451,99 @@ impl Jobs {
         let Ok(Some(record)) = self.store.get(id) else {
             return;
         };
-        let job = JobView::from(&record);
+        self.send(&record, kind);
+    }
+
+    fn send(&self, record: &JobRecord, kind: &'static str) {
+        let id = record.id.as_str();
+        let job = JobView::from(record);
         let _ = self.channel(id).send(JobEvent { kind, job });
+        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
         if record.status.is_final() {
+            sent.remove(id);
             self.channels
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(id);
+        } else {
+            sent.insert(id.to_string(), fingerprint(record));
+        }
+    }
+
+    /// Publishes job `id` if it changed since its channel last heard.
+    fn publish_if_changed(&self, id: &str) {
+        let Ok(Some(record)) = self.store.get(id) else {
+            return;
+        };
+        let last = self
+            .sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        if last.as_deref() != Some(fingerprint(&record).as_str()) {
+            let kind = match &last {
+                Some(l) if l.starts_with(record.status.as_str()) => "progress",
+                _ => "state",
+            };
+            self.send(&record, kind);
+        }
+    }
+
+    /// Stops claiming; a running job stops after its current epoch and is
+    /// given back to the queue (SIGTERM to a worker).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Claims `n` jobs at most, then drains (`--max-jobs`).
+    pub fn limit_claims(&self, n: usize) {
+        *self.claims_left.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+    }
+
+    /// Every worker thread has stopped (drained, or its claims used up).
+    pub fn workers_done(&self) -> bool {
+        self.looping.load(Ordering::SeqCst) == 0
+    }
+
+    /// Takes one claim of `--max-jobs`; false when none is left.
+    fn take_claim(&self) -> bool {
+        let mut left = self.claims_left.lock().unwrap_or_else(|e| e.into_inner());
+        match left.as_mut() {
+            None => true,
+            Some(0) => false,
+            Some(n) => {
+                *n -= 1;
+                true
+            }
         }
     }
 
     fn worker_loop(&self, pool: &rayon::ThreadPool) {
-        while !self.shutdown.load(Ordering::SeqCst) {
+        self.looping.fetch_add(1, Ordering::SeqCst);
+        self.work(pool);
+        self.looping.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn work(&self, pool: &rayon::ThreadPool) {
+        while !self.shutdown.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst) {
+            let may_claim = self
+                .claims_left
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none_or(|n| n > 0);
+            if !may_claim {
+                return;
+            }
             match self.store.claim_next() {
                 Ok(Some(job)) => {
                     let id = job.id.clone();
+                    if !self.take_claim() {
+                        // Another thread of this process used the last one.
+                        let _ = self.store.release_lease(&id);
+                        return;
+                    }
                     self.publish(&id, "state");
                     // A panic in training must not leave the job `running`
                     // and its name held, nor end this worker.
@@ -356,8 +631,12 @@ impl Jobs {
         // The job holds its name from POST /jobs on; a process that did not
         // see that POST (it started later, or another process queued the
         // job) takes the hold now, or fails the job if the name is taken.
+        // With a shared store the database settled the name when the job
+        // was queued (one active job per name): this worker holds it.
         let holds = self.ctx.models.holder(&spec.model_name) == Some(Owner::Job(id.clone()));
-        if !holds && let Err(e) = self.ctx.models.reserve(&spec.model_name, &id) {
+        if self.store.shared() {
+            self.ctx.models.restore_reservation(&spec.model_name, &id);
+        } else if !holds && let Err(e) = self.ctx.models.reserve(&spec.model_name, &id) {
             return fail(format!("model_name: {e}"));
         }
         let env = train::Env {
@@ -398,6 +677,9 @@ impl Jobs {
                         }
                     }
                     self.publish(&id, "epoch");
+                    if self.draining.load(Ordering::SeqCst) {
+                        return Control::Stop;
+                    }
                 }
             }
             if snapshot_error.is_some() {
@@ -455,6 +737,16 @@ impl Jobs {
         snapshot_error: Option<model_store::Error>,
     ) {
         let (id, work) = (e.id, e.work);
+        if self
+            .lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+        {
+            // Another worker runs it now, from the same work directory.
+            tracing::warn!(job = %id, "stopped a job whose lease was lost; left to its new worker");
+            return;
+        }
         let fail = |msg: String| {
             tracing::warn!(job = %id, error = %msg, "job failed");
             self.finish(id, Status::Failed, None, Some(&msg));
@@ -497,9 +789,13 @@ impl Jobs {
                 ));
             }
             Ok(Outcome::Cancelled) if !e.cancelled => {
-                // Shutting down: stays `running` with its last epoch on
-                // disk; the next start queues it again and it resumes.
-                tracing::info!(job = %id, "server stopping; the job will resume at the next start");
+                // Shutting down or draining: its last epoch is on disk. A
+                // shared store queues it again for another worker now;
+                // SQLite's stays `running` and the next start queues it.
+                if let Err(err) = self.store.release_lease(id) {
+                    tracing::warn!(job = %id, error = %err, "cannot give the job back; it returns when its lease expires");
+                }
+                tracing::info!(job = %id, "stopping; the job will resume from its last epoch");
             }
             Ok(Outcome::Cancelled) => {
                 cleanup();
@@ -512,6 +808,18 @@ impl Jobs {
             }
         }
     }
+}
+
+/// What a job's channel last heard: its state, epochs and step.
+fn fingerprint(r: &JobRecord) -> String {
+    let step = r.progress.as_ref().map(|p| (p.epoch, p.step));
+    format!(
+        "{} {} {:?} {}",
+        r.status.as_str(),
+        r.history.len(),
+        step,
+        r.cancel_requested
+    )
 }
 
 /// A job whose training has returned, and what it left.

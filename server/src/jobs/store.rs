@@ -1,8 +1,9 @@
-//! Where jobs live: a small trait, and SQLite behind it.
+//! Where jobs live: a small trait, SQLite behind it for one process, and
+//! PostgreSQL ([`super::postgres`]) for several.
 //!
-//! The worker speaks only to [`JobStore`], so a PostgreSQL store for
-//! several worker machines (`SELECT ... FOR UPDATE SKIP LOCKED` in
-//! `claim_next`) can be added without touching it. SQLite runs in WAL mode
+//! The worker speaks only to [`JobStore`]. The methods with defaults
+//! (leases, notices) matter only where other processes share the store;
+//! SQLite, one process's own, keeps the defaults. SQLite runs in WAL mode
 //! with `synchronous=FULL`: a state change that returned is on disk.
 //! Schema migrations are the numbered files in `server/migrations/`,
 //! applied in order and recorded in `PRAGMA user_version`.
@@ -52,7 +53,8 @@ impl Status {
         Status::Cancelled,
     ];
 
-    fn parse(s: &str) -> Status {
+    /// The state a stored name means.
+    pub(crate) fn parse(s: &str) -> Status {
         match s {
             "queued" => Status::Queued,
             "running" => Status::Running,
@@ -97,6 +99,32 @@ pub struct JobRecord {
     pub cancel_requested: bool,
     /// Starts so far (more than one after a crash).
     pub attempts: u32,
+    /// The worker holding its lease (shared stores only).
+    pub worker: Option<String>,
+}
+
+/// A change another process made, heard through a shared store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// `kind` is `state`, `epoch`, `progress` or `cancel`.
+    Job {
+        /// What changed.
+        kind: &'static str,
+        /// The job.
+        id: String,
+    },
+    /// Notices may have been lost (the listening connection was down):
+    /// read everything again.
+    Resync,
+}
+
+/// A job this process runs, as a heartbeat found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The job.
+    pub id: String,
+    /// Someone asked it to stop.
+    pub cancel_requested: bool,
 }
 
 /// What a cancel request did.
@@ -119,6 +147,16 @@ pub enum StoreError {
     /// The database failed.
     #[error("job store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL answered with an error.
+    #[error("job store: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// PostgreSQL cannot be reached now (answered 503 with `Retry-After`).
+    #[error("the job store is unreachable: {0}")]
+    Unavailable(String),
+    /// Another queued or running job holds the name (a race between
+    /// replicas, settled by the database).
+    #[error("{0}")]
+    Conflict(String),
     /// Its directory could not be made.
     #[error("job store: {path}: {source}")]
     Io {
@@ -167,6 +205,27 @@ pub trait JobStore: Send + Sync {
     /// `(job id, model_name)` of every queued or running job: the names
     /// they hold in the model store.
     fn active(&self) -> StoreResult<Vec<(String, String)>>;
+
+    /// Whether other processes share this store: then their changes come
+    /// as [`Notice`]s, and names and models are synchronised from it.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Renews the lease of every job this process runs; the jobs still its
+    /// own (a job missing was lost: its lease expired and another worker
+    /// took it). `None`: this store has no leases.
+    fn heartbeat(&self) -> StoreResult<Option<Vec<Lease>>> {
+        Ok(None)
+    }
+    /// Gives a running job back to the queue at once (a worker stopping
+    /// after an epoch): another worker resumes it without waiting for the
+    /// lease to expire. Without leases, the next start requeues it.
+    fn release_lease(&self, _id: &str) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Sends every change another process makes to `tx`, for as long as
+    /// `tx`'s receiver lives.
+    fn listen(&self, _tx: std::sync::mpsc::Sender<Notice>) {}
 }
 
 /// The migrations, in order; `user_version` says how many have run.
@@ -206,6 +265,7 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<JobRecord> {
         error: r.get(10)?,
         cancel_requested: r.get::<_, i64>(11)? != 0,
         attempts: r.get::<_, i64>(12)? as u32,
+        worker: None,
     })
 }
 

@@ -60,6 +60,30 @@ pub fn api_router() -> OpenApiRouter<AppState> {
     api_router_with(crate::settings::DEFAULT_MAX_MODEL_BYTES)
 }
 
+/// What `convscope worker` serves: liveness, readiness and metrics.
+pub fn worker_router(state: AppState) -> Router {
+    let (routes, _) = OpenApiRouter::new()
+        .routes(routes!(crate::metrics::metrics))
+        .merge(health::router())
+        .split_for_parts();
+    routes
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::NotFound(format!(
+                "a worker serves only /healthz, /readyz and /metrics, not {}",
+                uri.path()
+            ))
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_key,
+        ))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state)
+}
+
 /// Every route of the API, with fallbacks, auth and metrics.
 pub fn router(state: AppState) -> Router {
     let (routes, _) = api_router_with(state.settings.max_model_bytes).split_for_parts();

@@ -5,7 +5,7 @@ mod bench;
 mod train;
 
 use clap::{Parser, Subcommand};
-use convscope::{Application, Settings};
+use convscope::{Application, Settings, Worker};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,11 @@ enum LogFormat {
 enum Command {
     /// Serve the models directory over HTTP.
     Serve(Box<Settings>),
+    /// Run training jobs from a shared queue (`--jobs postgres://...`, the
+    /// same `--models` as the API replicas), serving only /healthz, /readyz
+    /// and /metrics on --addr. SIGTERM: the running job finishes its epoch
+    /// and goes back to the queue.
+    Worker(Box<WorkerArgs>),
     /// Print the OpenAPI 3.1 document (`convscope openapi > openapi/openapi.json`).
     Openapi,
     /// Run a training job in the foreground (the body `POST /jobs` takes),
@@ -42,6 +47,15 @@ enum Command {
     /// Grad-CAM, the activation sheet, a training step); pin the threads
     /// with RAYON_NUM_THREADS. tools/bench/forward.py times them in PyTorch.
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    settings: Settings,
+    /// Stop after running this many jobs (one-shot workers).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_jobs: Option<u64>,
 }
 
 #[derive(clap::Args)]
@@ -221,6 +235,21 @@ async fn run() {
             });
             if let Err(e) = result {
                 eprintln!("convscope train: {e}");
+                std::process::exit(1);
+            }
+        }
+        Command::Worker(args) => {
+            let WorkerArgs { settings, max_jobs } = *args;
+            let worker = match Worker::build(settings, max_jobs.map(|n| n as usize)).await {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("convscope worker: {e}");
+                    std::process::exit(1);
+                }
+            };
+            tracing::info!(addr = %worker.local_addr(), kernels = %tier, "worker running jobs");
+            if let Err(e) = worker.run().await {
+                eprintln!("convscope worker: {e}");
                 std::process::exit(1);
             }
         }
