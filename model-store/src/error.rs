@@ -35,6 +35,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// The shared catalogue or object storage cannot be reached now; the
+    /// change was not made anywhere, and may be tried again.
+    #[error("model storage is unreachable, nothing was changed: {0}")]
+    Unavailable(String),
+
     /// A manifest's `check` logits are not what its weights give.
     #[error("check failed: {0}")]
     Check(String),

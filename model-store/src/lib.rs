@@ -47,6 +47,7 @@ pub mod model;
 pub mod model_dir;
 pub mod preprocess;
 pub mod pth;
+pub mod remote;
 pub mod rng;
 pub mod store;
 pub mod tap;

@@ -216,7 +216,18 @@ impl ModelDir {
     /// half of it.
     pub fn stamps(&self) -> Option<BTreeMap<String, Stamp>> {
         let names = self.entries().ok()?;
-        if names.iter().any(|n| n.starts_with(JOURNAL_PREFIX)) {
+        // A live commit's journal lasts as long as a few renames; one much
+        // older was left by a process killed mid-commit (finished at the
+        // next start that has the directory alone) and blocks nobody.
+        let live = names
+            .iter()
+            .filter(|n| n.starts_with(JOURNAL_PREFIX))
+            .any(|n| {
+                std::fs::metadata(self.path.join(n))
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age.as_secs() < 30))
+            });
+        if live {
             return None;
         }
         Some(

@@ -12,6 +12,9 @@
 //!   [`ModelStore::retract`] those names;
 //! - [`ModelStore::delete`] refuses a reserved name.
 //!
+//! With a [`Remote`] (several machines) a change is committed there first
+//! and the directory is this process's cache of it; see [`crate::remote`].
+//!
 //! Loading a model (seconds for a large one) happens outside the lock: the
 //! name is claimed first, so a second registration of it is refused at once
 //! instead of waiting.
@@ -26,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::model::{LoadFailure, LoadedModel};
 use crate::model_dir::{ModelDir, Stamp};
+use crate::remote::Remote;
 
 /// Who holds a name that is not (yet) a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +60,8 @@ struct State {
     failures: Vec<LoadFailure>,
     /// The manifest stamps [`ModelStore::refresh`] last saw, loaded or not.
     seen: BTreeMap<String, Stamp>,
+    /// With a remote: the catalogue version of each model here.
+    versions: BTreeMap<String, String>,
 }
 
 impl State {
@@ -81,6 +87,7 @@ pub struct ModelStore {
     dir: ModelDir,
     device: Device,
     state: RwLock<State>,
+    remote: Option<Arc<dyn Remote>>,
 }
 
 /// Releases a registration's or deletion's claim however it ends.
@@ -126,8 +133,23 @@ impl ModelStore {
                 claims: BTreeMap::new(),
                 failures,
                 seen,
+                versions: BTreeMap::new(),
             }),
+            remote: None,
         })
+    }
+
+    /// Commits every change to `remote` from now on, the directory becoming
+    /// a cache of it: the models loaded so far that it lacks are dropped at
+    /// the next [`ModelStore::refresh`], which also fetches what it has.
+    pub fn with_remote(mut self, remote: Arc<dyn Remote>) -> Self {
+        self.remote = Some(remote);
+        self
+    }
+
+    /// The remote changes are committed to, if any.
+    pub fn remote(&self) -> Option<&Arc<dyn Remote>> {
+        self.remote.as_ref()
     }
 
     /// The models directory.
@@ -209,9 +231,9 @@ impl ModelStore {
         // A `.pth` upload is kept as the safetensors it converts to.
         let weights = crate::pth::to_safetensors(weights)?;
         let model = LoadedModel::from_bytes(manifest_json, &weights, &self.device)?;
-        self.dir.save(&name, manifest_json, &weights)?;
+        let version = self.commit(&name, manifest_json, &weights, None)?;
         let model = Arc::new(model);
-        self.loaded(&name, model.clone());
+        self.loaded(&name, model.clone(), version);
         Ok(model)
     }
 
@@ -243,18 +265,68 @@ impl ModelStore {
     /// the model already exists (a job may have registered it and died
     /// before recording its success).
     pub fn restore_reservation(&self, name: &str, job: &str) {
-        self.write()
+        let mut state = self.write();
+        // A registration or deletion in progress here keeps its claim (its
+        // end would otherwise drop the job's).
+        if matches!(
+            state.claims.get(name),
+            Some(Owner::Registration | Owner::Deletion)
+        ) {
+            return;
+        }
+        state
             .claims
             .insert(name.to_string(), Owner::Job(job.to_string()));
     }
 
-    /// Serves a model just saved here, with its files' stamp, so that
-    /// [`ModelStore::refresh`] does not load it again.
-    fn loaded(&self, name: &str, model: Arc<LoadedModel>) {
+    /// Whether `name` is stored: in the remote's catalogue, or in the
+    /// directory (loaded here or not).
+    pub fn is_committed(&self, name: &str) -> bool {
+        match &self.remote {
+            Some(remote) => remote.catalogue().is_ok_and(|c| c.contains_key(name)),
+            None => self.read().models.contains_key(name) || self.dir.contains(name),
+        }
+    }
+
+    /// Writes a validated model: to the remote (the commit) and then the
+    /// directory (its cache), or to the directory alone. Returns the remote
+    /// version. A cache that cannot be written costs nothing but a fetch.
+    fn commit(
+        &self,
+        name: &str,
+        manifest_json: &[u8],
+        weights: &[u8],
+        job: Option<&str>,
+    ) -> Result<Option<String>> {
+        let Some(remote) = &self.remote else {
+            self.dir.save(name, manifest_json, weights)?;
+            return Ok(None);
+        };
+        let version = remote.commit(name, manifest_json, weights, job)?;
+        let _ = self.dir.save(name, manifest_json, weights);
+        Ok(Some(version))
+    }
+
+    /// Removes a model: from the remote first, then the directory.
+    fn uncommit(&self, name: &str) -> Result<()> {
+        if let Some(remote) = &self.remote {
+            remote.remove(name)?;
+            let _ = self.dir.delete(name);
+            return Ok(());
+        }
+        self.dir.delete(name)
+    }
+
+    /// Serves a model just saved here, with its files' stamp (and remote
+    /// version), so that [`ModelStore::refresh`] does not load it again.
+    fn loaded(&self, name: &str, model: Arc<LoadedModel>, version: Option<String>) {
         let stamp = self.dir.stamp(name);
         let mut state = self.write();
         if let Some(stamp) = stamp {
             state.seen.insert(name.to_string(), stamp);
+        }
+        if let Some(v) = version {
+            state.versions.insert(name.to_string(), v);
         }
         state.models.insert(name.to_string(), model);
     }
@@ -278,6 +350,9 @@ impl ModelStore {
     /// in flight; a model that does not load is tried again only once its
     /// files change. Returns the names that changed.
     pub fn refresh(&self) -> Vec<String> {
+        if let Some(remote) = &self.remote {
+            return self.refresh_from(remote.as_ref());
+        }
         let Some(on_disk) = self.dir.stamps() else {
             return Vec::new();
         };
@@ -324,6 +399,62 @@ impl ModelStore {
         names
     }
 
+    /// [`ModelStore::refresh`] with a remote: the catalogue says what there
+    /// is; what changed is fetched into the cache and loaded.
+    fn refresh_from(&self, remote: &dyn Remote) -> Vec<String> {
+        let Ok(catalogue) = remote.catalogue() else {
+            return Vec::new();
+        };
+        let (changed, gone): (Vec<(String, String)>, Vec<String>) = {
+            let state = self.read();
+            let changed = catalogue
+                .iter()
+                .filter(|(name, entry)| {
+                    state.holder(name).is_none()
+                        && state.versions.get(*name) != Some(&entry.version)
+                })
+                .map(|(n, e)| (n.clone(), e.version.clone()))
+                .collect();
+            let gone = state
+                .models
+                .keys()
+                .filter(|n| !catalogue.contains_key(*n) && state.holder(n).is_none())
+                .cloned()
+                .collect();
+            (changed, gone)
+        };
+        let mut names = Vec::new();
+        for (name, version) in changed {
+            let Ok((manifest, weights)) = remote.fetch(&name, &version) else {
+                continue;
+            };
+            let loaded = LoadedModel::from_bytes(&manifest, &weights, &self.device)
+                .ok()
+                .filter(|m| m.name() == name);
+            let mut state = self.write();
+            if state.holder(&name).is_some() {
+                continue;
+            }
+            // A version that does not load is not fetched again.
+            state.versions.insert(name.clone(), version);
+            if let Some(m) = loaded {
+                let _ = self.dir.save(&name, &manifest, &weights);
+                state.models.insert(name.clone(), Arc::new(m));
+                names.push(name);
+            }
+        }
+        for name in gone {
+            let mut state = self.write();
+            if state.holder(&name).is_none() {
+                state.models.remove(&name);
+                state.versions.remove(&name);
+                let _ = self.dir.delete(&name);
+                names.push(name);
+            }
+        }
+        names
+    }
+
     /// Ends every hold of `job`.
     pub fn release(&self, job: &str) {
         self.write()
@@ -343,9 +474,9 @@ impl ModelStore {
         let json =
             serde_json::to_vec_pretty(manifest).map_err(|e| Error::Manifest(e.to_string()))?;
         let model = LoadedModel::from_bytes(&json, weights, &self.device)?;
-        self.dir.save(&manifest.name, &json, weights)?;
+        let version = self.commit(&manifest.name, &json, weights, Some(job))?;
         let model = Arc::new(model);
-        self.loaded(&manifest.name, model.clone());
+        self.loaded(&manifest.name, model.clone(), version);
         Ok(model)
     }
 
@@ -353,8 +484,11 @@ impl ModelStore {
     /// failed or was cancelled).
     pub fn retract(&self, job: &str, name: &str) -> Result<()> {
         self.check_holder(name, job)?;
-        self.write().models.remove(name);
-        self.dir.delete(name)
+        self.uncommit(name)?;
+        let mut state = self.write();
+        state.models.remove(name);
+        state.versions.remove(name);
+        Ok(())
     }
 
     /// Unregisters `name` and deletes its files; refused while a job holds it.
@@ -381,8 +515,10 @@ impl ModelStore {
                 name: name.to_string(),
             }
         };
-        self.dir.delete(name)?;
-        self.write().models.remove(name);
+        self.uncommit(name)?;
+        let mut state = self.write();
+        state.models.remove(name);
+        state.versions.remove(name);
         Ok(())
     }
 

@@ -99,6 +99,8 @@ impl From<model_store::Error> for ApiError {
             }
             E::UnknownLayer { .. } | E::UnknownModel { .. } => ApiError::NotFound(e.to_string()),
             E::NameTaken { .. } | E::NameHeld { .. } => ApiError::Conflict(e.to_string()),
+            // S3 or PostgreSQL away: 503 with Retry-After.
+            E::Unavailable(_) => ApiError::Busy(e.to_string()),
             E::InvalidArgument { .. } => ApiError::BadRequest(e.to_string()),
             E::DeadlineExceeded(_) => {
                 ApiError::Timeout(format!("{e} (--request-timeout-secs); try fewer steps"))

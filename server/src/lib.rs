@@ -35,6 +35,7 @@ pub mod routes;
 pub mod settings;
 pub mod startup;
 pub mod state;
+pub mod storage;
 
 pub use settings::Settings;
 pub use startup::{Application, Worker};

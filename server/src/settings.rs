@@ -7,7 +7,10 @@ use std::path::PathBuf;
 /// What `Application::build` needs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// Directory of `<name>.json` + `<name>.safetensors` model pairs.
+    /// Directory of `<name>.json` + `<name>.safetensors` model pairs; or,
+    /// with `--jobs postgres://...`, object storage shared by every replica
+    /// and worker: `s3://BUCKET/PREFIX` (the `AWS_*` variables) or
+    /// `file:///DIR`.
     #[arg(long, env = "CONVSCOPE_MODELS", default_value = "models")]
     pub models: PathBuf,
 
@@ -111,6 +114,21 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_JOBS")]
     pub jobs: Option<String>,
 
+    /// With `--models s3://...` (or `file://...`): this process's local
+    /// cache of the models in object storage.
+    #[arg(long, env = "CONVSCOPE_MODELS_CACHE", default_value = "models-cache")]
+    pub models_cache: PathBuf,
+
+    /// With `--models s3://...`: the models an empty catalogue is seeded
+    /// with, once (the bundled ones).
+    #[arg(long, env = "CONVSCOPE_SEED_MODELS", default_value = "models")]
+    pub seed_models: PathBuf,
+
+    /// Seconds one object-storage request may take before the change it
+    /// belongs to is refused with 503 (nothing is half-written).
+    #[arg(long = "storage-timeout", env = "CONVSCOPE_STORAGE_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub storage_timeout_secs: u64,
+
     /// Seconds a claimed job stays this worker's without a heartbeat (sent
     /// every second) before another worker may take it over (`--jobs`
     /// PostgreSQL only).
@@ -163,6 +181,12 @@ impl Settings {
             .unwrap_or_else(|| self.models.join(".jobs").join("jobs.sqlite3"))
     }
 
+    /// `--models` when it is an object-storage URL (`s3://`, `file://`).
+    pub fn models_url(&self) -> Option<String> {
+        let s = self.models.to_str()?;
+        (s.starts_with("s3://") || s.starts_with("file://")).then(|| s.to_string())
+    }
+
     /// This process's name in a shared job store.
     pub fn instance(&self) -> String {
         self.instance.clone().unwrap_or_else(|| {
@@ -209,6 +233,9 @@ impl Settings {
             datasets: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../data")),
             jobs_db: None,
             jobs: None,
+            models_cache: PathBuf::from("models-cache"),
+            seed_models: PathBuf::from("models"),
+            storage_timeout_secs: 10,
             lease_secs: 30,
             max_attempts: 3,
             instance: None,

@@ -29,11 +29,38 @@ impl Application {
     /// then binds, so that `port()` is known before serving starts.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let device = parse_device(&settings.device).map_err(StartupError::Device)?;
-        let (path, dev) = (settings.models.clone(), device.clone());
-        let models = tokio::task::spawn_blocking(move || ModelStore::open(&path, &dev))
-            .await
-            .map_err(|e| StartupError::Loading(e.to_string()))?
-            .map_err(StartupError::Models)?;
+        let (store, pg) = open_job_store(&settings).await?;
+        let storage = match (settings.models_url(), pg) {
+            (None, _) => None,
+            (Some(url), Some(pg)) => {
+                let timeout = std::time::Duration::from_secs(settings.storage_timeout_secs);
+                let st = crate::storage::SharedStorage::open(&url, pg, timeout)
+                    .map_err(|e| StartupError::Storage(format!("{url}: {e}")))?;
+                Some(Arc::new(st))
+            }
+            (Some(url), None) => return Err(StartupError::StorageWithoutCatalogue(url)),
+        };
+        let path = match &storage {
+            Some(_) => settings.models_cache.clone(),
+            None => settings.models.clone(),
+        };
+        let (dev, shared, seed) = (
+            device.clone(),
+            storage.clone(),
+            settings.seed_models.clone(),
+        );
+        let models = tokio::task::spawn_blocking(move || {
+            let mut models = ModelStore::open(&path, &dev)?;
+            if let Some(st) = shared {
+                st.seed(&seed);
+                models = models.with_remote(st);
+                models.refresh();
+            }
+            Ok::<_, model_store::Error>(models)
+        })
+        .await
+        .map_err(|e| StartupError::Loading(e.to_string()))?
+        .map_err(StartupError::Models)?;
         let models = Arc::new(models);
         for m in models.list() {
             tracing::info!(model = %m.name(), architecture = %m.manifest.architecture, params = m.network.total_params(), "loaded model");
@@ -41,10 +68,10 @@ impl Application {
         for f in models.failures() {
             tracing::warn!(file = %f.file.display(), error = %f.error, "model not loaded");
         }
-        let store = open_job_store(&settings).await?;
         let jobs = crate::jobs::Jobs::new(
             store,
             crate::jobs::Context {
+                storage,
                 models: models.clone(),
                 datasets: settings.datasets.clone(),
                 device: device.clone(),
@@ -149,13 +176,20 @@ impl Application {
     }
 }
 
-/// The job store `--jobs` names (PostgreSQL), or SQLite at `--jobs-db`.
+/// The job store `--jobs` names (PostgreSQL, also returned for the model
+/// catalogue), or SQLite at `--jobs-db`.
 async fn open_job_store(
     settings: &Settings,
-) -> Result<Arc<dyn crate::jobs::store::JobStore>, StartupError> {
+) -> Result<
+    (
+        Arc<dyn crate::jobs::store::JobStore>,
+        Option<Arc<crate::jobs::postgres::PgStore>>,
+    ),
+    StartupError,
+> {
     let Some(url) = settings.jobs.clone() else {
         let store = crate::jobs::store::SqliteStore::open(&settings.jobs_db())?;
-        return Ok(Arc::new(store));
+        return Ok((Arc::new(store), None));
     };
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StartupError::JobsUrl(url));
@@ -170,7 +204,8 @@ async fn open_job_store(
         .await
         .map_err(|e| StartupError::Loading(e.to_string()))??;
     tracing::info!(instance = %store.instance(), "jobs in PostgreSQL");
-    Ok(Arc::new(store))
+    let store = Arc::new(store);
+    Ok((store.clone(), Some(store)))
 }
 
 /// `convscope worker`: trains the jobs of a shared store and answers only
@@ -277,6 +312,12 @@ pub enum StartupError {
         "--jobs: '{0}' is not a postgres:// URL (without --jobs, jobs are kept in SQLite at --jobs-db)"
     )]
     JobsUrl(String),
+    /// Object storage cannot be opened.
+    #[error("--models: {0}")]
+    Storage(String),
+    /// Object storage without the PostgreSQL catalogue.
+    #[error("--models {0} needs --jobs postgres://...: the model catalogue lives in PostgreSQL")]
+    StorageWithoutCatalogue(String),
     /// `convscope worker` without a shared queue.
     #[error(
         "convscope worker needs --jobs postgres://...: with the default SQLite queue, `convscope serve` runs its own jobs"

@@ -99,6 +99,10 @@ class Postgres:
         self.run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
 
+    def createdb(self, name):
+        self.run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgres://postgres@127.0.0.1:{self.port}/{name}"
+
     def run(self, tool, *args):
         cmd = [os.path.join(self.bin, tool), *args]
         if self.as_postgres:
@@ -125,8 +129,9 @@ class Postgres:
 class Process:
     """One `convscope serve` or `convscope worker`, logging JSON to a file."""
 
-    def __init__(self, binary, kind, name, root, pg, models, extra=()):
+    def __init__(self, binary, kind, name, root, pg, models, extra=(), jobs_url=None, env=None):
         self.name = name
+        self.env = {**os.environ, **(env or {})}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(root, f"{name}.log")
@@ -134,7 +139,7 @@ class Process:
             binary, "--log-format", "json", kind,
             "--addr", f"127.0.0.1:{self.port}",
             "--models", models, "--datasets", os.path.join(REPO, "data"),
-            "--jobs", pg.url, "--instance", name,
+            "--jobs", jobs_url or pg.url, "--instance", name,
             "--lease", str(LEASE), "--train-threads", "1", *extra,
         ]
         self.proc = None
@@ -146,7 +151,7 @@ class Process:
 
     def spawn(self):
         self.log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
 
     def wait_ready(self):
         deadline = time.time() + 60

@@ -118,6 +118,9 @@ pub struct Context {
     pub datasets: PathBuf,
     /// Where training runs.
     pub device: Device,
+    /// Object storage (`--models s3://...`): each epoch's resume state
+    /// goes there, so a worker on another machine can resume the job.
+    pub storage: Option<Arc<crate::storage::SharedStorage>>,
 }
 
 /// The job service: store, wake-ups, cancellation flags, event channels.
@@ -133,6 +136,12 @@ pub struct Jobs {
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
     /// Running jobs whose lease another worker took.
     lost: Mutex<HashSet<String>>,
+    /// Jobs claimed by this process and not yet concluded.
+    mine: Mutex<HashSet<String>>,
+    /// When a heartbeat last renewed this process's leases.
+    renewed: Mutex<std::time::Instant>,
+    /// Leases the last heartbeat found without a job here.
+    suspects: Mutex<HashSet<String>>,
     channels: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
     /// What each channel last heard, so polling sends only changes.
     sent: Mutex<HashMap<String, String>>,
@@ -164,6 +173,9 @@ impl Jobs {
             draining: AtomicBool::new(false),
             cancels: Mutex::new(HashMap::new()),
             lost: Mutex::new(HashSet::new()),
+            mine: Mutex::new(HashSet::new()),
+            renewed: Mutex::new(std::time::Instant::now()),
+            suspects: Mutex::new(HashSet::new()),
             channels: Mutex::new(HashMap::new()),
             sent: Mutex::new(HashMap::new()),
             claims_left: Mutex::new(None),
@@ -197,20 +209,25 @@ impl Jobs {
         let spawned = std::thread::Builder::new()
             .name("job-notices".into())
             .spawn(move || {
+                let mut synced = std::time::Instant::now();
                 loop {
                     let heard = rx.recv_timeout(TICK);
                     let Some(jobs) = Weak::upgrade(&weak) else {
                         return;
                     };
+                    let resync = matches!(heard, Ok(Notice::Resync));
                     match heard {
                         Ok(Notice::Job { kind, id }) => jobs.heard(kind, &id),
-                        Ok(Notice::Resync) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            jobs.resync();
-                        }
+                        Ok(Notice::Resync) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                            jobs.resync();
                             std::thread::sleep(TICK);
                         }
+                    }
+                    // Every second however busy the notices are (a training
+                    // job sends several a second).
+                    if resync || synced.elapsed() >= TICK {
+                        jobs.resync();
+                        synced = std::time::Instant::now();
                     }
                 }
             });
@@ -223,13 +240,44 @@ impl Jobs {
     /// was lost, one asked to stop is stopped.
     fn renew_leases(&self) {
         let leases = match self.store.heartbeat() {
-            Ok(Some(leases)) => leases,
+            Ok(Some(leases)) => {
+                *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+                leases
+            }
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the job leases; retrying");
+                // Unrenewed for most of the lease: another worker may take
+                // the jobs any moment, so they stop here first.
+                let since = self
+                    .renewed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed();
+                if let Some(lease) = self.store.lease()
+                    && since > lease * 3 / 4
+                {
+                    self.lose_all();
+                }
                 return;
             }
         };
+        // Rows this process holds but never started (a claim whose answer
+        // was lost on the way), seen so at two heartbeats in a row (a claim
+        // in the instant before it is noted is not one): back to the queue.
+        let mine = self.mine.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut suspects = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        let orphans: HashSet<String> = leases
+            .iter()
+            .filter(|l| !mine.contains(&l.id))
+            .map(|l| l.id.clone())
+            .collect();
+        for id in orphans.intersection(&suspects) {
+            tracing::warn!(job = %id, "a claim this process never saw; giving the job back");
+            let _ = self.store.release_lease(id);
+        }
+        *suspects = orphans;
+        drop(suspects);
         let cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         for (id, flag) in cancels.iter() {
             match leases.iter().find(|l| &l.id == id) {
@@ -247,9 +295,25 @@ impl Jobs {
         }
     }
 
+    /// Stops every running job here as lost (its lease cannot be renewed).
+    fn lose_all(&self) {
+        let cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, flag) in cancels.iter() {
+            if lost.insert(id.clone()) {
+                tracing::warn!(job = %id, "the job's lease could not be renewed; stopping it here without writing");
+            }
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Another process changed job `id`.
     fn heard(&self, kind: &'static str, id: &str) {
         match kind {
+            "models" => {
+                self.ctx.models.refresh();
+                return;
+            }
             "cancel" => self.cancel_running(id),
             "state" => {
                 if let Ok(Some(job)) = self.store.get(id) {
@@ -356,10 +420,14 @@ impl Jobs {
                     return;
                 }
             };
+            // Counted before the thread runs, so `workers_done` cannot be
+            // true before any worker started.
+            self.looping.fetch_add(1, Ordering::SeqCst);
             let spawned = std::thread::Builder::new()
                 .name(format!("job-worker-{n}"))
                 .spawn(move || jobs.worker_loop(&pool));
             if let Err(e) = spawned {
+                self.looping.fetch_sub(1, Ordering::SeqCst);
                 tracing::error!(error = %e, "cannot start a job worker");
             }
         }
@@ -409,9 +477,7 @@ impl Jobs {
             }) if self
                 .store
                 .get(&job)
-                .ok()
-                .flatten()
-                .is_none_or(|r| r.status.is_final()) =>
+                .is_ok_and(|r| r.is_none_or(|r| r.status.is_final())) =>
             {
                 self.ctx.models.release(&job);
                 change()
@@ -521,7 +587,6 @@ impl Jobs {
     }
 
     fn worker_loop(&self, pool: &rayon::ThreadPool) {
-        self.looping.fetch_add(1, Ordering::SeqCst);
         self.work(pool);
         self.looping.fetch_sub(1, Ordering::SeqCst);
     }
@@ -539,9 +604,17 @@ impl Jobs {
             match self.store.claim_next() {
                 Ok(Some(job)) => {
                     let id = job.id.clone();
+                    self.mine
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone());
                     if !self.take_claim() {
                         // Another thread of this process used the last one.
                         let _ = self.store.release_lease(&id);
+                        self.mine
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&id);
                         return;
                     }
                     self.publish(&id, "state");
@@ -550,6 +623,10 @@ impl Jobs {
                     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         pool.install(|| self.run_job(job))
                     }));
+                    self.mine
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
                     if let Err(panic) = ran {
                         let what = crate::catch_panic::panic_message(panic.as_ref());
                         tracing::error!(job = %id, panic = %what, "training panicked");
@@ -624,7 +701,7 @@ impl Jobs {
         let work = self.ctx.models.path().join(".jobs").join(&id);
         // A crash between registering the model and recording success: the
         // model is there, so the job succeeded.
-        if job.attempts > 1 && self.ctx.models.get(&spec.model_name).is_some() && !work.exists() {
+        if job.attempts > 1 && self.ctx.models.is_committed(&spec.model_name) && !work.exists() {
             self.finish(&id, Status::Succeeded, Some(&spec.model_name), None);
             return;
         }
@@ -638,6 +715,15 @@ impl Jobs {
             self.ctx.models.restore_reservation(&spec.model_name, &id);
         } else if !holds && let Err(e) = self.ctx.models.reserve(&spec.model_name, &id) {
             return fail(format!("model_name: {e}"));
+        }
+        // Another worker's last epoch, from object storage.
+        if let Some(st) = &self.ctx.storage
+            && let Err(e) = st.load_work(&id, job.resume_epoch, &work)
+        {
+            tracing::warn!(job = %id, error = %e, "cannot fetch the job's resume state; giving it back");
+            let _ = self.store.release_lease(&id);
+            std::thread::sleep(Duration::from_secs(1));
+            return;
         }
         let env = train::Env {
             models: &self.ctx.models,
@@ -675,6 +761,11 @@ impl Jobs {
                             Ok(name) => registered.push(name),
                             Err(e) => snapshot_error = Some(e),
                         }
+                    }
+                    if let Some(st) = &self.ctx.storage
+                        && let Err(e) = st.save_work(&id, p.epoch, &work)
+                    {
+                        tracing::warn!(job = %id, epoch = p.epoch, error = %e, "cannot store the epoch's resume state; another worker would resume from an earlier one");
                     }
                     self.publish(&id, "epoch");
                     if self.draining.load(Ordering::SeqCst) {
@@ -747,9 +838,24 @@ impl Jobs {
             tracing::warn!(job = %id, "stopped a job whose lease was lost; left to its new worker");
             return;
         }
+        // The heartbeat may not have noticed yet: asked once more before
+        // anything is registered, removed or recorded.
+        if !self.store.still_mine(id).unwrap_or(false) {
+            tracing::warn!(job = %id, "the job's lease is gone (or cannot be checked); left to the worker that has it");
+            return;
+        }
         let fail = |msg: String| {
             tracing::warn!(job = %id, error = %msg, "job failed");
             self.finish(id, Status::Failed, None, Some(&msg));
+        };
+        // Its resume state in object storage goes once it has ended (after
+        // its row says so: a crash before leaves a job to resume).
+        let ended = matches!(&outcome, Ok(Outcome::Finished { .. }) | Err(_))
+            || e.cancelled
+            || snapshot_error.is_some();
+        let _drop_work = DropWork {
+            storage: ended.then_some(self.ctx.storage.as_ref()).flatten(),
+            job: id,
         };
         let cleanup = || {
             for name in e.registered {
@@ -806,6 +912,21 @@ impl Jobs {
                 cleanup();
                 fail(err.to_string());
             }
+        }
+    }
+}
+
+/// Removes a job's resume state from object storage when dropped, at the
+/// end of [`Jobs::conclude`], whichever way it went.
+struct DropWork<'a> {
+    storage: Option<&'a Arc<crate::storage::SharedStorage>>,
+    job: &'a str,
+}
+
+impl Drop for DropWork<'_> {
+    fn drop(&mut self) {
+        if let Some(st) = self.storage {
+            st.drop_work(self.job);
         }
     }
 }

@@ -39,7 +39,10 @@ use super::store::{
 };
 
 /// The migrations, numbered; `convscope_migrations` records those run.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_jobs.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_jobs.sql")),
+    (2, include_str!("../../migrations/postgres/0002_models.sql")),
+];
 
 /// Held (for one transaction) while migrating.
 const MIGRATION_LOCK: i64 = 0x636f_6e76_7363_6f70;
@@ -49,7 +52,7 @@ const MIGRATION_LOCK: i64 = 0x636f_6e76_7363_6f70;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
-const COLUMNS: &str = "id, spec, status, created_at, started_at, finished_at, progress, history, curve, model, error, cancel_requested, attempts, worker";
+const COLUMNS: &str = "id, spec, status, created_at, started_at, finished_at, progress, history, curve, model, error, cancel_requested, attempts, worker, resume_epoch";
 
 /// Where the store is and who this process is in it.
 #[derive(Debug, Clone)]
@@ -73,11 +76,18 @@ pub struct PgStore {
     opts: PgOptions,
 }
 
-type Query<'c, T> = Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>;
+/// A query on the store's connection, borrowing it.
+pub(crate) type Query<'c, T> =
+    Pin<Box<dyn Future<Output = Result<T, tokio_postgres::Error>> + Send + 'c>>;
 
 impl PgStore {
     /// Connects and migrates; fails if the database cannot be reached.
-    pub fn open(opts: PgOptions) -> StoreResult<Self> {
+    pub fn open(mut opts: PgOptions) -> StoreResult<Self> {
+        // PostgreSQL keeps 63 bytes of application_name, and notices are
+        // told apart by it.
+        while opts.instance.len() > 63 {
+            opts.instance.pop();
+        }
         let mut config: Config = opts
             .url
             .parse()
@@ -87,7 +97,7 @@ impl PgStore {
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives_idle(Duration::from_secs(10));
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
             .thread_name("job-store")
             .enable_all()
             .build()
@@ -139,6 +149,23 @@ impl PgStore {
     /// query that fails because the connection died is tried once more on
     /// a new one: every query here may run twice without harm.
     fn with<T>(&self, query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>) -> StoreResult<T> {
+        self.with_pg_for(QUERY_TIMEOUT, query)
+    }
+
+    /// [`PgStore::with`] for the model catalogue ([`crate::storage`]).
+    pub(crate) fn with_pg<T>(
+        &self,
+        query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>,
+    ) -> StoreResult<T> {
+        self.with(query)
+    }
+
+    /// The same, waiting up to `timeout` (a commit that uploads weights).
+    pub(crate) fn with_pg_for<T>(
+        &self,
+        timeout: Duration,
+        query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>,
+    ) -> StoreResult<T> {
         let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
         let mut tries = 0;
         loop {
@@ -147,13 +174,13 @@ impl PgStore {
                 *guard = Some(self.connect()?);
             }
             let client = guard.as_mut().expect("connected above");
-            let lost = match block_on(query(client), QUERY_TIMEOUT) {
+            let lost = match block_on(query(client), timeout) {
                 Some(Ok(v)) => return Ok(v),
                 Some(Err(e)) if !e.is_closed() && !client.is_closed() => {
                     return Err(StoreError::Postgres(e));
                 }
                 Some(Err(e)) => e.to_string(),
-                None => format!("no answer within {} s", QUERY_TIMEOUT.as_secs()),
+                None => format!("no answer within {} s", timeout.as_secs()),
             };
             *guard = None;
             if tries == 2 {
@@ -196,6 +223,25 @@ impl PgStore {
         })
     }
 
+    /// Runs `fut` on the store's runtime (it needs a reactor: object
+    /// storage calls), waiting up to `timeout` on this thread.
+    pub(crate) fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+        timeout: Duration,
+    ) -> Option<T> {
+        let (tx, rx) = mpsc::channel();
+        self.rt().spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(timeout).ok()
+    }
+
+    /// The store's runtime, to spawn on from inside a query.
+    pub(crate) fn handle(&self) -> tokio::runtime::Handle {
+        self.rt().handle().clone()
+    }
+
     fn lease_secs(&self) -> f64 {
         self.opts.lease.as_secs_f64()
     }
@@ -235,6 +281,7 @@ fn record(r: &Row) -> JobRecord {
         cancel_requested: r.get(11),
         attempts: r.get::<_, i32>(12).max(0) as u32,
         worker: r.get(13),
+        resume_epoch: r.get::<_, i32>(14).max(0) as u32,
     }
 }
 
@@ -251,7 +298,11 @@ impl JobStore for PgStore {
         match inserted {
             Ok(row) => Ok(record(&row)),
             Err(StoreError::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                // The id is a fresh UUID: the clash is the active-name index.
+                // The id is a fresh UUID: a clash on it is this insert
+                // retried after its answer was lost.
+                if let Ok(Some(r)) = self.get(id) {
+                    return Ok(r);
+                }
                 Err(StoreError::Conflict(format!(
                     "model_name '{}' is held by another queued or running job",
                     spec["model_name"].as_str().unwrap_or_default()
@@ -450,6 +501,24 @@ impl JobStore for PgStore {
         true
     }
 
+    fn lease(&self) -> Option<Duration> {
+        Some(self.opts.lease)
+    }
+
+    fn still_mine(&self, id: &str) -> StoreResult<bool> {
+        let row = self.with(|c| {
+            let (id, me) = (id.to_owned(), self.opts.instance.clone());
+            Box::pin(async move {
+                c.query_opt(
+                    "SELECT 1 FROM jobs WHERE id = $1 AND worker = $2 AND status = 'running' AND lease_expires > now()",
+                    &[&id, &me],
+                )
+                .await
+            })
+        })?;
+        Ok(row.is_some())
+    }
+
     fn heartbeat(&self) -> StoreResult<Option<Vec<Lease>>> {
         let lease = self.lease_secs();
         let rows = self.with(|c| {
@@ -544,6 +613,7 @@ fn parse_notice(payload: &str, me: &str) -> Option<Notice> {
         "epoch" => "epoch",
         "progress" => "progress",
         "cancel" => "cancel",
+        "models" => "models",
         _ => return None,
     };
     let id = parts.next()?.to_string();

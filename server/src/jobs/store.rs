@@ -101,12 +101,16 @@ pub struct JobRecord {
     pub attempts: u32,
     /// The worker holding its lease (shared stores only).
     pub worker: Option<String>,
+    /// The last epoch whose resume state is in object storage (0: none, or
+    /// no object storage).
+    pub resume_epoch: u32,
 }
 
 /// A change another process made, heard through a shared store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// `kind` is `state`, `epoch`, `progress` or `cancel`.
+    /// `kind` is `state`, `epoch`, `progress` or `cancel` for job `id`, or
+    /// `models` when the catalogue's row `id` changed.
     Job {
         /// What changed.
         kind: &'static str,
@@ -223,6 +227,15 @@ pub trait JobStore: Send + Sync {
     fn release_lease(&self, _id: &str) -> StoreResult<()> {
         Ok(())
     }
+    /// How long a claim lasts without a heartbeat (`None`: no leases).
+    fn lease(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Whether this process still holds job `id`'s lease (always, without
+    /// leases): asked before a job's result is registered or removed.
+    fn still_mine(&self, _id: &str) -> StoreResult<bool> {
+        Ok(true)
+    }
     /// Sends every change another process makes to `tx`, for as long as
     /// `tx`'s receiver lives.
     fn listen(&self, _tx: std::sync::mpsc::Sender<Notice>) {}
@@ -266,6 +279,7 @@ fn row(r: &rusqlite::Row) -> rusqlite::Result<JobRecord> {
         cancel_requested: r.get::<_, i64>(11)? != 0,
         attempts: r.get::<_, i64>(12)? as u32,
         worker: None,
+        resume_epoch: 0,
     })
 }
 
