@@ -58,5 +58,5 @@ pub use graph::{LayerInfo, Network, NodeKind};
 pub use manifest::Manifest;
 pub use model::{LoadFailure, LoadedModel, parse_device};
 pub use model_dir::ModelDir;
-pub use store::{ModelStore, Owner};
+pub use store::{ModelStore, Owner, Summary};
 pub use tap::{NoTap, Record, Tap};

@@ -5,8 +5,10 @@
 //! registration is validated here, committed remotely (that is when every
 //! replica may see it), then written to the cache and served; a deletion
 //! is removed remotely first. [`crate::ModelStore::refresh`] brings the
-//! cache up to the catalogue. This crate knows no database and no HTTP: the
-//! trait is all it sees.
+//! cache up to the catalogue's list, and a model is fetched and loaded on
+//! its first use, the least recently used ones dropped beyond the cache's
+//! byte bound. This crate knows no database and no HTTP: the trait is all
+//! it sees.
 
 use std::collections::BTreeMap;
 
@@ -18,8 +20,13 @@ use crate::error::Result;
 pub struct Entry {
     /// The version (hex SHA-256).
     pub version: String,
-    /// Bytes of the weights (what a download costs).
+    /// Bytes of the weights (what a download costs, and what it takes of
+    /// the cache).
     pub bytes: u64,
+    /// The manifest, as committed.
+    pub manifest: String,
+    /// Outputs of its head (listed without loading it).
+    pub num_classes: usize,
 }
 
 /// The shared catalogue and object storage of models.
@@ -32,6 +39,7 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
         name: &str,
         manifest_json: &[u8],
         weights: &[u8],
+        num_classes: usize,
         job: Option<&str>,
     ) -> Result<String>;
     /// Removes `name` (a deletion, or a job's snapshot taken back).
@@ -40,4 +48,6 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     fn catalogue(&self) -> Result<BTreeMap<String, Entry>>;
     /// The manifest and weights of `name` at `version`, checked against it.
     fn fetch(&self, name: &str, version: &str) -> Result<(Vec<u8>, Vec<u8>)>;
+    /// The version these files would have (to trust a cached copy).
+    fn version(&self, manifest_json: &[u8], weights: &[u8]) -> String;
 }

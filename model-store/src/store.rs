@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::model::{LoadFailure, LoadedModel};
 use crate::model_dir::{ModelDir, Stamp};
-use crate::remote::Remote;
+use crate::remote::{Entry, Remote};
 
 /// Who holds a name that is not (yet) a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,29 @@ struct State {
     seen: BTreeMap<String, Stamp>,
     /// With a remote: the catalogue version of each model here.
     versions: BTreeMap<String, String>,
+    /// With a remote: every committed model, loaded here or not.
+    catalogue: BTreeMap<String, Entry>,
+}
+
+/// What `GET /models` lists of a model, loaded or only catalogued.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Outputs of its head.
+    pub num_classes: usize,
+    /// Where it runs (or will, once loaded).
+    pub device: Device,
+}
+
+impl From<&LoadedModel> for Summary {
+    fn from(m: &LoadedModel) -> Self {
+        Summary {
+            manifest: m.manifest.clone(),
+            num_classes: m.classes.len(),
+            device: m.device.clone(),
+        }
+    }
 }
 
 impl State {
@@ -88,6 +111,13 @@ pub struct ModelStore {
     device: Device,
     state: RwLock<State>,
     remote: Option<Arc<dyn Remote>>,
+    /// With a remote: the bytes of weights kept loaded (and cached) at
+    /// most; 0 for no bound.
+    cache_bytes: u64,
+    /// With a remote: when each loaded model was last used (a counter).
+    used: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// One remote load at a time (two requests for one model fetch once).
+    loading: std::sync::Mutex<()>,
 }
 
 /// Releases a registration's or deletion's claim however it ends.
@@ -134,16 +164,24 @@ impl ModelStore {
                 failures,
                 seen,
                 versions: BTreeMap::new(),
+                catalogue: BTreeMap::new(),
             }),
             remote: None,
+            cache_bytes: 0,
+            used: std::sync::Mutex::new(BTreeMap::new()),
+            loading: std::sync::Mutex::new(()),
         })
     }
 
     /// Commits every change to `remote` from now on, the directory becoming
     /// a cache of it: the models loaded so far that it lacks are dropped at
     /// the next [`ModelStore::refresh`], which also fetches what it has.
-    pub fn with_remote(mut self, remote: Arc<dyn Remote>) -> Self {
+    /// Models are then loaded on first use and the least recently used
+    /// dropped (from memory and the cache directory) beyond `cache_bytes`
+    /// of weights (0: no bound).
+    pub fn with_remote(mut self, remote: Arc<dyn Remote>, cache_bytes: u64) -> Self {
         self.remote = Some(remote);
+        self.cache_bytes = cache_bytes;
         self
     }
 
@@ -164,30 +202,172 @@ impl ModelStore {
 
     /// The model called `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        self.read().models.get(name).cloned()
+        self.lookup(name).ok()
     }
 
     /// The model called `name`, or an error listing the models there are.
+    /// With a remote, a catalogued model not loaded here is fetched (from
+    /// the cache directory when its copy is that version) and loaded now.
     pub fn lookup(&self, name: &str) -> Result<Arc<LoadedModel>> {
-        let state = self.read();
-        state
-            .models
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::UnknownModel {
-                name: name.to_string(),
-                known: state.models.keys().cloned().collect(),
-            })
+        let unknown = |state: &State| Error::UnknownModel {
+            name: name.to_string(),
+            known: state
+                .models
+                .keys()
+                .chain(state.catalogue.keys())
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
+        {
+            let state = self.read();
+            if let Some(m) = state.models.get(name) {
+                let m = m.clone();
+                drop(state);
+                self.touch(name);
+                return Ok(m);
+            }
+            if self.remote.is_none() || !state.catalogue.contains_key(name) {
+                return Err(unknown(&state));
+            }
+        }
+        self.load_remote(name)
     }
 
-    /// All models, sorted by name.
+    /// Notes a use, for the least-recently-used order (remote only).
+    fn touch(&self, name: &str) {
+        if self.remote.is_none() {
+            return;
+        }
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let tick = used.values().copied().max().unwrap_or(0) + 1;
+        used.insert(name.to_string(), tick);
+    }
+
+    /// Fetches (or finds in the cache) and loads catalogued `name`, then
+    /// makes room within the byte bound.
+    fn load_remote(&self, name: &str) -> Result<Arc<LoadedModel>> {
+        let remote = self.remote.as_ref().expect("called with a remote");
+        let _one = self.loading.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = {
+            let state = self.read();
+            if let Some(m) = state.models.get(name) {
+                return Ok(m.clone());
+            }
+            state
+                .catalogue
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownModel {
+                    name: name.to_string(),
+                    known: state.catalogue.keys().cloned().collect(),
+                })?
+        };
+        let cached = std::fs::read(self.dir.manifest_path(name))
+            .ok()
+            .zip(std::fs::read(self.dir.path().join(format!("{name}.safetensors"))).ok())
+            .filter(|(m, w)| remote.version(m, w) == entry.version);
+        let (manifest, weights, fetched) = match cached {
+            Some((m, w)) => (m, w, false),
+            None => {
+                let (m, w) = remote.fetch(name, &entry.version)?;
+                (m, w, true)
+            }
+        };
+        let model = Arc::new(LoadedModel::from_bytes(&manifest, &weights, &self.device)?);
+        if fetched {
+            let _ = self.dir.save(name, &manifest, &weights);
+        }
+        {
+            let mut state = self.write();
+            // Changed or gone meanwhile: served this once, not kept.
+            if state.catalogue.get(name).map(|e| &e.version) != Some(&entry.version) {
+                return Ok(model);
+            }
+            state
+                .versions
+                .insert(name.to_string(), entry.version.clone());
+            state.models.insert(name.to_string(), model.clone());
+        }
+        self.touch(name);
+        self.evict(name);
+        Ok(model)
+    }
+
+    /// Drops the least recently used models (never `keep`, never a held
+    /// name) until the loaded weights fit the byte bound.
+    fn evict(&self, keep: &str) {
+        if self.remote.is_none() || self.cache_bytes == 0 {
+            return;
+        }
+        loop {
+            let victim = {
+                let state = self.read();
+                let size = |n: &String| state.catalogue.get(n).map_or(0, |e| e.bytes);
+                let total: u64 = state.models.keys().map(size).sum();
+                if total <= self.cache_bytes {
+                    return;
+                }
+                let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+                state
+                    .models
+                    .keys()
+                    .filter(|n| n.as_str() != keep && state.holder(n).is_none())
+                    .min_by_key(|n| used.get(*n).copied().unwrap_or(0))
+                    .cloned()
+            };
+            let Some(name) = victim else {
+                return;
+            };
+            let mut state = self.write();
+            state.models.remove(&name);
+            state.versions.remove(&name);
+            drop(state);
+            self.used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            let _ = self.dir.delete(&name);
+        }
+    }
+
+    /// The loaded models, sorted by name (with a remote, those used
+    /// lately; [`ModelStore::summaries`] lists them all).
     pub fn list(&self) -> Vec<Arc<LoadedModel>> {
         self.read().models.values().cloned().collect()
     }
 
-    /// All names, sorted.
+    /// Every model, loaded or (with a remote) only catalogued, by name.
+    pub fn summaries(&self) -> Vec<Summary> {
+        let state = self.read();
+        let mut out: BTreeMap<String, Summary> = state
+            .models
+            .values()
+            .map(|m| (m.name().to_string(), Summary::from(m.as_ref())))
+            .collect();
+        for (name, entry) in &state.catalogue {
+            if out.contains_key(name) {
+                continue;
+            }
+            if let Ok(manifest) = Manifest::from_json(entry.manifest.as_bytes()) {
+                let s = Summary {
+                    manifest,
+                    num_classes: entry.num_classes,
+                    device: self.device.clone(),
+                };
+                out.insert(name.clone(), s);
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// All names, sorted (with a remote, the catalogue's too).
     pub fn names(&self) -> Vec<String> {
-        self.read().models.keys().cloned().collect()
+        let state = self.read();
+        let mut names: std::collections::BTreeSet<String> = state.models.keys().cloned().collect();
+        names.extend(state.catalogue.keys().cloned());
+        names.into_iter().collect()
     }
 
     /// Files in the directory that did not load at start-up, and why.
@@ -215,7 +395,10 @@ impl ModelStore {
                 owner: owner.clone(),
             });
         }
-        if state.models.contains_key(name) || dir.contains(name) {
+        if state.models.contains_key(name)
+            || state.catalogue.contains_key(name)
+            || dir.contains(name)
+        {
             return Err(Error::NameTaken {
                 name: name.to_string(),
             });
@@ -231,9 +414,9 @@ impl ModelStore {
         // A `.pth` upload is kept as the safetensors it converts to.
         let weights = crate::pth::to_safetensors(weights)?;
         let model = LoadedModel::from_bytes(manifest_json, &weights, &self.device)?;
-        let version = self.commit(&name, manifest_json, &weights, None)?;
+        let version = self.commit(&name, manifest_json, &weights, model.classes.len(), None)?;
         let model = Arc::new(model);
-        self.loaded(&name, model.clone(), version);
+        self.loaded(&name, model.clone(), version, manifest_json, weights.len());
         Ok(model)
     }
 
@@ -296,13 +479,14 @@ impl ModelStore {
         name: &str,
         manifest_json: &[u8],
         weights: &[u8],
+        num_classes: usize,
         job: Option<&str>,
     ) -> Result<Option<String>> {
         let Some(remote) = &self.remote else {
             self.dir.save(name, manifest_json, weights)?;
             return Ok(None);
         };
-        let version = remote.commit(name, manifest_json, weights, job)?;
+        let version = remote.commit(name, manifest_json, weights, num_classes, job)?;
         let _ = self.dir.save(name, manifest_json, weights);
         Ok(Some(version))
     }
@@ -319,16 +503,33 @@ impl ModelStore {
 
     /// Serves a model just saved here, with its files' stamp (and remote
     /// version), so that [`ModelStore::refresh`] does not load it again.
-    fn loaded(&self, name: &str, model: Arc<LoadedModel>, version: Option<String>) {
+    fn loaded(
+        &self,
+        name: &str,
+        model: Arc<LoadedModel>,
+        version: Option<String>,
+        manifest_json: &[u8],
+        bytes: usize,
+    ) {
         let stamp = self.dir.stamp(name);
         let mut state = self.write();
         if let Some(stamp) = stamp {
             state.seen.insert(name.to_string(), stamp);
         }
         if let Some(v) = version {
+            let entry = Entry {
+                version: v.clone(),
+                bytes: bytes as u64,
+                manifest: String::from_utf8_lossy(manifest_json).into_owned(),
+                num_classes: model.classes.len(),
+            };
+            state.catalogue.insert(name.to_string(), entry);
             state.versions.insert(name.to_string(), v);
         }
         state.models.insert(name.to_string(), model);
+        drop(state);
+        self.touch(name);
+        self.evict(name);
     }
 
     /// `(job, name)` for every name a job holds here.
@@ -400,59 +601,71 @@ impl ModelStore {
     }
 
     /// [`ModelStore::refresh`] with a remote: the catalogue says what there
-    /// is; what changed is fetched into the cache and loaded.
+    /// is; a loaded model whose version changed or that is gone is dropped
+    /// (with its cached copy), and the next use loads the new one.
     fn refresh_from(&self, remote: &dyn Remote) -> Vec<String> {
         let Ok(catalogue) = remote.catalogue() else {
             return Vec::new();
         };
-        let (changed, gone): (Vec<(String, String)>, Vec<String>) = {
+        // Models loaded from the cache directory at the start: their
+        // version is that of their files.
+        let unversioned: Vec<String> = {
             let state = self.read();
-            let changed = catalogue
-                .iter()
-                .filter(|(name, entry)| {
-                    state.holder(name).is_none()
-                        && state.versions.get(*name) != Some(&entry.version)
-                })
-                .map(|(n, e)| (n.clone(), e.version.clone()))
-                .collect();
-            let gone = state
+            state
                 .models
                 .keys()
-                .filter(|n| !catalogue.contains_key(*n) && state.holder(n).is_none())
+                .filter(|n| !state.versions.contains_key(*n))
                 .cloned()
-                .collect();
-            (changed, gone)
+                .collect()
         };
-        let mut names = Vec::new();
-        for (name, version) in changed {
-            let Ok((manifest, weights)) = remote.fetch(&name, &version) else {
-                continue;
-            };
-            let loaded = LoadedModel::from_bytes(&manifest, &weights, &self.device)
+        for name in unversioned {
+            let files = std::fs::read(self.dir.manifest_path(&name))
                 .ok()
-                .filter(|m| m.name() == name);
-            let mut state = self.write();
-            if state.holder(&name).is_some() {
-                continue;
-            }
-            // A version that does not load is not fetched again.
-            state.versions.insert(name.clone(), version);
-            if let Some(m) = loaded {
-                let _ = self.dir.save(&name, &manifest, &weights);
-                state.models.insert(name.clone(), Arc::new(m));
-                names.push(name);
+                .zip(std::fs::read(self.dir.path().join(format!("{name}.safetensors"))).ok());
+            if let Some((m, w)) = files {
+                let v = remote.version(&m, &w);
+                self.write().versions.insert(name, v);
             }
         }
-        for name in gone {
-            let mut state = self.write();
-            if state.holder(&name).is_none() {
-                state.models.remove(&name);
-                state.versions.remove(&name);
-                let _ = self.dir.delete(&name);
-                names.push(name);
-            }
+        let mut state = self.write();
+        let stale: Vec<String> = state
+            .models
+            .keys()
+            .filter(|n| {
+                state.holder(n).is_none()
+                    && catalogue.get(*n).map(|e| &e.version) != state.versions.get(*n)
+            })
+            .cloned()
+            .collect();
+        let mut changed: Vec<String> = catalogue
+            .iter()
+            .filter(|(n, e)| state.catalogue.get(*n).map(|o| &o.version) != Some(&e.version))
+            .map(|(n, _)| n.clone())
+            .chain(
+                state
+                    .catalogue
+                    .keys()
+                    .filter(|n| !catalogue.contains_key(*n))
+                    .cloned(),
+            )
+            .collect();
+        for name in &stale {
+            state.models.remove(name);
+            state.versions.remove(name);
         }
-        names
+        state.catalogue = catalogue;
+        drop(state);
+        for name in &stale {
+            self.used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+            let _ = self.dir.delete(name);
+        }
+        self.evict("");
+        changed.sort();
+        changed.dedup();
+        changed
     }
 
     /// Ends every hold of `job`.
@@ -474,9 +687,15 @@ impl ModelStore {
         let json =
             serde_json::to_vec_pretty(manifest).map_err(|e| Error::Manifest(e.to_string()))?;
         let model = LoadedModel::from_bytes(&json, weights, &self.device)?;
-        let version = self.commit(&manifest.name, &json, weights, Some(job))?;
+        let version = self.commit(
+            &manifest.name,
+            &json,
+            weights,
+            model.classes.len(),
+            Some(job),
+        )?;
         let model = Arc::new(model);
-        self.loaded(&manifest.name, model.clone(), version);
+        self.loaded(&manifest.name, model.clone(), version, &json, weights.len());
         Ok(model)
     }
 
@@ -488,6 +707,7 @@ impl ModelStore {
         let mut state = self.write();
         state.models.remove(name);
         state.versions.remove(name);
+        state.catalogue.remove(name);
         Ok(())
     }
 
@@ -503,7 +723,7 @@ impl ModelStore {
                     owner: owner.clone(),
                 });
             }
-            if !state.models.contains_key(name) {
+            if !state.models.contains_key(name) && !state.catalogue.contains_key(name) {
                 return Err(Error::UnknownModel {
                     name: name.to_string(),
                     known: state.models.keys().cloned().collect(),
@@ -519,6 +739,7 @@ impl ModelStore {
         let mut state = self.write();
         state.models.remove(name);
         state.versions.remove(name);
+        state.catalogue.remove(name);
         Ok(())
     }
 

@@ -119,6 +119,12 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_MODELS_CACHE", default_value = "models-cache")]
     pub models_cache: PathBuf,
 
+    /// With `--models s3://...`: bytes of weights kept loaded and cached
+    /// here at most; models load on first use and the least recently used
+    /// go beyond it (0: no bound).
+    #[arg(long, env = "CONVSCOPE_MODELS_CACHE_BYTES", default_value_t = 4 * 1024 * 1024 * 1024)]
+    pub models_cache_bytes: u64,
+
     /// With `--models s3://...`: the models an empty catalogue is seeded
     /// with, once (the bundled ones).
     #[arg(long, env = "CONVSCOPE_SEED_MODELS", default_value = "models")]
@@ -234,6 +240,7 @@ impl Settings {
             jobs_db: None,
             jobs: None,
             models_cache: PathBuf::from("models-cache"),
+            models_cache_bytes: 4 * 1024 * 1024 * 1024,
             seed_models: PathBuf::from("models"),
             storage_timeout_secs: 10,
             lease_secs: 30,

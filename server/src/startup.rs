@@ -49,11 +49,12 @@ impl Application {
             storage.clone(),
             settings.seed_models.clone(),
         );
+        let bound = settings.models_cache_bytes;
         let models = tokio::task::spawn_blocking(move || {
             let mut models = ModelStore::open(&path, &dev)?;
             if let Some(st) = shared {
                 st.seed(&seed);
-                models = models.with_remote(st);
+                models = models.with_remote(st, bound);
                 models.refresh();
             }
             Ok::<_, model_store::Error>(models)

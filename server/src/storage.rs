@@ -176,13 +176,20 @@ impl SharedStorage {
     /// Seeds an empty catalogue with the model pairs in `dir` (the bundled
     /// ones), once however many processes start.
     pub fn seed(&self, dir: &std::path::Path) {
-        let empty = self.pg.with_pg(|c| {
+        // The first process to get here seeds; later ones (and a catalogue
+        // emptied on purpose) are left alone.
+        let first = self.pg.with_pg(|c| {
             Box::pin(async move {
-                let row = c.query_one("SELECT COUNT(*) FROM models", &[]).await?;
-                Ok(row.get::<_, i64>(0) == 0)
+                let n = c
+                    .execute(
+                        "INSERT INTO catalogue_seeded (id, at) VALUES (1, now()) ON CONFLICT (id) DO NOTHING",
+                        &[],
+                    )
+                    .await?;
+                Ok(n == 1)
             })
         });
-        if !matches!(empty, Ok(true)) {
+        if !matches!(first, Ok(true)) {
             return;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -203,11 +210,74 @@ impl SharedStorage {
             let (Ok(manifest), Ok(weights)) = (manifest, weights) else {
                 continue;
             };
-            match self.commit(&name, &manifest, &weights, None) {
+            // Validated as any registration is, and its classes counted.
+            let cpu = candle_core::Device::Cpu;
+            let classes = match model_store::LoadedModel::from_bytes(&manifest, &weights, &cpu) {
+                Ok(m) => m.classes.len(),
+                Err(e) => {
+                    tracing::warn!(model = %name, error = %e, "not seeded: it does not load");
+                    continue;
+                }
+            };
+            match self.commit(&name, &manifest, &weights, classes, None) {
                 Ok(_) => tracing::info!(model = %name, "seeded the catalogue"),
                 // Another process seeded it meanwhile.
                 Err(model_store::Error::NameTaken { .. }) => {}
                 Err(e) => tracing::warn!(model = %name, error = %e, "cannot seed the catalogue"),
+            }
+        }
+    }
+
+    /// Deletes the weights object `key` (hash `sha`) if no row names it,
+    /// under the hash's lock, so a commit of the same weights waits for it
+    /// (and then uploads them again) or is seen and keeps it. A failure
+    /// leaves an unreferenced object, logged.
+    fn release_object(&self, sha: &str, key: &str) {
+        let (sha_s, key_s) = (sha.to_string(), key.to_string());
+        let done = self.pg.with_pg_for(self.timeout * 4, |c| {
+            let (sha, key) = (sha_s.clone(), key_s.clone());
+            let objects = self.objects.clone();
+            let (handle, timeout) = (self.pg.handle(), self.timeout);
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                tx.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[&lock_key("object", &sha)],
+                )
+                .await?;
+                let others: i64 = tx
+                    .query_one("SELECT COUNT(*) FROM models WHERE sha256 = $1", &[&sha])
+                    .await?
+                    .get(0);
+                let mut outcome = Ok(());
+                if others == 0 {
+                    let deleted = handle.spawn(async move {
+                        match tokio::time::timeout(
+                            timeout * 3,
+                            objects.delete(&ObjectPath::from(key)),
+                        )
+                        .await
+                        {
+                            Ok(Ok(()) | Err(object_store::Error::NotFound { .. })) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => {
+                                Err(format!("no answer within {} s", (timeout * 3).as_secs()))
+                            }
+                        }
+                    });
+                    outcome = deleted.await.map_err(|e| e.to_string()).and_then(|r| r);
+                }
+                tx.commit().await?;
+                Ok(outcome)
+            })
+        });
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(object = %key, error = %e, "cannot delete an unreferenced object")
+            }
+            Err(e) => {
+                tracing::warn!(object = %key, error = %e, "cannot delete an unreferenced object")
             }
         }
     }
@@ -225,18 +295,23 @@ impl SharedStorage {
             epoch as i32,
             self.pg.instance().to_string(),
         );
-        self.pg
+        let recorded = self
+            .pg
             .with_pg(|c| {
                 let (id, me) = (id.clone(), me.clone());
                 Box::pin(async move {
                     c.execute(
-                        "UPDATE jobs SET resume_epoch = $2 WHERE id = $1 AND worker = $3",
+                        "UPDATE jobs SET resume_epoch = $2 WHERE id = $1 AND worker = $3 AND status = 'running'",
                         &[&id, &n, &me],
                     )
                     .await
                 })
             })
             .map_err(|e| e.to_string())?;
+        if recorded == 0 {
+            // Another worker has the job: its state is not ours to prune.
+            return Err("the job's lease is gone".into());
+        }
         if epoch > 1 {
             for file in WORK_FILES {
                 let _ = self.delete(self.key(&format!("jobs/{job}/epoch-{}/{file}", epoch - 1)));
@@ -298,15 +373,12 @@ impl Remote for SharedStorage {
         name: &str,
         manifest_json: &[u8],
         weights: &[u8],
+        num_classes: usize,
         job: Option<&str>,
     ) -> model_store::Result<String> {
         let sha = hex(&Sha256::digest(weights));
-        let version = {
-            let mut h = Sha256::new();
-            h.update(manifest_json);
-            h.update(weights);
-            hex(&h.finalize())
-        };
+        let version = self.version(manifest_json, weights);
+        let classes = num_classes as i32;
         let manifest = String::from_utf8(manifest_json.to_vec())
             .map_err(|_| model_store::Error::Manifest("the manifest is not UTF-8".into()))?;
         let object_key = self.key(&format!("models/{sha}.safetensors"));
@@ -334,9 +406,24 @@ impl Remote for SharedStorage {
                     &[&lock_key("name", &name), &lock_key("object", &sha)],
                 )
                 .await?;
-                let exists = tx
-                    .query_opt("SELECT job_id FROM models WHERE name = $1", &[&name])
+                let existing = tx
+                    .query_opt(
+                        "SELECT job_id, version, sha256, object_key FROM models WHERE name = $1",
+                        &[&name],
+                    )
                     .await?;
+                let row_job: Option<String> = existing.as_ref().and_then(|r| r.get(0));
+                // This very commit, retried after its answer was lost.
+                if existing
+                    .as_ref()
+                    .is_some_and(|r| r.get::<_, String>(1) == version && row_job == job)
+                {
+                    return Ok(Ok(None));
+                }
+                let previous: Option<(String, String)> = existing
+                    .as_ref()
+                    .map(|r| (r.get(2), r.get(3)))
+                    .filter(|(old, _): &(String, String)| *old != sha);
                 let base = name.rsplit_once("@epoch-").map_or(name.as_str(), |(b, _)| b);
                 let holder: Option<String> = tx
                     .query_opt(
@@ -347,9 +434,13 @@ impl Remote for SharedStorage {
                     .map(|r| r.get(0));
                 let refused = match (&job, &holder) {
                     (None, Some(h)) => Some(Refusal::Held(h.clone())),
-                    (None, None) if exists.is_some() => Some(Refusal::Taken),
+                    (None, None) if existing.is_some() => Some(Refusal::Taken),
                     (Some(j), h) if h.as_deref() != Some(j.as_str()) => {
                         Some(Refusal::NotHolder(h.clone()))
+                    }
+                    // A job replaces only what it registered itself.
+                    (Some(j), _) if existing.is_some() && row_job.as_deref() != Some(j.as_str()) => {
+                        Some(Refusal::Taken)
                     }
                     _ => None,
                 };
@@ -371,18 +462,24 @@ impl Remote for SharedStorage {
                     Err(e) => return Ok(Err(Refusal::Storage(e.to_string()))),
                 }
                 tx.execute(
-                    "INSERT INTO models (name, version, manifest, object_key, sha256, bytes, job_id, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                     ON CONFLICT (name) DO UPDATE SET version = $2, manifest = $3, object_key = $4, sha256 = $5, bytes = $6, job_id = $7",
-                    &[&name, &version, &manifest, &key, &sha, &bytes, &job, &now()],
+                    "INSERT INTO models (name, version, manifest, object_key, sha256, bytes, num_classes, job_id, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (name) DO UPDATE SET version = $2, manifest = $3, object_key = $4, sha256 = $5, bytes = $6, num_classes = $7, job_id = $8",
+                    &[&name, &version, &manifest, &key, &sha, &bytes, &classes, &job, &now()],
                 )
                 .await?;
                 tx.commit().await?;
-                Ok(Ok(()))
+                Ok(Ok(previous))
             })
         });
         match outcome {
-            Ok(Ok(())) => Ok(version),
+            Ok(Ok(previous)) => {
+                // The weights this name had before, if no row names them now.
+                if let Some((sha, key)) = previous {
+                    self.release_object(&sha, &key);
+                }
+                Ok(version)
+            }
             Ok(Err(Refusal::Held(job))) => Err(model_store::Error::NameHeld {
                 name: name.to_string(),
                 owner: model_store::Owner::Job(job),
@@ -402,61 +499,26 @@ impl Remote for SharedStorage {
 
     fn remove(&self, name: &str) -> model_store::Result<()> {
         let name_s = name.to_string();
-        let outcome = self.pg.with_pg_for(self.timeout * 4, |c| {
-            let name = name_s.clone();
-            let objects = self.objects.clone();
-            let (handle, timeout) = (self.pg.handle(), self.timeout);
-            Box::pin(async move {
-                let tx = c.transaction().await?;
-                let Some(row) = tx
-                    .query_opt(
+        // The row first (the commit point): a failure after it leaves at
+        // worst an unreferenced object, never a row without its weights.
+        let removed = self
+            .pg
+            .with_pg(|c| {
+                let name = name_s.clone();
+                Box::pin(async move {
+                    c.query_opt(
                         "DELETE FROM models WHERE name = $1 RETURNING sha256, object_key",
                         &[&name],
                     )
-                    .await?
-                else {
-                    return Ok(Ok(()));
-                };
-                let (sha, key): (String, String) = (row.get(0), row.get(1));
-                tx.execute(
-                    "SELECT pg_advisory_xact_lock($1)",
-                    &[&lock_key("object", &sha)],
-                )
-                .await?;
-                let others: i64 = tx
-                    .query_one("SELECT COUNT(*) FROM models WHERE sha256 = $1", &[&sha])
-                    .await?
-                    .get(0);
-                if others == 0 {
-                    let deleted = handle.spawn(async move {
-                        match tokio::time::timeout(
-                            timeout * 3,
-                            objects.delete(&ObjectPath::from(key)),
-                        )
-                        .await
-                        {
-                            Ok(Ok(()) | Err(object_store::Error::NotFound { .. })) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => {
-                                Err(format!("no answer within {} s", (timeout * 3).as_secs()))
-                            }
-                        }
-                    });
-                    match deleted.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Ok(Err(e)),
-                        Err(e) => return Ok(Err(e.to_string())),
-                    }
-                }
-                tx.commit().await?;
-                Ok(Ok(()))
+                    .await
+                })
             })
-        });
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(unavailable(format!("object storage: {e}"))),
-            Err(e) => Err(unavailable(e)),
+            .map_err(unavailable)?;
+        if let Some(row) = removed {
+            let (sha, key): (String, String) = (row.get(0), row.get(1));
+            self.release_object(&sha, &key);
         }
+        Ok(())
     }
 
     fn catalogue(&self) -> model_store::Result<BTreeMap<String, Entry>> {
@@ -464,8 +526,11 @@ impl Remote for SharedStorage {
             .pg
             .with_pg(|c| {
                 Box::pin(async move {
-                    c.query("SELECT name, version, bytes FROM models", &[])
-                        .await
+                    c.query(
+                        "SELECT name, version, bytes, manifest, num_classes FROM models",
+                        &[],
+                    )
+                    .await
                 })
             })
             .map_err(unavailable)?;
@@ -477,6 +542,8 @@ impl Remote for SharedStorage {
                     Entry {
                         version: r.get(1),
                         bytes: r.get::<_, i64>(2).max(0) as u64,
+                        manifest: r.get(3),
+                        num_classes: r.get::<_, i32>(4).max(0) as usize,
                     },
                 )
             })
@@ -501,15 +568,19 @@ impl Remote for SharedStorage {
             .ok_or_else(|| unavailable(format!("{name} changed while being fetched")))?;
         let (manifest, key): (String, String) = (row.get(0), row.get(1));
         let weights = self.get(ObjectPath::from(key))?;
-        let mut h = Sha256::new();
-        h.update(manifest.as_bytes());
-        h.update(&weights);
-        if hex(&h.finalize()) != version {
+        if self.version(manifest.as_bytes(), &weights) != version {
             return Err(unavailable(format!(
                 "{name}: the stored weights do not match the catalogue's version"
             )));
         }
         Ok((manifest.into_bytes(), weights))
+    }
+
+    fn version(&self, manifest_json: &[u8], weights: &[u8]) -> String {
+        let mut h = Sha256::new();
+        h.update(manifest_json);
+        h.update(weights);
+        hex(&h.finalize())
     }
 }
 

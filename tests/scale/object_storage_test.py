@@ -20,7 +20,11 @@ directory of its own (nothing is shared on disk), and checks over HTTP:
      replica, no new object); afterwards the same registration succeeds and
      is served by the other replica;
   5. a model deleted through one replica is gone from the other and its
-     object from the bucket.
+     object from the bucket;
+  6. a replica whose cache holds one model serves three in turn (loaded on
+     first use, least recently used dropped), as the other replica does;
+  7. 20 jobs at once run once each; a name a job holds is refused by the
+     other replica; PostgreSQL restarted mid-job loses and repeats nothing.
 
     python3 tests/scale/object_storage_test.py target/release/convscope MOTO_SERVER
 
@@ -145,7 +149,8 @@ def main():
                            env=env)
 
         api1 = start("serve", "api-1", ["--train-workers", "0"])
-        api2 = start("serve", "api-2", ["--train-workers", "0"])
+        # API 2 keeps one CNN_A's weights (0.93 MB) at a time.
+        api2 = start("serve", "api-2", ["--train-workers", "0", "--models-cache-bytes", "1500000"])
         w1 = start("worker", "worker-1")
         w2 = start("worker", "worker-2")
         procs[:] = [api1, api2, w1, w2]
@@ -198,6 +203,22 @@ def main():
             assert len(keys) == 3 and all(k.startswith("models/models/") for k in keys), keys
             workers[victim].start()
 
+        def loaded_on_first_use_within_the_bound():
+            # Listed without being loaded; each loads on its first use, and
+            # the least recently used goes (from memory and the cache).
+            listed = names(api2)
+            assert {"cnn-a-mnist", "s3-first", "s3-resumed"} <= listed, listed
+            cache = os.path.join(root, "cache-api-2")
+            for _ in range(2):
+                for name in ("cnn-a-mnist", "s3-first", "s3-resumed"):
+                    status, body = predict(api2, name, image)
+                    assert status == 200, (name, status, body[:200])
+                    other = predict(api1, name, image)
+                    assert json.loads(body)["predictions"] == json.loads(other[1])["predictions"], name
+                    cached = [f for f in os.listdir(cache) if f.endswith(".json") and not f.startswith(".")]
+                    assert len(cached) <= 1, f"over the cache bound: {cached}"
+            print(f"     API 2 served 3 models, 2 rounds, with at most 1 cached (bound 1.5 MB)")
+
         def twenty_jobs_once_each():
             import threading
             ids, lock = {}, threading.Lock()
@@ -231,6 +252,18 @@ def main():
             wait_job(api1, held, lambda j: j["status"] == "cancelled")
             for job_id, name in ids.items():
                 assert request("DELETE", f"{api2.url}/models/{name}")[0] == 204, name
+
+        def postgres_restart_mid_job():
+            job_id = submit(api1, job("s3-restart", epochs=2, train_limit=6400, epoch_snapshots=False))
+            wait_job(api1, job_id, lambda j: j["status"] == "running" and j["progress"] is not None)
+            pg.restart()
+            j = wait_job(api2, job_id, succeeded)
+            assert j["attempts"] == 1 and sum(w.starts(job_id) for w in workers.values()) == 1, j
+            deadline = time.time() + 3
+            while predict(api2, "s3-restart", image)[0] != 200:
+                assert time.time() < deadline, "API 2 does not serve the model trained across the restart"
+                time.sleep(0.1)
+            assert request("DELETE", api1.url + "/models/s3-restart")[0] == 204
 
         def storage_outage_refused_whole():
             before = moto.keys()
@@ -271,7 +304,9 @@ def main():
         check("S3: the catalogue is seeded once by four processes starting together", seeded_once)
         check("S3: a job run by a worker is served by the other replica", trained_and_served_elsewhere)
         check("S3: kill -9 after epoch 1: the other worker resumes from the bucket", resumed_from_the_bucket)
+        check("S3: models load on first use; the LRU keeps the cache in its bound", loaded_on_first_use_within_the_bound)
         check("S3: 20 jobs at once run once each; a held name is refused across replicas", twenty_jobs_once_each)
+        check("S3: PostgreSQL restarted mid-job: run once, served", postgres_restart_mid_job)
         check("S3: unreachable for 10 s: 503 with Retry-After, nothing half-written", storage_outage_refused_whole)
         check("S3: a deletion reaches the other replica and the bucket", deleted_everywhere)
         print("object storage: all checks passed")

@@ -9,10 +9,18 @@ CREATE TABLE models (
     object_key  TEXT NOT NULL,
     sha256      TEXT NOT NULL,             -- of the weights object
     bytes       BIGINT NOT NULL,
+    num_classes INTEGER NOT NULL,          -- listed without loading the model
     job_id      TEXT,                      -- the job that registered it
     created_at  DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX models_sha256 ON models (sha256);
+
+-- Set by the process that seeds an empty catalogue with the bundled
+-- models, so it happens once, and not again once a user empties it.
+CREATE TABLE catalogue_seeded (
+    id  INTEGER PRIMARY KEY CHECK (id = 1),
+    at  TIMESTAMPTZ NOT NULL
+);
 
 -- The last epoch whose resume state is in object storage, for a worker on
 -- another machine to resume from.

@@ -247,15 +247,16 @@ impl Jobs {
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot renew the job leases; retrying");
-                // Unrenewed for most of the lease: another worker may take
-                // the jobs any moment, so they stop here first.
+                // Unrenewed for half the lease (a heartbeat gives up after a
+                // quarter): another worker may take the jobs soon, so they
+                // stop here first.
                 let since = self
                     .renewed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .elapsed();
                 if let Some(lease) = self.store.lease()
-                    && since > lease * 3 / 4
+                    && since > lease / 2
                 {
                     self.lose_all();
                 }
@@ -453,6 +454,10 @@ impl Jobs {
         let outcome = self.store.cancel(id)?;
         match outcome {
             store::CancelOutcome::Cancelled => {
+                // A queued job given back by a draining worker has state.
+                if let Some(st) = &self.ctx.storage {
+                    st.drop_work(id);
+                }
                 self.ctx.models.release(id);
                 self.publish(id, "state");
             }
@@ -670,8 +675,15 @@ impl Jobs {
     /// final job (whose name is free at the next start), never a free name
     /// with a job still to register it.
     pub fn finish(&self, id: &str, status: Status, model: Option<&str>, error: Option<&str>) {
-        if let Err(e) = self.store.finish(id, status, model, error) {
-            tracing::error!(job = %id, error = %e, "cannot record the end of a job");
+        match self.store.finish(id, status, model, error) {
+            // Its resume state in object storage goes once its row says it
+            // ended (a crash before that leaves a job to resume).
+            Ok(()) => {
+                if let Some(st) = &self.ctx.storage {
+                    st.drop_work(id);
+                }
+            }
+            Err(e) => tracing::error!(job = %id, error = %e, "cannot record the end of a job"),
         }
         self.ctx.models.release(id);
         self.publish(id, "state");
@@ -848,15 +860,6 @@ impl Jobs {
             tracing::warn!(job = %id, error = %msg, "job failed");
             self.finish(id, Status::Failed, None, Some(&msg));
         };
-        // Its resume state in object storage goes once it has ended (after
-        // its row says so: a crash before leaves a job to resume).
-        let ended = matches!(&outcome, Ok(Outcome::Finished { .. }) | Err(_))
-            || e.cancelled
-            || snapshot_error.is_some();
-        let _drop_work = DropWork {
-            storage: ended.then_some(self.ctx.storage.as_ref()).flatten(),
-            job: id,
-        };
         let cleanup = || {
             for name in e.registered {
                 if let Err(err) = self.ctx.models.retract(id, name) {
@@ -912,21 +915,6 @@ impl Jobs {
                 cleanup();
                 fail(err.to_string());
             }
-        }
-    }
-}
-
-/// Removes a job's resume state from object storage when dropped, at the
-/// end of [`Jobs::conclude`], whichever way it went.
-struct DropWork<'a> {
-    storage: Option<&'a Arc<crate::storage::SharedStorage>>,
-    job: &'a str,
-}
-
-impl Drop for DropWork<'_> {
-    fn drop(&mut self) {
-        if let Some(st) = self.storage {
-            st.drop_work(self.job);
         }
     }
 }

@@ -73,6 +73,9 @@ pub struct PgStore {
     rt: Option<tokio::runtime::Runtime>,
     config: Config,
     client: Mutex<Option<Client>>,
+    /// A second connection for the model catalogue, whose commits hold
+    /// theirs for a whole upload: heartbeats and job reads never wait on one.
+    catalogue: Mutex<Option<Client>>,
     opts: PgOptions,
 }
 
@@ -106,6 +109,7 @@ impl PgStore {
             rt: Some(rt),
             config,
             client: Mutex::new(None),
+            catalogue: Mutex::new(None),
             opts,
         };
         store.migrate()?;
@@ -149,15 +153,15 @@ impl PgStore {
     /// query that fails because the connection died is tried once more on
     /// a new one: every query here may run twice without harm.
     fn with<T>(&self, query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>) -> StoreResult<T> {
-        self.with_pg_for(QUERY_TIMEOUT, query)
+        self.with_on(&self.client, QUERY_TIMEOUT, query)
     }
 
-    /// [`PgStore::with`] for the model catalogue ([`crate::storage`]).
+    /// [`PgStore::with`] on the catalogue's connection ([`crate::storage`]).
     pub(crate) fn with_pg<T>(
         &self,
         query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>,
     ) -> StoreResult<T> {
-        self.with(query)
+        self.with_on(&self.catalogue, QUERY_TIMEOUT, query)
     }
 
     /// The same, waiting up to `timeout` (a commit that uploads weights).
@@ -166,7 +170,16 @@ impl PgStore {
         timeout: Duration,
         query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>,
     ) -> StoreResult<T> {
-        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        self.with_on(&self.catalogue, timeout, query)
+    }
+
+    fn with_on<T>(
+        &self,
+        slot: &Mutex<Option<Client>>,
+        timeout: Duration,
+        query: impl for<'c> Fn(&'c mut Client) -> Query<'c, T>,
+    ) -> StoreResult<T> {
+        let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
         let mut tries = 0;
         loop {
             tries += 1;
@@ -287,16 +300,23 @@ fn record(r: &Row) -> JobRecord {
 
 impl JobStore for PgStore {
     fn insert(&self, id: &str, spec: &serde_json::Value) -> StoreResult<JobRecord> {
+        // Not for a name the model catalogue has (object storage): the
+        // replicas' own views of it may lag.
         let sql = format!(
-            "INSERT INTO jobs (id, spec, status, created_at) VALUES ($1, $2, 'queued', $3) RETURNING {COLUMNS}"
+            "INSERT INTO jobs (id, spec, status, created_at) SELECT $1, $2, 'queued', $3 \
+             WHERE NOT EXISTS (SELECT 1 FROM models WHERE name = $2::jsonb->>'model_name') RETURNING {COLUMNS}"
         );
         let created = now();
         let inserted = self.with(|c| {
             let (sql, id, spec) = (sql.clone(), id.to_owned(), spec.clone());
-            Box::pin(async move { c.query_one(&sql, &[&id, &spec, &created]).await })
+            Box::pin(async move { c.query_opt(&sql, &[&id, &spec, &created]).await })
         });
         match inserted {
-            Ok(row) => Ok(record(&row)),
+            Ok(Some(row)) => Ok(record(&row)),
+            Ok(None) => Err(StoreError::Conflict(format!(
+                "model_name '{}' is a registered model; pick a new name",
+                spec["model_name"].as_str().unwrap_or_default()
+            ))),
             Err(StoreError::Postgres(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 // The id is a fresh UUID: a clash on it is this insert
                 // retried after its answer was lost.
@@ -521,7 +541,10 @@ impl JobStore for PgStore {
 
     fn heartbeat(&self) -> StoreResult<Option<Vec<Lease>>> {
         let lease = self.lease_secs();
-        let rows = self.with(|c| {
+        // A quarter of the lease at most, so a worker cut off from the
+        // database learns it (and stops its jobs) well before the lease ends.
+        let patience = (self.opts.lease / 4).clamp(Duration::from_millis(500), QUERY_TIMEOUT);
+        let rows = self.with_on(&self.client, patience, |c| {
             let me = self.opts.instance.clone();
             Box::pin(async move {
                 c.query(

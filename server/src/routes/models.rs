@@ -228,7 +228,7 @@ async fn list(State(state): State<AppState>) -> Json<ModelList> {
         })
         .collect();
     Json(ModelList {
-        models: state.models.list().iter().map(|m| entry(m)).collect(),
+        models: state.models.summaries().iter().map(entry).collect(),
         default_model,
         load_errors,
     })
@@ -337,18 +337,23 @@ async fn unregister(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    state.jobs.unless_stale(|| state.models.delete(&name))?;
+    // Off the async threads: with object storage a deletion is a database
+    // transaction and an S3 request.
+    let (jobs, models, n) = (state.jobs.clone(), state.models.clone(), name.clone());
+    tokio::task::spawn_blocking(move || jobs.unless_stale(|| models.delete(&n)))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     tracing::info!(model = %name, "unregistered model");
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn entry(m: &LoadedModel) -> ModelEntry {
+fn entry(m: &model_store::Summary) -> ModelEntry {
     let s = &m.manifest.input;
     let (mean, std) = m.manifest.normalisation();
     ModelEntry {
-        name: m.name().to_string(),
+        name: m.manifest.name.clone(),
         architecture: m.manifest.architecture.clone(),
-        num_classes: m.classes.len(),
+        num_classes: m.num_classes,
         input: InputInfo {
             channels: s.channels,
             height: s.height,
@@ -368,7 +373,7 @@ fn entry(m: &LoadedModel) -> ModelEntry {
 fn describe(m: &Arc<LoadedModel>) -> ModelDetail {
     let net = &m.network;
     ModelDetail {
-        entry: entry(m),
+        entry: entry(&model_store::Summary::from(m.as_ref())),
         layers: net
             .layers()
             .iter()
