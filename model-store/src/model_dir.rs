@@ -225,8 +225,12 @@ impl ModelDir {
             .any(|n| {
                 std::fs::metadata(self.path.join(n))
                     .and_then(|m| m.modified())
-                    // A time ahead of ours (another machine's clock) is live.
-                    .is_ok_and(|t| t.elapsed().map_or(true, |age| age.as_secs() < 30))
+                    // Within 30 s either way (another machine's clock may
+                    // run ahead of ours); further off, it is stale.
+                    .is_ok_and(|t| match t.elapsed() {
+                        Ok(age) => age.as_secs() < 30,
+                        Err(ahead) => ahead.duration().as_secs() < 30,
+                    })
             });
         if live {
             return None;

@@ -64,6 +64,11 @@ struct State {
     versions: BTreeMap<String, String>,
     /// With a remote: every committed model, loaded here or not.
     catalogue: BTreeMap<String, Entry>,
+    /// With a remote: versions that were fetched and did not load.
+    broken: BTreeMap<String, String>,
+    /// Bumped by every local change of the catalogue view, so a refresh
+    /// that read the catalogue before it does not undo it.
+    generation: u64,
 }
 
 /// What `GET /models` lists of a model, loaded or only catalogued.
@@ -165,6 +170,8 @@ impl ModelStore {
                 seen,
                 versions: BTreeMap::new(),
                 catalogue: BTreeMap::new(),
+                broken: BTreeMap::new(),
+                generation: 0,
             }),
             remote: None,
             cache_bytes: 0,
@@ -268,6 +275,11 @@ impl ModelStore {
             .ok()
             .zip(std::fs::read(self.dir.path().join(format!("{name}.safetensors"))).ok())
             .filter(|(m, w)| remote.version(m, w) == entry.version);
+        if self.read().broken.get(name) == Some(&entry.version) {
+            return Err(Error::Manifest(format!(
+                "'{name}' in the catalogue does not load here; register it again"
+            )));
+        }
         let (manifest, weights, fetched) = match cached {
             Some((m, w)) => (m, w, false),
             None => {
@@ -275,10 +287,20 @@ impl ModelStore {
                 (m, w, true)
             }
         };
-        let model = Arc::new(LoadedModel::from_bytes(&manifest, &weights, &self.device)?);
+        let model = match LoadedModel::from_bytes(&manifest, &weights, &self.device) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                // Not fetched again for every request: only a new version.
+                self.write()
+                    .broken
+                    .insert(name.to_string(), entry.version.clone());
+                return Err(e);
+            }
+        };
         if fetched {
             let _ = self.dir.save(name, &manifest, &weights);
         }
+        self.touch(name);
         {
             let mut state = self.write();
             // Changed or gone meanwhile: served this once, not kept.
@@ -290,7 +312,6 @@ impl ModelStore {
                 .insert(name.to_string(), entry.version.clone());
             state.models.insert(name.to_string(), model.clone());
         }
-        self.touch(name);
         self.evict(name);
         Ok(model)
     }
@@ -310,10 +331,13 @@ impl ModelStore {
                     return;
                 }
                 let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+                // The one used last stays, even alone over the bound.
+                let newest = used.iter().max_by_key(|(_, t)| **t).map(|(n, _)| n.clone());
                 state
                     .models
                     .keys()
                     .filter(|n| n.as_str() != keep && state.holder(n).is_none())
+                    .filter(|n| Some(*n) != newest.as_ref())
                     .min_by_key(|n| used.get(*n).copied().unwrap_or(0))
                     .cloned()
             };
@@ -432,6 +456,7 @@ impl ModelStore {
             .models
             .keys()
             .chain(state.claims.keys())
+            .chain(state.catalogue.keys())
             .find(|n| n.starts_with(&prefix))
             .cloned()
             .or_else(|| self.dir.names_with_prefix(&prefix).into_iter().next());
@@ -525,6 +550,7 @@ impl ModelStore {
             };
             state.catalogue.insert(name.to_string(), entry);
             state.versions.insert(name.to_string(), v);
+            state.generation += 1;
         }
         state.models.insert(name.to_string(), model);
         drop(state);
@@ -604,6 +630,7 @@ impl ModelStore {
     /// is; a loaded model whose version changed or that is gone is dropped
     /// (with its cached copy), and the next use loads the new one.
     fn refresh_from(&self, remote: &dyn Remote) -> Vec<String> {
+        let generation = self.read().generation;
         let Ok(catalogue) = remote.catalogue() else {
             return Vec::new();
         };
@@ -628,6 +655,11 @@ impl ModelStore {
             }
         }
         let mut state = self.write();
+        if state.generation != generation {
+            // Registered or deleted here meanwhile: the catalogue read is
+            // older than this view; the next refresh reads it again.
+            return Vec::new();
+        }
         let stale: Vec<String> = state
             .models
             .keys()
@@ -708,6 +740,7 @@ impl ModelStore {
         state.models.remove(name);
         state.versions.remove(name);
         state.catalogue.remove(name);
+        state.generation += 1;
         Ok(())
     }
 
@@ -740,6 +773,7 @@ impl ModelStore {
         state.models.remove(name);
         state.versions.remove(name);
         state.catalogue.remove(name);
+        state.generation += 1;
         Ok(())
     }
 

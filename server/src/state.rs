@@ -38,9 +38,19 @@ impl AppState {
     /// The model `POST /predict` uses: the configured default if loaded,
     /// else the first by name.
     pub fn default_model(&self) -> Result<Arc<LoadedModel>, ApiError> {
-        self.models
-            .get(&self.settings.default_model)
-            .or_else(|| self.models.list().into_iter().next())
-            .ok_or_else(|| ApiError::NotFound("no models are loaded".into()))
+        match self.models.lookup(&self.settings.default_model) {
+            Ok(m) => Ok(m),
+            // Object storage away: a 503, never another model's answer.
+            Err(e @ model_store::Error::Unavailable(_)) => Err(e.into()),
+            Err(_) => {
+                let first = self
+                    .models
+                    .names()
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| ApiError::NotFound("no models are loaded".into()))?;
+                Ok(self.models.lookup(&first)?)
+            }
+        }
     }
 }

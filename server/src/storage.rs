@@ -29,7 +29,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use sha2::{Digest, Sha256};
 
-use crate::jobs::postgres::PgStore;
+use crate::jobs::postgres::{PgStore, lock_key};
 
 /// The work directory files a job resumes from, `resume.json` last.
 const WORK_FILES: [&str; 3] = [
@@ -65,12 +65,6 @@ fn now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// The row lock of a name or a hash: one 64-bit advisory key.
-fn lock_key(kind: &str, what: &str) -> i64 {
-    let d = Sha256::digest(format!("convscope:{kind}:{what}").as_bytes());
-    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
 impl SharedStorage {
@@ -176,22 +170,21 @@ impl SharedStorage {
     /// Seeds an empty catalogue with the model pairs in `dir` (the bundled
     /// ones), once however many processes start.
     pub fn seed(&self, dir: &std::path::Path) {
-        // The first process to get here seeds; later ones (and a catalogue
-        // emptied on purpose) are left alone.
-        let first = self.pg.with_pg(|c| {
+        // Seeded once: the marker is written when every bundled model is
+        // in (a failed start tries again; processes seeding together meet
+        // in the commits, NameTaken); a catalogue emptied later stays so.
+        let seeded = self.pg.with_pg(|c| {
             Box::pin(async move {
-                let n = c
-                    .execute(
-                        "INSERT INTO catalogue_seeded (id, at) VALUES (1, now()) ON CONFLICT (id) DO NOTHING",
-                        &[],
-                    )
+                let row = c
+                    .query_opt("SELECT 1 FROM catalogue_seeded WHERE id = 1", &[])
                     .await?;
-                Ok(n == 1)
+                Ok(row.is_some())
             })
         });
-        if !matches!(first, Ok(true)) {
+        if !matches!(seeded, Ok(false)) {
             return;
         }
+        let mut complete = true;
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -223,8 +216,22 @@ impl SharedStorage {
                 Ok(_) => tracing::info!(model = %name, "seeded the catalogue"),
                 // Another process seeded it meanwhile.
                 Err(model_store::Error::NameTaken { .. }) => {}
-                Err(e) => tracing::warn!(model = %name, error = %e, "cannot seed the catalogue"),
+                Err(e) => {
+                    complete = false;
+                    tracing::warn!(model = %name, error = %e, "cannot seed the catalogue; the next start tries again");
+                }
             }
+        }
+        if complete {
+            let _ = self.pg.with_pg(|c| {
+                Box::pin(async move {
+                    c.execute(
+                        "INSERT INTO catalogue_seeded (id, at) VALUES (1, now()) ON CONFLICT (id) DO NOTHING",
+                        &[],
+                    )
+                    .await
+                })
+            });
         }
     }
 

@@ -54,6 +54,15 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(15);
 
 const COLUMNS: &str = "id, spec, status, created_at, started_at, finished_at, progress, history, curve, model, error, cancel_requested, attempts, worker, resume_epoch";
 
+/// The advisory lock of a name or a hash: one 64-bit key. A model
+/// commit ([`crate::storage`]) and a job insert both take the name's, so
+/// neither can miss the other's row.
+pub(crate) fn lock_key(kind: &str, what: &str) -> i64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("convscope:{kind}:{what}").as_bytes());
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
 /// Where the store is and who this process is in it.
 #[derive(Debug, Clone)]
 pub struct PgOptions {
@@ -309,7 +318,15 @@ impl JobStore for PgStore {
         let created = now();
         let inserted = self.with(|c| {
             let (sql, id, spec) = (sql.clone(), id.to_owned(), spec.clone());
-            Box::pin(async move { c.query_opt(&sql, &[&id, &spec, &created]).await })
+            let lock = lock_key("name", spec["model_name"].as_str().unwrap_or_default());
+            Box::pin(async move {
+                let tx = c.transaction().await?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+                    .await?;
+                let row = tx.query_opt(&sql, &[&id, &spec, &created]).await?;
+                tx.commit().await?;
+                Ok(row)
+            })
         });
         match inserted {
             Ok(Some(row)) => Ok(record(&row)),
