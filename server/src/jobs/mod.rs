@@ -766,6 +766,13 @@ impl Jobs {
                     self.publish(&id, "progress");
                 }
                 Event::Epoch(p, history) => {
+                    // The resume state first: once the epoch shows in the
+                    // history, a worker taking the job over resumes after it.
+                    if let Some(st) = &self.ctx.storage
+                        && let Err(e) = st.save_work(&id, p.epoch, &work)
+                    {
+                        tracing::warn!(job = %id, epoch = p.epoch, error = %e, "cannot store the epoch's resume state; another worker would resume from an earlier one");
+                    }
                     let _ = self.store.progress(&id, p);
                     let _ = self.store.history(&id, history);
                     if spec.epoch_snapshots {
@@ -773,11 +780,6 @@ impl Jobs {
                             Ok(name) => registered.push(name),
                             Err(e) => snapshot_error = Some(e),
                         }
-                    }
-                    if let Some(st) = &self.ctx.storage
-                        && let Err(e) = st.save_work(&id, p.epoch, &work)
-                    {
-                        tracing::warn!(job = %id, epoch = p.epoch, error = %e, "cannot store the epoch's resume state; another worker would resume from an earlier one");
                     }
                     self.publish(&id, "epoch");
                     if self.draining.load(Ordering::SeqCst) {
