@@ -291,9 +291,16 @@ impl Conv2d {
         })
     }
 
-    fn kernel(&self) -> (usize, usize, usize, usize) {
+    pub(crate) fn kernel(&self) -> (usize, usize, usize, usize) {
         let d = self.weight.dims();
         (d[0], d[1], d[2], d[3])
+    }
+
+    /// The padding `(top, bottom, left, right)` for an `h × w` input.
+    pub fn pads(&self, h: usize, w: usize) -> (usize, usize, usize, usize) {
+        let (_, _, kh, kw) = self.kernel();
+        let (s, d) = (self.stride, self.dilation);
+        self.padding.resolve(h, w, (kh, kw), (s, s), (d, d))
     }
 
     /// Runs the convolution on an NCHW batch.

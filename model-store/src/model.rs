@@ -158,6 +158,24 @@ impl LoadedModel {
             self.network.predict(x)
         }
     }
+
+    /// [`Self::logits`] of a batch of images that are `base`'s image
+    /// ([`crate::dag::Dag::base_pass`]) but for one window each: rows `at[b].0..` and columns
+    /// `at[b].1..` are `crops[b]` ([`crate::dag::Dag::forward_windowed`]:
+    /// only what each window reaches is computed).
+    pub fn logits_windowed(
+        &self,
+        base: &crate::dag::BasePass,
+        crops: &Tensor,
+        at: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let layers = self.network.layers();
+        let stop = self
+            .network
+            .ends_with_softmax()
+            .then(|| layers[layers.len() - 2].name.as_str());
+        self.network.dag().forward_windowed(base, crops, at, stop)
+    }
 }
 
 /// A model file that could not be loaded, kept so the API can say why.

@@ -15,6 +15,7 @@
 
 pub mod ops;
 mod parse;
+mod windowed;
 pub use parse::OPS;
 
 use candle_core::Tensor;
@@ -26,6 +27,7 @@ use crate::kernels::conv::Activation;
 use crate::layers::Geo;
 use crate::tap::{ReluRule, Tap};
 pub use ops::GraphOp;
+pub use windowed::BasePass;
 
 /// A container module whose output is a node's output (`layer1.0`,
 /// `features`): a layer name of its own, with its summary kind.

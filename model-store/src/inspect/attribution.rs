@@ -17,7 +17,9 @@
 //! - `occlusion`: a `(C, window, window)` patch of zeros slides with
 //!   stride `(C, stride, stride)`; each value gets the mean, over the patches
 //!   that cover it, of `f(x) − f(x occluded)`. The occluded copies are
-//!   forwarded in batches without gradients.
+//!   forwarded in batches without gradients; on the CPU each is computed
+//!   only where its patch reaches ([`crate::dag::Dag::forward_windowed`]),
+//!   the rest taken from the clean image's pass.
 //!
 //! A noise tunnel ([`Tunnel`], Captum's `NoiseTunnel`) runs any method on
 //! `samples` copies of `x` with Gaussian noise of standard deviation
@@ -193,6 +195,11 @@ pub struct Attribution {
 /// Input values per batch of perturbed or interpolated copies: bounds the
 /// memory a request's forward (and backward) pass holds.
 const BATCH_VALUES: usize = 1 << 21;
+
+/// Floats of the largest layer output one windowed occlusion batch may
+/// hold (128 MiB), should its windows cover the plane there (many models
+/// go whole early: a squeeze-excitation gate, a layer norm).
+const WINDOWED_VALUES: usize = 1 << 25;
 
 /// Attributions of each image of `x` (`[N, C, H, W]`, normalised) for its
 /// class (`None`: the predicted one). Stops with
@@ -635,21 +642,67 @@ fn occlusion(
     };
     let mut sum = vec![0f64; h * w];
     let mut count = vec![0u32; h * w];
-    let chunk = (BATCH_VALUES / per).clamp(1, patches.len());
+    // On the CPU each patched image is computed only where its patch
+    // reaches (`Dag::forward_windowed`), so many more fit in a batch.
+    // A window that grows to cover its plane becomes the whole batch, so a
+    // batch is also bounded by the largest layer output it may then hold.
+    let windowed = (x.device().is_cpu() && x.dtype() == DType::F32)
+        .then(|| model.network.dag().base_pass(x))
+        .transpose()?;
+    let chunk = if windowed.is_some() {
+        let largest = model
+            .network
+            .layers()
+            .iter()
+            .map(|l| l.output_shape.iter().product::<usize>())
+            .max()
+            .unwrap_or(per);
+        (BATCH_VALUES / (c * window * window * 8)).min(WINDOWED_VALUES / largest.max(1))
+    } else {
+        BATCH_VALUES / per
+    }
+    .clamp(1, patches.len());
     for part in patches.chunks(chunk) {
         clock.check()?;
-        let mut batch = Vec::with_capacity(part.len() * per);
-        for &p in part {
-            let start = batch.len();
-            batch.extend_from_slice(&xs);
-            for (y, xx) in covers(p) {
+        let logits = if let Some(pass) = &windowed {
+            // Each crop: the window × window square holding the patch (a
+            // patch cut by the edge keeps its square inside the image).
+            let at: Vec<(usize, usize)> = part
+                .iter()
+                .map(|&(py, px)| (py.min(h - window), px.min(w - window)))
+                .collect();
+            let mut crops = Vec::with_capacity(part.len() * c * window * window);
+            for (&p, &(y0, x0)) in part.iter().zip(&at) {
                 for ch in 0..c {
-                    batch[start + ch * h * w + y * w + xx] = 0.0;
+                    for y in y0..y0 + window {
+                        for xx in x0..x0 + window {
+                            let hidden = (p.0..p.0 + window).contains(&y)
+                                && (p.1..p.1 + window).contains(&xx);
+                            crops.push(if hidden {
+                                0.0
+                            } else {
+                                xs[ch * h * w + y * w + xx]
+                            });
+                        }
+                    }
                 }
             }
-        }
-        let t = Tensor::from_vec(batch, (part.len(), c, h, w), x.device())?;
-        let f = model.logits(&t)?.narrow(1, class, 1)?.flatten_all()?;
+            let crops = Tensor::from_vec(crops, (part.len(), c, window, window), x.device())?;
+            model.logits_windowed(pass, &crops, &at)?
+        } else {
+            let mut batch = Vec::with_capacity(part.len() * per);
+            for &p in part {
+                let start = batch.len();
+                batch.extend_from_slice(&xs);
+                for (y, xx) in covers(p) {
+                    for ch in 0..c {
+                        batch[start + ch * h * w + y * w + xx] = 0.0;
+                    }
+                }
+            }
+            model.logits(&Tensor::from_vec(batch, (part.len(), c, h, w), x.device())?)?
+        };
+        let f = logits.narrow(1, class, 1)?.flatten_all()?;
         for (&p, v) in part.iter().zip(f.to_vec1::<f32>()?) {
             let drop = (initial - v) as f64;
             for (y, xx) in covers(p) {

@@ -151,10 +151,50 @@ pub(crate) fn check(key: &str) {
         let r = pearson(&set.cams[0].cam, &f32s(&cam["cam"]));
         assert!(r >= 0.999, "{key}: Grad-CAM at '{layer}' r = {r}");
     }
+    windowed_matches_whole(key, &model, &x);
     eprintln!(
         "{key}: logits, top-5, {compared} nodes{} match PyTorch",
         if cam.is_null() { "" } else { " and Grad-CAM" }
     );
+}
+
+/// Occlusion's windowed pass (`Dag::forward_windowed`: each patched image
+/// computed only where its patch reaches) gives the logits of the whole
+/// batch, for 16×16 zero patches at a corner, the middle and the far edge.
+fn windowed_matches_whole(key: &str, model: &LoadedModel, x: &Tensor) {
+    let (_, c, h, w) = x.dims4().unwrap();
+    let side = 16.min(h).min(w);
+    let at = [
+        (0, 0),
+        ((h - side) / 2, (w - side) / 3),
+        (h - side, w - side),
+    ];
+    let base = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut whole = Vec::new();
+    for &(y0, x0) in &at {
+        let mut one = base.clone();
+        for ch in 0..c {
+            for y in y0..y0 + side {
+                one[ch * h * w + y * w + x0..ch * h * w + y * w + x0 + side].fill(0.0);
+            }
+        }
+        whole.extend(one);
+    }
+    let whole = Tensor::from_vec(whole, (at.len(), c, h, w), &Device::Cpu).unwrap();
+    let crops = Tensor::zeros(
+        (at.len(), c, side, side),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = model.logits(&whole).unwrap();
+    let pass = model.network.dag().base_pass(x).unwrap();
+    let got = model.logits_windowed(&pass, &crops, &at).unwrap();
+    let (got, want) = (
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    convscope_tests::assert_close_layer(&got, &want, 1e-4, &format!("{key} windowed logits"));
 }
 
 macro_rules! graph_fidelity {
