@@ -301,19 +301,11 @@ impl Dag {
                 let (last, y) = match fused {
                     Some(f) => {
                         let last = *f.covers.last().expect("non-empty");
-                        let y = match &node.op {
-                            GraphOp::Conv(conv) => {
-                                let p = conv.prepared.as_deref().expect("prepared at build");
-                                // The prepared weights fold the batch norm only
-                                // when the chain covers one.
-                                conv.forward_fused(inputs[0], p, f.activation)
+                        let y = fused_kernel(node, &inputs, f.activation).map_err(|source| {
+                            Error::Forward {
+                                layer: self.nodes[last].name.clone(),
+                                source,
                             }
-                            GraphOp::BatchNorm(bn) => bn.forward_with(inputs[0], f.activation),
-                            _ => crate::kernels::elementwise::add_relu(inputs[0], inputs[1]),
-                        }
-                        .map_err(|source| Error::Forward {
-                            layer: self.nodes[last].name.clone(),
-                            source,
                         })?;
                         for &j in &f.covers {
                             covered[j] = true;
@@ -407,6 +399,24 @@ impl Dag {
             GraphOp::Conv(c) if n.name == name => Some(&c.weight),
             _ => None,
         })
+    }
+}
+
+/// A fused chain starting at `node` as its one kernel: conv (+ batch norm,
+/// folded into the prepared weights only when the chain covers one) +
+/// `activation`, batch norm + `activation`, or add + ReLU.
+fn fused_kernel(
+    node: &DagNode,
+    inputs: &[&Tensor],
+    activation: Activation,
+) -> candle_core::Result<Tensor> {
+    match &node.op {
+        GraphOp::Conv(conv) => {
+            let p = conv.prepared.as_deref().expect("prepared at build");
+            conv.forward_fused(inputs[0], p, activation)
+        }
+        GraphOp::BatchNorm(bn) => bn.forward_with(inputs[0], activation),
+        _ => crate::kernels::elementwise::add_relu(inputs[0], inputs[1]),
     }
 }
 

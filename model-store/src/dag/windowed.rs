@@ -511,21 +511,13 @@ impl Dag {
         let dense = inputs.iter().map(Val::dense).collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Tensor> = dense.iter().collect();
         let y = match activation {
-            Some(a) => match &node.op {
-                GraphOp::Conv(conv) => {
-                    let p = conv.prepared.as_deref().expect("prepared at build");
-                    conv.forward_fused(refs[0], p, a)?
-                }
-                GraphOp::BatchNorm(bn) => bn.forward_with(refs[0], a)?,
-                _ => crate::kernels::elementwise::add_relu(refs[0], refs[1])?,
-            },
-            None => self
-                .unfused(node, &refs, ReluRule::Autograd)
-                .map_err(|source| Error::Forward {
-                    layer: self.nodes[last].name.clone(),
-                    source,
-                })?,
-        };
+            Some(a) => super::fused_kernel(node, &refs, a),
+            None => self.unfused(node, &refs, ReluRule::Autograd),
+        }
+        .map_err(|source| Error::Forward {
+            layer: self.nodes[last].name.clone(),
+            source,
+        })?;
         Ok(Val::Dense(y))
     }
 }
