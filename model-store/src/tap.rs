@@ -38,6 +38,17 @@ pub trait Tap {
     fn relu_rule(&self) -> ReluRule {
         ReluRule::Autograd
     }
+
+    /// Whether a convolution may run with the batch norm after it folded
+    /// into its weights (when the tap wants neither output). Folding
+    /// rounds differently from PyTorch's convolution-then-batch-norm by an
+    /// ulp or so, which can put a unit within 1e-7 of a ReLU's kink on the
+    /// other side: gradients that are compared with PyTorch's at 1e-4 ask
+    /// for the two modules' own rounding (the batch norm and the activation
+    /// still run as one kernel).
+    fn folds_batch_norm(&self) -> bool {
+        true
+    }
 }
 
 /// Observes nothing: plain inference.

@@ -270,6 +270,7 @@ impl Dag {
                 || (!tap.wants(&node.name) && node.aliases.iter().all(|a| !tap.wants(&a.name)))
         };
         let rule = tap.relu_rule();
+        let folds_bn = tap.folds_batch_norm();
         let mut latest = x.clone();
         for i in 0..n {
             if !covered[i] {
@@ -301,11 +302,14 @@ impl Dag {
                 let (last, y) = match fused {
                     Some(f) => {
                         let last = *f.covers.last().expect("non-empty");
-                        let y = fused_kernel(node, &inputs, f.activation).map_err(|source| {
-                            Error::Forward {
-                                layer: self.nodes[last].name.clone(),
-                                source,
-                            }
+                        let y = if folds_bn || !self.is_conv_bn(i, f) {
+                            fused_kernel(node, &inputs, f.activation)
+                        } else {
+                            self.conv_then_bn(node, &inputs, f)
+                        };
+                        let y = y.map_err(|source| Error::Forward {
+                            layer: self.nodes[last].name.clone(),
+                            source,
                         })?;
                         for &j in &f.covers {
                             covered[j] = true;
@@ -333,6 +337,29 @@ impl Dag {
             }
         }
         Ok(vals[self.output].take().unwrap_or(latest))
+    }
+
+    /// Whether the fused chain `f` starting at node `i` is a convolution
+    /// whose batch norm is folded into its prepared weights.
+    fn is_conv_bn(&self, i: usize, f: &Fusion) -> bool {
+        matches!(self.nodes[i].op, GraphOp::Conv(_))
+            && matches!(self.nodes[f.covers[0]].op, GraphOp::BatchNorm(_))
+    }
+
+    /// A conv + batch norm (+ activation) chain without folding: the
+    /// convolution with its own weights, then the batch norm and the
+    /// activation as one kernel, rounding as PyTorch's two modules do.
+    fn conv_then_bn(
+        &self,
+        node: &DagNode,
+        inputs: &[&Tensor],
+        f: &Fusion,
+    ) -> candle_core::Result<Tensor> {
+        let (GraphOp::Conv(conv), GraphOp::BatchNorm(bn)) = (&node.op, &self.nodes[f.covers[0]].op)
+        else {
+            unreachable!("checked by is_conv_bn");
+        };
+        bn.forward_with(&conv.forward(inputs[0])?, f.activation)
     }
 
     /// One node alone. A convolution runs with its prepared weights unless

@@ -382,11 +382,14 @@ fn tunneled(
 }
 
 /// Keeps the logits before a final softmax and asks for a ReLU rule. It
-/// wants every layer, so nothing is fused: gradients then follow PyTorch's
-/// arithmetic op for op (a convolution, then its batch norm). With the
-/// batch norm folded into the weights, a unit within ~1e-7 of a ReLU's kink
-/// can land on the other side, and one such unit on one of integrated
-/// gradients' 50 paths moved an attribution by 3e-4.
+/// wants no layer but that one, so the fused kernels run (batch norm +
+/// ReLU, add + ReLU, conv + ReLU; under the chain rule only, since the
+/// other rules replace each ReLU's backward), but no batch norm is folded
+/// into its convolution: gradients then round as PyTorch's convolution
+/// and batch norm do. With the batch norm folded into the weights, a unit
+/// within ~1e-7 of a ReLU's kink can land on the other side, and one such
+/// unit on one of integrated gradients' 50 paths moved an attribution by
+/// 3e-4.
 struct RuleTap {
     rule: ReluRule,
     pre_softmax: Option<String>,
@@ -401,12 +404,16 @@ impl Tap for RuleTap {
         Ok(output)
     }
 
-    fn wants(&self, _layer: &str) -> bool {
-        true
+    fn wants(&self, layer: &str) -> bool {
+        self.pre_softmax.as_deref() == Some(layer)
     }
 
     fn relu_rule(&self) -> ReluRule {
         self.rule
+    }
+
+    fn folds_batch_norm(&self) -> bool {
+        false
     }
 }
 
