@@ -43,6 +43,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::direct;
+use super::elementwise::with_host;
 pub(super) use im2col::{Mat, matmul};
 pub use packed::{PackedConvOp, pack_weights, packs};
 
@@ -130,6 +131,9 @@ pub(super) fn f32_slice<'a>(
     }
 }
 
+/// Values per task of the backward's activation mask.
+const MASK_CHUNK: usize = 16 * 1024;
+
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -161,8 +165,9 @@ impl CustomOp3 for ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.layout(), w.layout())?;
         let p = d.p();
-        let mut g = to_vec(grad_res)?;
-        if self.activation != Activation::Identity {
+        let g = if self.activation == Activation::Identity {
+            to_vec(grad_res)?
+        } else {
             // The smooth activations' slope needs the value before them:
             // the convolution again, without the activation.
             let z = if self.activation.needs_input() {
@@ -174,13 +179,32 @@ impl CustomOp3 for ConvOp {
             } else {
                 Vec::new()
             };
-            let y = to_vec(res)?;
-            for (i, gv) in g.iter_mut().enumerate() {
-                *gv *= self
-                    .activation
-                    .derivative(z.get(i).copied().unwrap_or(0.0), y[i]);
-            }
-        }
+            // The gradient masked by the slope in one pass on the pool,
+            // the saved output read in place.
+            let act = self.activation;
+            with_host(res, |y| {
+                with_host(grad_res, |g| {
+                    let mut out = vec![0f32; g.len()];
+                    out.par_chunks_mut(MASK_CHUNK)
+                        .enumerate()
+                        .for_each(|(k, o)| {
+                            let at = k * MASK_CHUNK..k * MASK_CHUNK + o.len();
+                            let (y, g) = (&y[at.clone()], &g[at.clone()]);
+                            if act == Activation::Relu {
+                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                                    *o = if y > 0.0 { g } else { 0.0 };
+                                }
+                            } else {
+                                let z = z.get(at).unwrap_or(&[]);
+                                for (i, ((o, &y), &g)) in o.iter_mut().zip(y).zip(g).enumerate() {
+                                    *o = g * act.derivative(z.get(i).copied().unwrap_or(0.0), y);
+                                }
+                            }
+                        });
+                    out
+                })
+            })??
+        };
         let db = (bias.elem_count() > 0 && bias.track_op())
             .then(|| {
                 let mut db = vec![0f32; d.o];
