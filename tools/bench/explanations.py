@@ -2,7 +2,9 @@
 - integrated gradients (50 steps, zero baseline) and occlusion (window 16,
   stride 8, zero baseline) on torchvision ResNet-18 at 224x224 with the
   hash-derived weights (tools/golden/torchvision_hash.py), Grace Hopper;
-  convscope over HTTP (`POST /saliency?output=json`), Captum in-process;
+  convscope over HTTP (`POST /saliency?output=json`), Captum in-process,
+  one run of each in turn (after one warm-up each), so that the VM's drift
+  slows both alike;
 - a faithfulness report of 3 methods x 4 metrics x 20 steps on ResNet-20
   (CIFAR-10 test image 0): convscope's `POST /faithfulness` beside the same
   report computed with Captum and pytorch-grad-cam (GradCAM, Captum's
@@ -38,7 +40,7 @@ sys.path.insert(0, str(ROOT / "tools" / "golden"))
 sys.path.insert(0, str(ROOT / "tools" / "bench"))
 sys.path.insert(0, str(ROOT / "tools"))
 from torchvision_hash import hash_state  # noqa: E402
-from common import timed  # noqa: E402
+from common import alternated  # noqa: E402
 import faithfulness as golden  # noqa: E402  (sets ROAD's imputer noise to 0)
 from inspection import ResNetCifar  # noqa: E402
 
@@ -89,9 +91,6 @@ def main():
         cls = int(net(x).argmax())
     ig = IntegratedGradients(net)
     occ = Occlusion(net)
-    captum_ig = timed(lambda: ig.attribute(x, target=cls, n_steps=50), 3, warmup=1)
-    captum_occ = timed(lambda: occ.attribute(x, target=cls, sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8),
-                                             baselines=0), 3, warmup=1)
 
     r20 = ResNetCifar(3).eval()
     r20.load_state_dict(load_file(ROOT / "models" / "resnet20-cifar10.safetensors"))
@@ -114,8 +113,6 @@ def main():
             ROADMostRelevantFirstAverage()(xc, m[None], target, r20)
             ROADLeastRelevantFirstAverage()(xc, m[None], target, r20)
 
-    python_rep = timed(python_report, 3, warmup=1)
-
     with tempfile.TemporaryDirectory() as d:
         sd = {k: v.contiguous() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
         save_file(sd, f"{d}/resnet18-hash.safetensors")
@@ -127,11 +124,17 @@ def main():
         server, url = serve(d)
         try:
             base = f"{url}/models/resnet18-hash/saliency?output=json&class={cls}"
-            ours_ig = timed(lambda: post(f"{base}&method=integrated_gradients&steps=50", HOPPER), 3, warmup=1)
-            ours_occ = timed(lambda: post(f"{base}&method=occlusion&window=16&stride=8", HOPPER), 3, warmup=1)
+            # Each case alternates Captum's run with convscope's.
+            captum_ig, ours_ig = alternated(
+                lambda: ig.attribute(x, target=cls, n_steps=50),
+                lambda: post(f"{base}&method=integrated_gradients&steps=50", HOPPER), 3)
+            captum_occ, ours_occ = alternated(
+                lambda: occ.attribute(x, target=cls, sliding_window_shapes=(3, 16, 16), strides=(3, 8, 8),
+                                      baselines=0),
+                lambda: post(f"{base}&method=occlusion&window=16&stride=8", HOPPER), 3)
             report = (f"{url}/models/resnet20-cifar10/faithfulness?methods=gradcam,integrated_gradients,occlusion"
                       "&metrics=deletion,insertion,road_morf,road_lerf&steps=20")
-            ours_rep = timed(lambda: post(report, CAT), 10)
+            python_rep, ours_rep = alternated(python_report, lambda: post(report, CAT), 5)
         finally:
             server.terminate()
             server.wait()
