@@ -32,6 +32,10 @@ pub struct PoolOp {
     pub count_include_pad: bool,
 }
 
+/// Per output row and per output column: the input range, clipped, and
+/// the window's length before clipping ([`PoolOp::span`]).
+type Spans = (Vec<(usize, usize, usize)>, Vec<(usize, usize, usize)>);
+
 /// One output cell's window in input coordinates, and the average divisor.
 struct Window {
     h0: usize,
@@ -63,96 +67,100 @@ impl Window {
 }
 
 impl PoolOp {
-    fn window(&self, oy: usize, ox: usize, h: usize, w: usize) -> Window {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (ph, pw) = (self.padding.0 as isize, self.padding.1 as isize);
-        let hs = (oy * sh) as isize - ph;
-        let ws = (ox * sw) as isize - pw;
-        let (he, we) = match self.kind {
-            PoolKind::Max => (
-                (hs + kh as isize).min(h as isize),
-                (ws + kw as isize).min(w as isize),
-            ),
-            PoolKind::Avg => (
-                (hs + kh as isize).min(h as isize + ph),
-                (ws + kw as isize).min(w as isize + pw),
-            ),
-        };
-        let area = ((he - hs) * (we - ws)) as f32;
-        let (h0, w0) = (hs.max(0) as usize, ws.max(0) as usize);
-        let (h1, w1) = (
-            he.min(h as isize).max(0) as usize,
-            we.min(w as isize).max(0) as usize,
-        );
-        let divisor = if self.count_include_pad {
-            area
+    /// Output index `o`'s input range along `axis` (0: rows, 1: columns)
+    /// of an input `n` long, clipped to the input, and the window's length
+    /// before that clipping (within the padding for average pooling): the
+    /// windows are products of these, so a plane computes them once per
+    /// row and once per column instead of once per cell.
+    fn span(&self, o: usize, axis: usize, n: usize) -> (usize, usize, usize) {
+        let (k, s, p) = if axis == 0 {
+            (self.kernel.0, self.stride.0, self.padding.0)
         } else {
-            ((h1.saturating_sub(h0)) * (w1.saturating_sub(w0))) as f32
+            (self.kernel.1, self.stride.1, self.padding.1)
         };
-        Window {
-            h0,
-            h1,
-            w0,
-            w1,
-            divisor,
-        }
+        let (n, p) = (n as isize, p as isize);
+        let start = (o * s) as isize - p;
+        let end = match self.kind {
+            PoolKind::Max => (start + k as isize).min(n),
+            PoolKind::Avg => (start + k as isize).min(n + p),
+        };
+        (
+            start.max(0) as usize,
+            end.min(n).max(0) as usize,
+            (end - start).max(0) as usize,
+        )
     }
 
-    /// Runs `f(out_index_in_plane, window)` for every output cell of one plane.
-    fn for_each_cell(&self, h: usize, w: usize, mut f: impl FnMut(usize, &Window)) {
-        let (oh, ow) = self.out;
-        let ((kh, kw), (sh, sw)) = (self.kernel, self.stride);
-        // Without padding and with every window inside the input (the
-        // usual `MaxPool2d(2)`), windows need no clipping.
-        let inside = self.padding == (0, 0)
-            && oh > 0
-            && ow > 0
-            && (oh - 1) * sh + kh <= h
-            && (ow - 1) * sw + kw <= w;
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let win = if inside {
-                    Window {
-                        h0: oy * sh,
-                        h1: oy * sh + kh,
-                        w0: ox * sw,
-                        w1: ox * sw + kw,
-                        divisor: (kh * kw) as f32,
-                    }
+    /// The spans ([`Self::span`]) of every output row and column.
+    fn spans(&self, h: usize, w: usize) -> Spans {
+        (
+            (0..self.out.0).map(|oy| self.span(oy, 0, h)).collect(),
+            (0..self.out.1).map(|ox| self.span(ox, 1, w)).collect(),
+        )
+    }
+
+    /// Runs `f(out_index_in_plane, window)` for every output cell of one
+    /// plane, with the spans of [`Self::spans`].
+    fn for_each_cell(&self, (rows, cols): &Spans, mut f: impl FnMut(usize, &Window)) {
+        let ow = cols.len();
+        for (oy, &(h0, h1, fh)) in rows.iter().enumerate() {
+            for (ox, &(w0, w1, fw)) in cols.iter().enumerate() {
+                let divisor = if self.count_include_pad {
+                    (fh * fw) as f32
                 } else {
-                    self.window(oy, ox, h, w)
+                    (h1.saturating_sub(h0) * w1.saturating_sub(w0)) as f32
+                };
+                let win = Window {
+                    h0,
+                    h1,
+                    w0,
+                    w1,
+                    divisor,
                 };
                 f(oy * ow + ox, &win);
             }
         }
     }
 
-    fn forward_plane(&self, plane: &[f32], out: &mut [f32], h: usize, w: usize) {
-        self.for_each_cell(h, w, |o, win| {
-            out[o] = match self.kind {
-                PoolKind::Max => {
-                    let mut best = f32::NEG_INFINITY;
-                    'scan: for y in win.h0..win.h1 {
-                        for v in &plane[y * w + win.w0..y * w + win.w1] {
-                            if *v > best || v.is_nan() {
-                                best = *v;
-                                if v.is_nan() {
-                                    break 'scan;
-                                }
-                            }
-                        }
-                    }
-                    best
+    /// Max pooling of one plane, separably: per output row, the maximum of
+    /// its input rows down each column (whole rows at a time, which
+    /// vectorises), then of each window's columns. Same values as the
+    /// window-by-window scan: a NaN anywhere in a window wins, an empty
+    /// window is −∞. (The window loop with its per-cell clipping was 4% of
+    /// ResNet-18's batch-1 forward.)
+    fn max_plane(&self, (rows, cols): &Spans, plane: &[f32], out: &mut [f32], w: usize) {
+        let ow = cols.len();
+        let mut column = vec![f32::NEG_INFINITY; w];
+        for (oy, &(h0, h1, _)) in rows.iter().enumerate() {
+            column.fill(f32::NEG_INFINITY);
+            for y in h0..h1 {
+                for (m, &v) in column.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                    let take = v > *m || v.is_nan();
+                    *m = if take { v } else { *m };
                 }
-                PoolKind::Avg => {
-                    let mut sum = 0f32;
-                    for y in win.h0..win.h1 {
-                        sum += plane[y * w + win.w0..y * w + win.w1].iter().sum::<f32>();
+            }
+            for (o, &(w0, w1, _)) in out[oy * ow..(oy + 1) * ow].iter_mut().zip(cols) {
+                let mut best = f32::NEG_INFINITY;
+                for &v in &column[w0.min(w1)..w1] {
+                    if v > best || v.is_nan() {
+                        best = v;
                     }
-                    sum / win.divisor
                 }
-            };
+                *o = best;
+            }
+        }
+    }
+
+    fn forward_plane(&self, spans: &Spans, plane: &[f32], out: &mut [f32], w: usize) {
+        if self.kind == PoolKind::Max {
+            return self.max_plane(spans, plane, out, w);
+        }
+        self.for_each_cell(spans, |o, win| {
+            let mut sum = 0f32;
+            for y in win.h0..win.h1 {
+                sum += plane[y * w + win.w0..y * w + win.w1].iter().sum::<f32>();
+            }
+            out[o] = sum / win.divisor;
         });
     }
 
@@ -163,15 +171,23 @@ impl PoolOp {
         if per == 0 || h * w == 0 {
             return out;
         }
+        let spans = self.spans(h, w);
         out.par_chunks_mut(per)
             .zip(x.par_chunks(h * w))
             .with_min_len(PLANES_PER_TASK)
-            .for_each(|(o, plane)| self.forward_plane(plane, o, h, w));
+            .for_each(|(o, plane)| self.forward_plane(&spans, plane, o, w));
         out
     }
 
-    fn backward_plane(&self, x: &[f32], grad_out: &[f32], grad: &mut [f32], h: usize, w: usize) {
-        self.for_each_cell(h, w, |o, win| match self.kind {
+    fn backward_plane(
+        &self,
+        spans: &Spans,
+        x: &[f32],
+        grad_out: &[f32],
+        grad: &mut [f32],
+        w: usize,
+    ) {
+        self.for_each_cell(spans, |o, win| match self.kind {
             PoolKind::Max => {
                 if let (_, Some(i)) = win.argmax(x, w) {
                     grad[i] += grad_out[o];
@@ -201,10 +217,11 @@ impl PoolOp {
         if per == 0 || h * w == 0 || planes == 0 {
             return grad;
         }
+        let spans = self.spans(h, w);
         grad.par_chunks_mut(h * w)
             .zip(x.par_chunks(h * w).zip(grad_out.par_chunks(per)))
             .with_min_len(PLANES_PER_TASK)
-            .for_each(|(g, (xs, go))| self.backward_plane(xs, go, g, h, w));
+            .for_each(|(g, (xs, go))| self.backward_plane(&spans, xs, go, g, w));
         grad
     }
 }
@@ -333,6 +350,7 @@ impl CustomOp1 for MaxPoolWithIndices {
         let mut out = vec![0f32; n * c * per];
         let mut idx = vec![0u32; n * c * per];
         if per > 0 && h * w > 0 {
+            let spans = self.op.spans(h, w);
             out.par_chunks_mut(per)
                 .zip(idx.par_chunks_mut(per))
                 .zip(x.par_chunks(h * w))
@@ -342,7 +360,7 @@ impl CustomOp1 for MaxPoolWithIndices {
                         max_2x2(plane, w, self.op.out, o, ix);
                         return;
                     }
-                    self.op.for_each_cell(h, w, |cell, win| {
+                    self.op.for_each_cell(&spans, |cell, win| {
                         let best = win.argmax(plane, w);
                         o[cell] = best.0;
                         ix[cell] = best.1.map_or(u32::MAX, |i| i as u32);
@@ -570,6 +588,45 @@ mod tests {
             }
             .backward_slice(&v, &vec![1.0; 2 * (h / 2) * (w / 2)], 2, h, w);
             assert_eq!(g, reference, "{h}x{w}");
+        }
+    }
+
+    #[test]
+    fn the_separable_max_agrees_with_the_window_scan_on_ties_and_nans() {
+        let mut rng = Rng::new(37);
+        for case in 0..200 {
+            let (k, s) = (
+                (1 + rng.below(4), 1 + rng.below(4)),
+                (1 + rng.below(3), 1 + rng.below(3)),
+            );
+            let p = (rng.below(k.0 / 2 + 1), rng.below(k.1 / 2 + 1));
+            let (h, w) = (k.0 + rng.below(9), k.1 + rng.below(9));
+            let v: Vec<f32> = (0..2 * h * w)
+                .map(|_| match rng.below(12) {
+                    0 if case % 3 == 0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    k => (k % 3) as f32,
+                })
+                .collect();
+            let ceil = rng.below(2) == 1;
+            let pool = Pool2d::new(PoolKind::Max, k, s, p, ceil, true, "t").unwrap();
+            let x = Var::from_tensor(&Tensor::from_vec(v, (1, 2, h, w), &Device::Cpu).unwrap())
+                .unwrap();
+            // Plain input: the separable pass; tracked: the indexed op's
+            // window-by-window scan.
+            let separable = pool.forward(&x.as_tensor().detach()).unwrap();
+            let scan = pool.forward(x.as_tensor()).unwrap();
+            let (a, b) = (
+                separable.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                scan.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(a.len(), b.len());
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    p == q || (p.is_nan() && q.is_nan()),
+                    "{k:?} {s:?} {h}x{w}: {p} vs {q}"
+                );
+            }
         }
     }
 
