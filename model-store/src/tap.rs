@@ -20,7 +20,8 @@ pub trait Tap {
 
     /// Whether the tap looks at (or replaces) `layer`'s output. When it
     /// does not, the network may skip materialising it: a convolution, the
-    /// batch norm and the ReLU after it then run as one fused kernel.
+    /// batch norm and the ReLU after it then run as one fused kernel (two
+    /// when [`Self::folds_batch_norm`] is false).
     fn wants(&self, _layer: &str) -> bool {
         true
     }
@@ -34,7 +35,8 @@ pub trait Tap {
 
     /// How the pass's ReLUs pass gradients back: guided backpropagation and
     /// deconvolution change the rule, not the network. Any other rule than
-    /// the chain rule runs every ReLU as its own node (none fused).
+    /// the chain rule runs every ReLU as its own node (no chain ending in a
+    /// ReLU is fused; other chains still are).
     fn relu_rule(&self) -> ReluRule {
         ReluRule::Autograd
     }

@@ -11,7 +11,9 @@
 //! reports every named output to the tap, frees each value after its last
 //! use, and runs a convolution with the batch norm and ReLU after it (and a
 //! residual add with its ReLU) as one kernel whenever the tap wants none of
-//! the intermediates.
+//! the intermediates (as two, the convolution with its own weights and then
+//! the batch norm with the activation, when the tap asks that no batch norm
+//! be folded: [`crate::tap::Tap::folds_batch_norm`]).
 
 pub mod ops;
 mod parse;
@@ -67,7 +69,9 @@ pub const MAX_NODE_VALUES: usize = 1 << 28;
 pub const INPUT: usize = usize::MAX;
 
 /// A chain run as one kernel: conv (+ its batch norm) (+ ReLU/ReLU6), or
-/// add + ReLU. `covers` lists the nodes after the first, in order.
+/// add + ReLU (a conv + batch norm chain as two kernels for a tap that does
+/// not let the batch norm fold). `covers` lists the nodes after the first,
+/// in order.
 #[derive(Debug, Clone)]
 struct Fusion {
     covers: Vec<usize>,
@@ -633,5 +637,50 @@ mod tests {
                 .to_string();
             assert!(e.contains(says), "{nodes}: {e}");
         }
+    }
+
+    /// A tap that lets nothing fold its batch norm runs the fused kernels
+    /// but PyTorch's rounding: the same logits, bit for bit, as the pass
+    /// that materialises every layer (a convolution, then its batch norm,
+    /// then its ReLU), and the same input gradient.
+    #[test]
+    fn unfolded_fusion_rounds_as_the_unfused_pass() {
+        struct Unfolded;
+        impl crate::tap::Tap for Unfolded {
+            fn on_output(&mut self, _: &str, y: Tensor) -> crate::error::Result<Tensor> {
+                Ok(y)
+            }
+            fn wants(&self, _: &str) -> bool {
+                false
+            }
+            fn folds_batch_norm(&self) -> bool {
+                false
+            }
+        }
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+        let model =
+            LoadedModel::from_files(&dir.join("resnet20-cifar10.json"), &Device::Cpu).unwrap();
+        let mut rng = crate::rng::Rng::new(5);
+        let x: Vec<f32> = (0..2 * 3 * 32 * 32).map(|_| rng.normal()).collect();
+        let x = Tensor::from_vec(x, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let run = |tap: &mut dyn crate::tap::Tap| {
+            let v = candle_core::Var::from_tensor(&x).unwrap();
+            let y = model.network.forward(v.as_tensor(), tap).unwrap();
+            let g = (y.narrow(1, 3, 1).unwrap().sum_all().unwrap())
+                .backward()
+                .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (flat(&y), flat(g.get(v.as_tensor()).unwrap()))
+        };
+        let (y_all, g_all) = run(&mut Record::all());
+        let (y, g) = run(&mut Unfolded);
+        assert_eq!(y, y_all, "logits");
+        let scale = g_all.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in g.iter().zip(&g_all) {
+            assert!((a - b).abs() <= 1e-6 * scale, "input gradient {a} vs {b}");
+        }
+        // And folding does change the rounding (so the test can tell).
+        let (y_folded, _) = run(&mut crate::tap::NoTap);
+        assert_ne!(y_folded, y_all, "folded logits");
     }
 }

@@ -417,8 +417,9 @@ impl Tap for RuleTap {
     }
 }
 
-/// Logits of a batch under a ReLU rule, unfused (the softmax's inputs for
-/// a network that ends in one, as [`LoadedModel::logits`]).
+/// Logits of a batch under a ReLU rule, through [`RuleTap`]: fused kernels,
+/// no batch norm folded (the softmax's inputs for a network that ends in
+/// one, as [`LoadedModel::logits`]).
 fn logits_with(model: &LoadedModel, x: &Tensor, rule: ReluRule) -> Result<Tensor> {
     let pre_softmax = model.network.ends_with_softmax().then(|| {
         let l = model.network.layers();

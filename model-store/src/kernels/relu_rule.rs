@@ -10,7 +10,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, bail};
 /// How a ReLU passes the gradient back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReluRule {
-    /// The chain rule: `g · [x > 0]`.
+    /// The chain rule: `g · [x > 0]` as PyTorch's ReLU backward, in every
+    /// fused kernel's backward. A ReLU that runs alone under this rule is
+    /// candle's, whose backward is `g · [x ≥ 0]`: the two differ only where
+    /// a pre-activation is exactly 0 (a ReLU after a linear layer, or after
+    /// a layer a tap wants).
     #[default]
     Autograd,
     /// Guided backpropagation: `max(g, 0) · [x > 0]`, Captum's
