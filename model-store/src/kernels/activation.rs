@@ -13,6 +13,7 @@
 
 use candle_core::Tensor;
 
+use super::elementwise::with_host;
 use super::tier::{self, Tier};
 
 /// The activation applied to the convolution's output in the same pass.
@@ -116,6 +117,43 @@ impl Activation {
                 }
             }
         }
+    }
+
+    /// `g · dy/dz` for each value of an output gradient `grad` and the
+    /// activation's saved output `res` (and its input `z`, for the
+    /// activations that need it, [`Self::needs_input`]; empty otherwise):
+    /// the backward of every kernel that fuses an activation (a
+    /// convolution's, add + ReLU). One pass on the rayon pool over the
+    /// tensors read in place; ReLU's slope without a call per value, and
+    /// `0` (not `g · 0`) where it is flat, as PyTorch's `threshold_backward`.
+    pub(super) fn mask_gradient(
+        self,
+        res: &Tensor,
+        grad: &Tensor,
+        z: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 16 * 1024;
+        with_host(res, |y| {
+            with_host(grad, |g| {
+                let mut out = vec![0f32; g.len()];
+                out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
+                    let at = k * CHUNK..k * CHUNK + o.len();
+                    let (y, g) = (&y[at.clone()], &g[at.clone()]);
+                    if self == Self::Relu {
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                            *o = if y > 0.0 { g } else { 0.0 };
+                        }
+                    } else {
+                        let z = z.get(at).unwrap_or(&[]);
+                        for (i, ((o, &y), &g)) in o.iter_mut().zip(y).zip(g).enumerate() {
+                            *o = g * self.derivative(z.get(i).copied().unwrap_or(0.0), y);
+                        }
+                    }
+                });
+                out
+            })
+        })?
     }
 
     /// Applies it to every value of `v` in place, at the active tier.

@@ -63,21 +63,9 @@ impl CustomOp2 for AddRelu {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // One pass on the pool, reading the saved tensors in place (candle's
-        // `gt`, `to_dtype` and `mul` were three, each on its own pool).
-        let g = with_host(res, |y| {
-            with_host(grad_res, |g| {
-                let mut out = vec![0f32; g.len()];
-                out.par_chunks_mut(CHUNK)
-                    .zip(y.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-                    .for_each(|(o, (y, g))| {
-                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                            *o = if y > 0.0 { g } else { 0.0 };
-                        }
-                    });
-                out
-            })
-        })??;
+        // One pass on the pool (candle's `gt`, `to_dtype` and `mul` were
+        // three, each on its own pool).
+        let g = Activation::Relu.mask_gradient(res, grad_res, &[])?;
         let g = Tensor::from_vec(g, res.shape(), res.device())?;
         Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }

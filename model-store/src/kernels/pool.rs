@@ -127,8 +127,8 @@ impl PoolOp {
     /// vectorises), then of each window's columns. Same values as the
     /// window-by-window scan but for the sign of a zero maximum and which
     /// NaN wins (where a window holds both −0 and +0, or two NaNs): a NaN
-    /// anywhere in a window wins, an empty window is −∞. (The window loop with its per-cell clipping was 4% of
-    /// ResNet-18's batch-1 forward.)
+    /// anywhere in a window wins, an empty window is −∞. (The window loop
+    /// with its per-cell clipping was 4% of ResNet-18's batch-1 forward.)
     fn max_plane(&self, (rows, cols): &Spans, plane: &[f32], out: &mut [f32], w: usize) {
         let ow = cols.len();
         let mut column = vec![f32::NEG_INFINITY; w];

@@ -43,7 +43,6 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::direct;
-use super::elementwise::with_host;
 pub(super) use im2col::{Mat, matmul};
 pub use packed::{PackedConvOp, pack_weights, packs};
 
@@ -131,9 +130,6 @@ pub(super) fn f32_slice<'a>(
     }
 }
 
-/// Values per task of the backward's activation mask.
-const MASK_CHUNK: usize = 16 * 1024;
-
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -179,31 +175,7 @@ impl CustomOp3 for ConvOp {
             } else {
                 Vec::new()
             };
-            // The gradient masked by the slope in one pass on the pool,
-            // the saved output read in place.
-            let act = self.activation;
-            with_host(res, |y| {
-                with_host(grad_res, |g| {
-                    let mut out = vec![0f32; g.len()];
-                    out.par_chunks_mut(MASK_CHUNK)
-                        .enumerate()
-                        .for_each(|(k, o)| {
-                            let at = k * MASK_CHUNK..k * MASK_CHUNK + o.len();
-                            let (y, g) = (&y[at.clone()], &g[at.clone()]);
-                            if act == Activation::Relu {
-                                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                                    *o = if y > 0.0 { g } else { 0.0 };
-                                }
-                            } else {
-                                let z = z.get(at).unwrap_or(&[]);
-                                for (i, ((o, &y), &g)) in o.iter_mut().zip(y).zip(g).enumerate() {
-                                    *o = g * act.derivative(z.get(i).copied().unwrap_or(0.0), y);
-                                }
-                            }
-                        });
-                    out
-                })
-            })??
+            self.activation.mask_gradient(res, grad_res, &z)?
         };
         let db = (bias.elem_count() > 0 && bias.track_op())
             .then(|| {
