@@ -4,7 +4,7 @@
 //!
 //! Shapes here exclude the batch dimension: `[C, H, W]` or `[N]`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{D, DType, Tensor};
 
@@ -243,6 +243,29 @@ pub struct Prepared {
     /// `W` or `W'` packed for the direct kernel (one group, on a CPU that
     /// runs it), so no call packs it again.
     pub packed: Option<Arc<[f32]>>,
+    /// For the unfolded weights only: the Winograd transform of the
+    /// flipped kernel `W[o, c, 2−i, 2−j]` `[16][I][O]` (3×3 stride-1 layers
+    /// wide enough for Winograd to pay), with which the backward computes
+    /// the input gradient as a transposed convolution in 2.25 times fewer
+    /// multiplies (`kernels/conv/backward.rs`).
+    pub transposed: Option<Arc<[f32]>>,
+    /// When `W'` folds a batch norm: the convolution's own weights made
+    /// ready the first time a pass asks for them unfolded (attributions,
+    /// compared with PyTorch's convolution-then-batch-norm), so models
+    /// that never explain pay neither the time nor the memory.
+    unfolded: OnceLock<Option<Box<Prepared>>>,
+}
+
+impl Prepared {
+    /// The unfolded weights of `conv`, whose folding preparation this is:
+    /// packed for the direct kernel and with the transposed Winograd
+    /// transform where it pays, made on first use. The forward they give
+    /// is the plain convolution's bit for bit (the same kernel and order).
+    fn unfolded(&self, conv: &Conv2d) -> Option<&Prepared> {
+        self.unfolded
+            .get_or_init(|| conv.prepare_unfolded().ok().map(Box::new))
+            .as_deref()
+    }
 }
 
 impl Conv2d {
@@ -305,9 +328,14 @@ impl Conv2d {
 
     /// Runs the convolution on an NCHW batch.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self.prepared.as_deref() {
-            Some(p) if !p.folds_bn => self.forward_fused(x, p, Activation::Identity),
-            _ => self.run(
+        let unfolded = match self.prepared.as_deref() {
+            Some(p) if !p.folds_bn => Some(p),
+            Some(p) => p.unfolded(self),
+            None => None,
+        };
+        match unfolded {
+            Some(p) => self.forward_fused(x, p, Activation::Identity),
+            None => self.run(
                 x,
                 &self.weight,
                 self.bias.as_ref(),
@@ -371,6 +399,46 @@ impl Conv2d {
             folds_bn: bn.is_some(),
             winograd,
             packed,
+            transposed: None,
+            unfolded: OnceLock::new(),
+        })
+    }
+
+    /// The convolution's own weights for the unfolded passes: packed for
+    /// the direct kernel, no forward Winograd (its rounding would move
+    /// units across ReLU kinks that PyTorch's convolution does not), and
+    /// the transposed transform for the backward where Winograd pays.
+    fn prepare_unfolded(&self) -> candle_core::Result<Prepared> {
+        let (o, i, kh, kw) = self.kernel();
+        let cpu_f32 = self.weight.device().is_cpu() && self.weight.dtype() == DType::F32;
+        let probe = ConvOp {
+            stride: (self.stride, self.stride),
+            dilation: (self.dilation, self.dilation),
+            padding: (0, 0, 0, 0),
+            groups: self.groups,
+            activation: Activation::Identity,
+        };
+        let w = if cpu_f32 {
+            self.weight.flatten_all()?.to_vec1::<f32>()?
+        } else {
+            Vec::new()
+        };
+        let packed = (cpu_f32 && conv::packs(o, self.groups))
+            .then(|| conv::pack_weights(&w, o, i * kh * kw))
+            .flatten();
+        // Only the packed op carries the transform to its backward.
+        let transposed = (packed.is_some()
+            && winograd::eligible(&probe, kh, kw)
+            && winograd::pays(&self.weight))
+        .then(|| Arc::from(winograd::transform_transposed(&w, o, i)));
+        Ok(Prepared {
+            weight: self.weight.clone(),
+            bias: self.bias.clone(),
+            folds_bn: false,
+            winograd: None,
+            packed,
+            transposed,
+            unfolded: OnceLock::new(),
         })
     }
 
@@ -421,6 +489,7 @@ impl Conv2d {
                     PackedConvOp {
                         base: op,
                         packed: packed.clone(),
+                        transposed: prepared.and_then(|p| p.transposed.clone()),
                     },
                 ),
                 _ => x.apply_op3(&weight, &bias, op),

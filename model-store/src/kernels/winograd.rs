@@ -54,12 +54,23 @@ pub fn eligible(op: &ConvOp, kh: usize, kw: usize) -> bool {
 /// 16/4 times the data of the output, dominate. Measured on ResNet-18/20
 /// (BENCHMARKS.md): from 128 channels on it is faster, below it slower.
 pub fn pays(w: &Tensor) -> bool {
-    let (o, c) = (w.dim(0).unwrap_or(0), w.dim(1).unwrap_or(0));
+    pays_for(w.dim(0).unwrap_or(0), w.dim(1).unwrap_or(0))
+}
+
+/// [`pays`] for `o` output and `c` input channels.
+pub(super) fn pays_for(o: usize, c: usize) -> bool {
     c >= MIN_CHANNELS && o >= MIN_CHANNELS
 }
 
 /// See [`pays`].
 const MIN_CHANNELS: usize = 128;
+
+/// `U` of the flipped kernel `W'[c, o, i, j] = W[o, c, 2−i, 2−j]`, laid out
+/// `[16][C][O]`: the weight of the transposed convolution that gives a
+/// 3×3 stride-1 layer's input gradient (`conv/backward.rs`).
+pub fn transform_transposed(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    transform_weights(&super::conv::flip_weights(w, o, c, 9), c, o)
+}
 
 /// `U = G g Gᵀ` for an OIHW 3×3 weight, laid out `[16][O][C]`.
 pub fn transform_weights(w: &[f32], o: usize, c: usize) -> Vec<f32> {
@@ -92,7 +103,9 @@ pub struct WinogradOp {
 const BUDGET: usize = 8 << 20;
 
 impl WinogradOp {
-    fn forward(&self, d: &Dims, x: &[f32], bias: &[f32]) -> Vec<f32> {
+    /// The output `[N, O, oh, ow]` of `x` under `d`'s geometry (which
+    /// [`eligible`] accepted, with `u` of `d`'s channels).
+    pub(super) fn forward(&self, d: &Dims, x: &[f32], bias: &[f32]) -> Vec<f32> {
         let (th, tw) = (d.oh.div_ceil(2), d.ow.div_ceil(2));
         let tiles = th * tw;
         let per_chunk = (BUDGET / (16 * (d.c + d.o) * tiles).max(1)).clamp(1, d.n);

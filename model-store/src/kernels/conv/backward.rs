@@ -1,8 +1,11 @@
 //! The gradients of one image: input (`Wᵀ·G`, then col2im) and weight
 //! (`G·colᵀ`), and their depthwise forms.
 
+use std::sync::Arc;
+
 use super::im2col::*;
 use super::*;
+use crate::kernels::winograd::{self, WinogradOp};
 
 /// The input gradient of a stride-1 convolution as a convolution itself:
 /// `dx = conv(G, W')` with `W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]` and
@@ -41,18 +44,16 @@ impl ConvOp {
 
 impl Transposed {
     /// `dx` `[N, C, H, W]` from the masked output gradient `g` `[N, O, oh, ow]`.
-    pub(super) fn input_grad(&self, d: &Dims, w: &[f32], g: &[f32]) -> Vec<f32> {
-        let kk = d.kh * d.kw;
-        let mut flipped = vec![0f32; w.len()];
-        for o in 0..d.o {
-            for c in 0..d.c {
-                let from = &w[(o * d.c + c) * kk..][..kk];
-                let to = &mut flipped[(c * d.o + o) * kk..][..kk];
-                for (i, v) in from.iter().enumerate() {
-                    to[kk - 1 - i] = *v;
-                }
-            }
-        }
+    /// `winograd` is [`crate::kernels::winograd::transform_transposed`] of
+    /// `w`, made once per model: with it a 3×3 layer runs as Winograd (made
+    /// per call, the transform cost more than it saved).
+    pub(super) fn input_grad(
+        &self,
+        d: &Dims,
+        w: &[f32],
+        g: &[f32],
+        winograd: Option<&Arc<[f32]>>,
+    ) -> Vec<f32> {
         let dims = Dims {
             n: d.n,
             c: d.o,
@@ -66,8 +67,34 @@ impl Transposed {
             cg: d.o,
             og: d.c,
         };
+        if let Some(u) = winograd
+            .filter(|u| winograd::eligible(&self.op, d.kh, d.kw) && u.len() == 16 * d.c * d.o)
+        {
+            let op = WinogradOp {
+                base: self.op,
+                u: u.clone(),
+            };
+            return op.forward(&dims, g, &[]);
+        }
+        let flipped = flip_weights(w, d.o, d.c, d.kh * d.kw);
         self.op.forward(&dims, g, &flipped, &[], None)
     }
+}
+
+/// `W'[c, o, i, j] = W[o, c, kh−1−i, kw−1−j]` for an `[O, C, kh, kw]`
+/// weight of `kk = kh·kw` taps: the transposed convolution's kernel.
+pub(in crate::kernels) fn flip_weights(w: &[f32], o: usize, c: usize, kk: usize) -> Vec<f32> {
+    let mut flipped = vec![0f32; w.len()];
+    for oc in 0..o {
+        for ic in 0..c {
+            let from = &w[(oc * c + ic) * kk..][..kk];
+            let to = &mut flipped[(ic * o + oc) * kk..][..kk];
+            for (i, v) in from.iter().enumerate() {
+                to[kk - 1 - i] = *v;
+            }
+        }
+    }
+    flipped
 }
 
 impl ConvOp {

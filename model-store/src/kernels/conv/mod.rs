@@ -39,10 +39,13 @@ mod plan;
 #[cfg(test)]
 mod tests;
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::direct;
+pub(super) use backward::flip_weights;
 pub(super) use im2col::{Mat, matmul};
 pub use packed::{PackedConvOp, pack_weights, packs};
 
@@ -159,6 +162,22 @@ impl CustomOp3 for ConvOp {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, bias, res, grad_res, None)
+    }
+}
+
+impl ConvOp {
+    /// The gradients [`CustomOp3::bwd`] returns; `winograd` as for
+    /// [`backward::Transposed::input_grad`].
+    pub(super) fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+        winograd: Option<&Arc<[f32]>>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.layout(), w.layout())?;
         let p = d.p();
         let g = if self.activation == Activation::Identity {
@@ -198,7 +217,11 @@ impl CustomOp3 for ConvOp {
         let dx = want_x
             .then(|| {
                 if let Some(t) = self.transposed(&d) {
-                    return Tensor::from_vec(t.input_grad(&d, &wv, &g), x.shape(), x.device());
+                    return Tensor::from_vec(
+                        t.input_grad(&d, &wv, &g, winograd),
+                        x.shape(),
+                        x.device(),
+                    );
                 }
                 let mut dx = vec![0f32; d.n * in_image];
                 if self.depthwise(&d) {

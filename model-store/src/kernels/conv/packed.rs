@@ -39,6 +39,9 @@ pub struct PackedConvOp {
     pub base: ConvOp,
     /// The weight applied with it, packed.
     pub packed: Arc<[f32]>,
+    /// [`crate::kernels::winograd::transform_transposed`] of that weight,
+    /// for the input gradient, when it pays.
+    pub transposed: Option<Arc<[f32]>>,
 }
 
 impl CustomOp3 for PackedConvOp {
@@ -77,6 +80,7 @@ impl CustomOp3 for PackedConvOp {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.base.bwd(x, w, bias, res, grad_res)
+        self.base
+            .backward(x, w, bias, res, grad_res, self.transposed.as_ref())
     }
 }

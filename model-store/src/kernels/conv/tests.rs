@@ -251,6 +251,7 @@ fn weights_packed_once_give_the_same_outputs() {
                 PackedConvOp {
                     base: op,
                     packed: packed.clone(),
+                    transposed: None,
                 },
             )
             .unwrap();
@@ -263,7 +264,8 @@ fn weights_packed_once_give_the_same_outputs() {
                 &b,
                 PackedConvOp {
                     base: op,
-                    packed: short
+                    packed: short,
+                    transposed: None,
                 }
             )
             .is_err(),
@@ -448,4 +450,48 @@ fn only_the_gradients_asked_for_are_computed() {
         "a constant weight gets no gradient"
     );
     assert!(grads.get(&b).is_none(), "a constant bias gets no gradient");
+}
+
+#[test]
+fn a_wide_layers_input_gradient_runs_winograd_and_matches_col2im() {
+    // From 128 channels on both sides the transposed convolution runs
+    // Winograd F(2×2, 3×3); held to the `Wᵀ·G` + col2im gradient, per image,
+    // with asymmetric and full paddings, odd and even sizes, a batch of 2.
+    let mut rng = Rng::new(17);
+    for (c, o, h, w, padding) in [
+        (128, 128, 7, 6, (1, 1, 1, 1)),
+        (130, 160, 5, 9, (0, 2, 1, 0)),
+        (128, 144, 4, 4, (2, 2, 2, 2)),
+    ] {
+        let op = ConvOp {
+            stride: (1, 1),
+            dilation: (1, 1),
+            padding,
+            groups: 1,
+            activation: Activation::Identity,
+        };
+        let x = rng.tensor(&[2, c, h, w]);
+        let wt = rng.tensor(&[o, c, 3, 3]);
+        let d = op.dims(x.layout(), wt.layout()).unwrap();
+        assert!(crate::kernels::winograd::pays_for(d.c, d.o));
+        let g = to_vec(&rng.tensor(&[2, o, d.oh, d.ow])).unwrap();
+        let wv = to_vec(&wt).unwrap();
+        let u = crate::kernels::winograd::transform_transposed(&wv, o, c).into();
+        let fast = op
+            .transposed(&d)
+            .expect("a transposed convolution")
+            .input_grad(&d, &wv, &g, Some(&u));
+        let plane = c * h * w;
+        let mut slow = vec![0f32; 2 * plane];
+        for (i, dx) in slow.chunks_mut(plane).enumerate() {
+            let p = o * d.oh * d.ow;
+            op.input_grad_image(&d, &wv, &g[i * p..(i + 1) * p], dx);
+        }
+        let shape = [2, c, h, w];
+        close(
+            &Tensor::from_vec(fast, &shape, &Device::Cpu).unwrap(),
+            &Tensor::from_vec(slow, &shape, &Device::Cpu).unwrap(),
+            &format!("{c}->{o} {h}x{w} {padding:?}"),
+        );
+    }
 }
