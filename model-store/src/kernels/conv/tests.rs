@@ -477,10 +477,15 @@ fn a_wide_layers_input_gradient_runs_winograd_and_matches_col2im() {
         let g = to_vec(&rng.tensor(&[2, o, d.oh, d.ow])).unwrap();
         let wv = to_vec(&wt).unwrap();
         let u = crate::kernels::winograd::transform_transposed(&wv, o, c).into();
-        let fast = op
-            .transposed(&d)
-            .expect("a transposed convolution")
-            .input_grad(&d, &wv, &g, Some(&u));
+        let t = op.transposed(&d).expect("a transposed convolution");
+        let fast = t.input_grad(&d, &wv, &g, Some(&u));
+        // Winograd ran: it rounds unlike the direct transposed convolution
+        // (the fallback when the transform does not fit is silent).
+        assert_ne!(
+            fast,
+            t.input_grad(&d, &wv, &g, None),
+            "{c}->{o}: no Winograd"
+        );
         let plane = c * h * w;
         let mut slow = vec![0f32; 2 * plane];
         for (i, dx) in slow.chunks_mut(plane).enumerate() {
