@@ -356,6 +356,24 @@ impl Conv2d {
         self.run(x, &p.weight, p.bias.as_ref(), Some(p), activation)
     }
 
+    /// Whether `weight` (this convolution's own, or one with a batch norm
+    /// folded in) runs as Winograd F(2×2, 3×3): a 3×3 stride-1 ungrouped
+    /// float32 kernel on the CPU, wide enough for it to pay.
+    fn winograd_pays(&self, weight: &Tensor) -> bool {
+        let (_, _, kh, kw) = self.kernel();
+        let probe = ConvOp {
+            stride: (self.stride, self.stride),
+            dilation: (self.dilation, self.dilation),
+            padding: (0, 0, 0, 0),
+            groups: self.groups,
+            activation: Activation::Identity,
+        };
+        winograd::eligible(&probe, kh, kw)
+            && winograd::pays(weight)
+            && weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+    }
+
     /// Makes the weights the predict path runs with, folding in `bn` when
     /// it follows this convolution.
     pub fn prepare(&self, bn: Option<&BatchNorm2d>) -> candle_core::Result<Prepared> {
@@ -367,17 +385,8 @@ impl Conv2d {
             None => (self.weight.clone(), self.bias.clone()),
         };
         let (o, i, kh, kw) = self.kernel();
-        let probe = ConvOp {
-            stride: (self.stride, self.stride),
-            dilation: (self.dilation, self.dilation),
-            padding: (0, 0, 0, 0),
-            groups: self.groups,
-            activation: Activation::Identity,
-        };
-        let winograd = (winograd::eligible(&probe, kh, kw)
-            && winograd::pays(&weight)
-            && weight.device().is_cpu()
-            && weight.dtype() == DType::F32)
+        let winograd = self
+            .winograd_pays(&weight)
             .then(|| {
                 let w = weight.flatten_all()?.to_vec1::<f32>()?;
                 Ok::<_, candle_core::Error>(Arc::from(winograd::transform_weights(&w, o, i)))
@@ -415,13 +424,6 @@ impl Conv2d {
     fn prepare_unfolded(&self) -> candle_core::Result<Prepared> {
         let (o, i, kh, kw) = self.kernel();
         let cpu_f32 = self.weight.device().is_cpu() && self.weight.dtype() == DType::F32;
-        let probe = ConvOp {
-            stride: (self.stride, self.stride),
-            dilation: (self.dilation, self.dilation),
-            padding: (0, 0, 0, 0),
-            groups: self.groups,
-            activation: Activation::Identity,
-        };
         let w = if cpu_f32 {
             self.weight.flatten_all()?.to_vec1::<f32>()?
         } else {
@@ -431,10 +433,8 @@ impl Conv2d {
             .then(|| conv::pack_weights(&w, o, i * kh * kw))
             .flatten();
         // Only the packed op carries the transform to its backward.
-        let transposed = (packed.is_some()
-            && winograd::eligible(&probe, kh, kw)
-            && winograd::pays(&self.weight))
-        .then(|| Arc::from(winograd::transform_transposed(&w, o, i)));
+        let transposed = (packed.is_some() && self.winograd_pays(&self.weight))
+            .then(|| Arc::from(winograd::transform_transposed(&w, o, i)));
         Ok(Prepared {
             weight: self.weight.clone(),
             bias: self.bias.clone(),
