@@ -13,9 +13,6 @@ use axum::response::{IntoResponse, Response};
 use crate::error::ApiError;
 use crate::state::AppState;
 
-/// How much of a refused request's body is read so the client sees the 401.
-const DRAIN_LIMIT: usize = 4 * 1024 * 1024;
-
 fn always_open(path: &str) -> bool {
     matches!(
         path,
@@ -50,10 +47,8 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim);
         if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
-            // Read (a bounded amount of) the body before answering: a client
-            // still uploading would otherwise see the connection reset instead
-            // of the 401. Beyond the bound the connection is closed anyway.
-            let _ = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT).await;
+            // The body a client is still uploading is read by
+            // `linger::drain_unread_body` before this 401 goes out.
             let mut response = ApiError::Unauthorized(
                 "this endpoint needs the server's API key: send `Authorization: Bearer <key>`"
                     .into(),

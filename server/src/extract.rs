@@ -2,6 +2,8 @@
 //! or body gets the same problem+json shape as every other error.
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
@@ -54,6 +56,22 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 R::JsonSyntaxError(e) => ApiError::BadRequest(e.body_text()),
                 other => body_error(other.status(), other.body_text()),
             })
+    }
+}
+
+/// Refuses a body whose declared `Content-Length` is over `limit` before
+/// any of it is read: reading 32 MiB only to refuse them helps nobody.
+/// (What a client then still sends is read by `linger`, bounded.)
+pub fn declared_within(headers: &HeaderMap, limit: usize, flag: &str) -> Result<(), ApiError> {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match declared {
+        Some(n) if n > limit as u64 => Err(ApiError::TooLarge(format!(
+            "the request body is {n} bytes, over this server's limit of {limit} bytes; see {flag}"
+        ))),
+        _ => Ok(()),
     }
 }
 

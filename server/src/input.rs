@@ -21,7 +21,7 @@ use model_store::preprocess::{self, DecodeLimits};
 use serde_json::Value;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::body_error;
+use crate::extract::{body_error, declared_within};
 use crate::state::AppState;
 
 /// Raw image types the contract accepts as a whole body.
@@ -104,6 +104,11 @@ impl FromRequest<AppState> for ImageUpload {
             .unwrap_or("")
             .trim()
             .to_string();
+        declared_within(
+            req.headers(),
+            state.settings.max_body_bytes,
+            "--max-body-bytes",
+        )?;
         let upload = if mime == "multipart/form-data" {
             from_multipart(Multipart::from_request(req, state).await.map_err(|e| {
                 ApiError::BadRequest(format!("malformed multipart body: {}", e.body_text()))

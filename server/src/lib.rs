@@ -26,6 +26,7 @@ pub mod extract;
 pub mod input;
 pub mod inputs;
 pub mod jobs;
+pub mod linger;
 pub mod metrics;
 pub mod oip;
 pub mod openapi;

@@ -39,6 +39,12 @@ pub struct Settings {
     #[arg(long, env = "CONVSCOPE_MAX_MODEL_BYTES", default_value_t = DEFAULT_MAX_MODEL_BYTES)]
     pub max_model_bytes: usize,
 
+    /// Most bytes of a refused body (413, 401, ...) read and discarded
+    /// before the answer goes out, so the client receives it instead of a
+    /// connection reset (at most 10 s); 0: close at once.
+    #[arg(long, env = "CONVSCOPE_DRAIN_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub drain_body_bytes: u64,
+
     /// Most images in one request.
     #[arg(long, env = "CONVSCOPE_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
@@ -224,6 +230,7 @@ impl Settings {
             default_model: "resnet20-cifar10".into(),
             max_body_bytes: 32 * 1024 * 1024,
             max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
+            drain_body_bytes: 64 * 1024 * 1024,
             max_batch: 64,
             max_pixels: 40_000_000,
             inputs_cache_bytes: 256 * 1024 * 1024,

@@ -117,6 +117,10 @@ impl Application {
             )
             // Panics outside a route (authentication, fallbacks) too.
             .layer(axum::middleware::from_fn(crate::catch_panic::catch_panic))
+            .layer(axum::middleware::from_fn_with_state(
+                settings.drain_body_bytes,
+                crate::linger::drain_unread_body,
+            ))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let listener =

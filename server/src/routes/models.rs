@@ -13,7 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, body_error};
+use crate::extract::{ApiPath, body_error, declared_within};
 use crate::openapi::{Binary, LookupErrors, Problem};
 use crate::state::AppState;
 
@@ -270,8 +270,14 @@ async fn detail(
 )]
 async fn register(
     State(state): State<AppState>,
+    headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> ApiResult<impl IntoResponse> {
+    declared_within(
+        &headers,
+        state.settings.max_model_bytes,
+        "--max-model-bytes",
+    )?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::BadRequest(format!(
             "send a multipart/form-data body with fields `manifest` and `weights` ({})",

@@ -740,6 +740,89 @@ async fn a_decompression_bomb_header_is_refused_fast_without_allocating() {
     app.stop().await;
 }
 
+/// A request over `--max-body-bytes` is refused from its `Content-Length`
+/// before its body is read. The server then reads what is left, up to
+/// `--drain-body-bytes`, before it answers: had it closed at once, the
+/// client's bytes still arriving would be answered with a TCP reset, which
+/// can destroy the 413 before the client reads it (a CI run of the
+/// table-driven test above saw "connection failed" for its 33 MiB body).
+/// Here the client sends its head, waits until the server has surely
+/// answered, then sends the body, as a slow curl upload does; before the
+/// drain this failed every time with a reset. A client that expects
+/// `100-continue` gets the 413 instead, and a body declared beyond the
+/// drain bound is not waited for: their 413 comes at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_body_is_read_so_the_client_gets_its_413_not_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = models_dir(&["resnet20-cifar10"]);
+    let mut settings = convscope::Settings::for_tests(dir.path());
+    settings.max_body_bytes = 1024 * 1024;
+    settings.drain_body_bytes = 8 * 1024 * 1024;
+    let app = TestApp::spawn_with(settings).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let head = |len: usize| {
+        format!(
+            "POST /predict HTTP/1.1\r\nhost: convscope\r\ncontent-type: image/png\r\n\
+             content-length: {len}\r\nconnection: close\r\n\r\n"
+        )
+    };
+    // The whole answer: the server closes after it (`connection: close`).
+    let answer = |what: &'static str, mut s: tokio::net::TcpStream| async move {
+        let mut bytes = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut buf = [0u8; 4096];
+            let read = tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await;
+            let so_far = String::from_utf8_lossy(&bytes).into_owned();
+            match read {
+                Err(_) => panic!("{what}: no end of the answer within 5 s; so far: {so_far:?}"),
+                Ok(Err(e)) => panic!("{what}: the connection failed ({e}); so far: {so_far:?}"),
+                Ok(Ok(0)) => return so_far,
+                Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+
+    // 4 MiB against a 1 MiB limit, within the drain bound.
+    let len = 4 * 1024 * 1024;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(head(len).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.write_all(&vec![0u8; len])
+        .await
+        .expect("the server reads the body it refused");
+    let text = answer("4 MiB", s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("application/problem+json"), "{text}");
+    assert!(text.contains("--max-body-bytes"), "{text}");
+
+    // curl's `Expect: 100-continue` (bodies over 1 MiB): the 413 comes
+    // instead of the 100, and the body need not be sent at all.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let expecting = head(len).replace(
+        "connection: close",
+        "expect: 100-continue\r\nconnection: close",
+    );
+    s.write_all(expecting.as_bytes()).await.unwrap();
+    let text = answer("4 MiB expecting 100-continue", s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+
+    // 1 GiB declared: beyond the drain bound, answered without waiting
+    // for the body (the drain's own bound is 10 s; the client waits 5).
+    let started = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(head(1 << 30).as_bytes()).await.unwrap();
+    let text = answer("1 GiB declared", s).await;
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    app.assert_healthy().await;
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gif_of_ten_thousand_frames_is_answered_from_its_first_frame_quickly() {
     use image::codecs::gif::GifEncoder;
