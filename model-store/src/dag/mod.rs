@@ -424,6 +424,54 @@ impl Dag {
         })
     }
 
+    /// The convolution that alone reads the network input, if there is one
+    /// (`conv1` of a ResNet). Its output is affine in the input, so the
+    /// input gradient of a sum of its output gradients is one backward
+    /// through it ([`Self::convolution_input_gradient`]): integrated
+    /// gradients sums its steps' gradients there and goes back through the
+    /// stem once per image, not once per step.
+    pub fn input_convolution(&self) -> Option<&str> {
+        let mut readers = self.nodes.iter().filter(|n| n.inputs.contains(&INPUT));
+        match (readers.next(), readers.next()) {
+            (Some(n), None)
+                if n.inputs.len() == 1 && !n.hidden && matches!(n.op, GraphOp::Conv(_)) =>
+            {
+                Some(&n.name)
+            }
+            _ => None,
+        }
+    }
+
+    /// `Wᵀ·g`: the gradient with respect to an input of shape `input`
+    /// (`[N, C, H, W]`) of `Σ conv(x) ⊙ g` for the convolution node `name`.
+    /// It does not depend on `x` (the bias only shifts the output), and it
+    /// runs the same backward kernels as a whole network's pass.
+    pub fn convolution_input_gradient(
+        &self,
+        name: &str,
+        g: &Tensor,
+        input: &[usize],
+    ) -> Result<Tensor> {
+        let Some(GraphOp::Conv(conv)) = self.nodes.iter().find(|n| n.name == name).map(|n| &n.op)
+        else {
+            return Err(Error::Shape {
+                layer: name.into(),
+                reason: "is not a convolution".into(),
+            });
+        };
+        let ctx = |source| Error::Forward {
+            layer: name.into(),
+            source,
+        };
+        let x = candle_core::Var::zeros(input, candle_core::DType::F32, g.device()).map_err(ctx)?;
+        let grads =
+            (|| conv.forward(x.as_tensor())?.mul(g)?.sum_all()?.backward())().map_err(ctx)?;
+        match grads.get(x.as_tensor()) {
+            Some(dx) => Ok(dx.clone()),
+            None => x.as_tensor().zeros_like().map_err(ctx),
+        }
+    }
+
     /// The kernels of the convolution node (or alias) `name`.
     pub fn conv_weight(&self, name: &str) -> Option<&Tensor> {
         self.nodes.iter().find_map(|n| match &n.op {

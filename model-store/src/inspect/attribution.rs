@@ -390,14 +390,48 @@ fn tunneled(
 /// within ~1e-7 of a ReLU's kink can land on the other side, and one such
 /// unit on one of integrated gradients' 50 paths moved an attribution by
 /// 3e-4.
+///
+/// With a `stem` (the convolution that alone reads the input), its output
+/// becomes a fresh variable, so the backward pass stops there and gives
+/// the gradient at the stem's output ([`stem_gradients`]).
 struct RuleTap {
     rule: ReluRule,
     pre_softmax: Option<String>,
     logits: Option<Tensor>,
+    stem: Option<String>,
+    stem_out: Option<Var>,
+}
+
+impl RuleTap {
+    fn new(model: &LoadedModel, rule: ReluRule, stem: Option<&str>) -> Self {
+        let pre_softmax = model.network.ends_with_softmax().then(|| {
+            let l = model.network.layers();
+            l[l.len() - 2].name.clone()
+        });
+        Self {
+            rule,
+            pre_softmax,
+            logits: None,
+            stem: stem.map(str::to_string),
+            stem_out: None,
+        }
+    }
+
+    /// The forward pass; the logits (before a final softmax).
+    fn logits(&mut self, model: &LoadedModel, x: &Tensor) -> Result<Tensor> {
+        let out = model.network.forward(x, self)?;
+        Ok(self.logits.take().unwrap_or(out))
+    }
 }
 
 impl Tap for RuleTap {
     fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor> {
+        if self.stem.as_deref() == Some(layer) {
+            let var = Var::from_tensor(&output.detach())?;
+            let out = var.as_tensor().clone();
+            self.stem_out = Some(var);
+            return Ok(out);
+        }
         if self.pre_softmax.as_deref() == Some(layer) {
             self.logits = Some(output.clone());
         }
@@ -405,7 +439,7 @@ impl Tap for RuleTap {
     }
 
     fn wants(&self, layer: &str) -> bool {
-        self.pre_softmax.as_deref() == Some(layer)
+        self.pre_softmax.as_deref() == Some(layer) || self.stem.as_deref() == Some(layer)
     }
 
     fn relu_rule(&self) -> ReluRule {
@@ -421,17 +455,24 @@ impl Tap for RuleTap {
 /// no batch norm folded (the softmax's inputs for a network that ends in
 /// one, as [`LoadedModel::logits`]).
 fn logits_with(model: &LoadedModel, x: &Tensor, rule: ReluRule) -> Result<Tensor> {
-    let pre_softmax = model.network.ends_with_softmax().then(|| {
-        let l = model.network.layers();
-        l[l.len() - 2].name.clone()
-    });
-    let mut tap = RuleTap {
-        rule,
-        pre_softmax,
-        logits: None,
-    };
-    let out = model.network.forward(x, &mut tap)?;
-    Ok(tap.logits.take().unwrap_or(out))
+    RuleTap::new(model, rule, None).logits(model, x)
+}
+
+/// `∂ Σ_rows logit[class] / ∂(stem's output)`, `[N, …]`, for a batch whose
+/// rows all explain `class`; `stem` is the network's
+/// [`crate::dag::Dag::input_convolution`].
+fn stem_gradients(model: &LoadedModel, x: &Tensor, class: usize, stem: &str) -> Result<Tensor> {
+    let mut tap = RuleTap::new(model, ReluRule::Autograd, Some(stem));
+    let logits = tap.logits(model, x)?;
+    let var = tap.stem_out.take().ok_or_else(|| Error::Shape {
+        layer: stem.into(),
+        reason: "the stem convolution did not run".into(),
+    })?;
+    let grads = logits.narrow(1, class, 1)?.sum_all()?.backward()?;
+    Ok(match grads.get(var.as_tensor()) {
+        Some(g) => g.to_dtype(DType::F32)?,
+        None => var.as_tensor().zeros_like()?,
+    })
 }
 
 /// `∂ Σ_rows logit[class] / ∂x` for a batch whose rows all explain `class`.
@@ -551,6 +592,12 @@ pub fn gauss_legendre(n: usize) -> Vec<(f64, f64)> {
 }
 
 /// Integrated gradients of one image from baseline `b`.
+///
+/// When one convolution alone reads the input (a ResNet's `conv1`), the
+/// steps' weighted gradients are summed at its output and taken back
+/// through it once: `Σₖ wₖ Wᵀgₖ = Wᵀ Σₖ wₖ gₖ`. The stem's backward (a 7×7
+/// stride-2 convolution into 3 channels, col2im-bound) then runs once per
+/// image instead of once per step.
 fn integrated(
     model: &LoadedModel,
     x: &Tensor,
@@ -565,7 +612,11 @@ fn integrated(
     let diff: Vec<f32> = xs.iter().zip(b).map(|(a, b)| a - b).collect();
     let nodes = gauss_legendre(steps);
     let chunk = (BATCH_VALUES / per).clamp(1, steps.max(1));
-    let mut total = vec![0f64; per];
+    let stem = model.network.dag().input_convolution();
+    // The weighted sum of the gradients: at the input, or at the stem's
+    // output (its shape taken from the first batch's).
+    let mut total = vec![0f64; if stem.is_some() { 0 } else { per }];
+    let mut stem_shape = Vec::new();
     for part in nodes.chunks(chunk) {
         clock.check()?;
         let mut batch = Vec::with_capacity(part.len() * per);
@@ -574,14 +625,37 @@ fn integrated(
             batch.extend(b.iter().zip(&diff).map(|(b, d)| b + alpha * d));
         }
         let t = Tensor::from_vec(batch, (part.len(), c, h, w), x.device())?;
-        let g = gradients(model, &t, class, ReluRule::Autograd)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for (row, &(_, weight)) in g.chunks(per).zip(part) {
+        let g = match stem {
+            Some(stem) => {
+                let g = stem_gradients(model, &t, class, stem)?;
+                if total.is_empty() {
+                    stem_shape = g.dims().to_vec();
+                    stem_shape[0] = 1;
+                    total = vec![0f64; g.elem_count() / part.len()];
+                }
+                g
+            }
+            None => gradients(model, &t, class, ReluRule::Autograd)?,
+        };
+        let g = g.flatten_all()?.to_vec1::<f32>()?;
+        for (row, &(_, weight)) in g.chunks(total.len()).zip(part) {
             for (t, &v) in total.iter_mut().zip(row) {
                 *t += weight * v as f64;
             }
         }
+    }
+    if let Some(stem) = stem {
+        let summed: Vec<f32> = total.iter().map(|&v| v as f32).collect();
+        let g = Tensor::from_vec(summed, stem_shape, x.device())?;
+        total = model
+            .network
+            .dag()
+            .convolution_input_gradient(stem, &g, &[1, c, h, w])?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
     }
     let values: Vec<f32> = total
         .iter()
