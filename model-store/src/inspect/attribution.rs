@@ -328,7 +328,8 @@ fn one(
                 Some(b) => b.to_vec(),
                 None => baseline_of(model, x, *baseline)?,
             };
-            let (values, delta) = integrated(model, x, &b, class, *steps, clock)?;
+            let stem = model.network.dag().input_convolution();
+            let (values, delta) = integrated(model, x, &b, class, *steps, stem, clock)?;
             (values, Some(delta))
         }
         Method::GuidedGradCam { layer } => (guided_grad_cam(model, x, class, layer)?, None),
@@ -597,13 +598,16 @@ pub fn gauss_legendre(n: usize) -> Vec<(f64, f64)> {
 /// steps' weighted gradients are summed at its output and taken back
 /// through it once: `Σₖ wₖ Wᵀgₖ = Wᵀ Σₖ wₖ gₖ`. The stem's backward (a 7×7
 /// stride-2 convolution into 3 channels, col2im-bound) then runs once per
-/// image instead of once per step.
+/// image instead of once per step. `stem` is that convolution
+/// ([`crate::dag::Dag::input_convolution`]); `None` backpropagates each
+/// step to the input.
 fn integrated(
     model: &LoadedModel,
     x: &Tensor,
     b: &[f32],
     class: usize,
     steps: usize,
+    stem: Option<&str>,
     clock: &Clock,
 ) -> Result<(Vec<f32>, f32)> {
     let (_, c, h, w) = x.dims4()?;
@@ -612,7 +616,6 @@ fn integrated(
     let diff: Vec<f32> = xs.iter().zip(b).map(|(a, b)| a - b).collect();
     let nodes = gauss_legendre(steps);
     let chunk = (BATCH_VALUES / per).clamp(1, steps.max(1));
-    let stem = model.network.dag().input_convolution();
     // The weighted sum of the gradients: at the input, or at the stem's
     // output (its shape taken from the first batch's).
     let mut total = vec![0f64; if stem.is_some() { 0 } else { per }];
@@ -926,6 +929,34 @@ mod tests {
                 assert!(worst < 1e-5, "batch {n}, image {i}: differs by {worst}");
             }
         }
+    }
+
+    /// The stem's shortcut (the steps' gradients summed at conv1's output,
+    /// then one backward through conv1) against every step taken back to
+    /// the input, on ResNet-20 with a blur baseline: the same attributions
+    /// and convergence delta but for float32 rounding.
+    #[test]
+    fn integrated_gradients_through_the_stem_once_equals_every_step_to_the_input() {
+        let model = resnet20();
+        assert_eq!(model.network.dag().input_convolution(), Some("conv1"));
+        let mut rng = Rng::new(5);
+        let v: Vec<f32> = (0..3 * 32 * 32).map(|_| rng.normal()).collect();
+        let x = Tensor::from_vec(v, (1, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
+        let b = baseline_of(&model, &x, Baseline::Blur).unwrap();
+        let clock = Clock::new(None);
+        let (every, d0) = integrated(&model, &x, &b, 3, 20, None, &clock).unwrap();
+        let (once, d1) = integrated(&model, &x, &b, 3, 20, Some("conv1"), &clock).unwrap();
+        let rms = (every.iter().map(|v| v * v).sum::<f32>() / every.len() as f32).sqrt();
+        let worst = every
+            .iter()
+            .zip(&once)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            rms > 0.0 && worst <= 1e-5 * rms.max(1.0),
+            "{worst} (rms {rms})"
+        );
+        assert!((d0 - d1).abs() <= 1e-5 * d0.abs().max(1.0), "{d0} vs {d1}");
     }
 
     #[test]
