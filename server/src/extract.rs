@@ -60,8 +60,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 /// Refuses a body whose declared `Content-Length` is over `limit` before
-/// any of it is read: reading 32 MiB only to refuse them helps nobody.
-/// (What a client then still sends is read by `linger`, bounded.)
+/// any of it is buffered, and before a client waiting for `100 Continue`
+/// sends it. (What a client sends anyway is read and discarded by
+/// `linger`, bounded, so that it receives this 413.)
 pub fn declared_within(headers: &HeaderMap, limit: usize, flag: &str) -> Result<(), ApiError> {
     let declared = headers
         .get(CONTENT_LENGTH)

@@ -103,6 +103,12 @@ impl Application {
         // log span, so one id ties a client's report to the server's log.
         let router = routes::router(state.clone())
             .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+            // Inside the trace layer: its latency and log span include the
+            // time spent reading a refused body.
+            .layer(axum::middleware::from_fn_with_state(
+                settings.drain_body_bytes,
+                crate::linger::drain_unread_body,
+            ))
             .layer(
                 TraceLayer::new_for_http()
                     .make_span_with(|req: &axum::http::Request<axum::body::Body>| {
@@ -117,10 +123,6 @@ impl Application {
             )
             // Panics outside a route (authentication, fallbacks) too.
             .layer(axum::middleware::from_fn(crate::catch_panic::catch_panic))
-            .layer(axum::middleware::from_fn_with_state(
-                settings.drain_body_bytes,
-                crate::linger::drain_unread_body,
-            ))
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
         let listener =

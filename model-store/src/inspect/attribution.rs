@@ -427,12 +427,14 @@ impl RuleTap {
 
 impl Tap for RuleTap {
     fn on_output(&mut self, layer: &str, output: Tensor) -> Result<Tensor> {
-        if self.stem.as_deref() == Some(layer) {
+        let output = if self.stem.as_deref() == Some(layer) {
             let var = Var::from_tensor(&output.detach())?;
             let out = var.as_tensor().clone();
             self.stem_out = Some(var);
-            return Ok(out);
-        }
+            out
+        } else {
+            output
+        };
         if self.pre_softmax.as_deref() == Some(layer) {
             self.logits = Some(output.clone());
         }
@@ -934,29 +936,35 @@ mod tests {
     /// The stem's shortcut (the steps' gradients summed at conv1's output,
     /// then one backward through conv1) against every step taken back to
     /// the input, on ResNet-20 with a blur baseline: the same attributions
-    /// and convergence delta but for float32 rounding.
+    /// and convergence delta but for float32 rounding. 700 steps make two
+    /// batches (682 + 18), so the sum runs across batches and a partial
+    /// one. (ResNet-18's 7×7 stride-2 stem is held to Captum by the
+    /// black-box fixtures of resnet18-hash-64.)
     #[test]
     fn integrated_gradients_through_the_stem_once_equals_every_step_to_the_input() {
         let model = resnet20();
         assert_eq!(model.network.dag().input_convolution(), Some("conv1"));
+        let steps = 700;
+        assert!(steps > BATCH_VALUES / (3 * 32 * 32));
         let mut rng = Rng::new(5);
         let v: Vec<f32> = (0..3 * 32 * 32).map(|_| rng.normal()).collect();
         let x = Tensor::from_vec(v, (1, 3, 32, 32), &candle_core::Device::Cpu).unwrap();
         let b = baseline_of(&model, &x, Baseline::Blur).unwrap();
         let clock = Clock::new(None);
-        let (every, d0) = integrated(&model, &x, &b, 3, 20, None, &clock).unwrap();
-        let (once, d1) = integrated(&model, &x, &b, 3, 20, Some("conv1"), &clock).unwrap();
+        let (every, d0) = integrated(&model, &x, &b, 3, steps, None, &clock).unwrap();
+        let (once, d1) = integrated(&model, &x, &b, 3, steps, Some("conv1"), &clock).unwrap();
         let rms = (every.iter().map(|v| v * v).sum::<f32>() / every.len() as f32).sqrt();
+        assert!(rms > 0.0);
         let worst = every
             .iter()
             .zip(&once)
-            .map(|(a, b)| (a - b).abs())
+            .map(|(a, b)| (a - b).abs() / a.abs().max(rms))
             .fold(0f32, f32::max);
         assert!(
-            rms > 0.0 && worst <= 1e-5 * rms.max(1.0),
-            "{worst} (rms {rms})"
+            worst <= 1e-4,
+            "worst error {worst} of max(|value|, rms {rms})"
         );
-        assert!((d0 - d1).abs() <= 1e-5 * d0.abs().max(1.0), "{d0} vs {d1}");
+        assert!((d0 - d1).abs() <= 1e-4 * d0.abs().max(1.0), "{d0} vs {d1}");
     }
 
     #[test]
