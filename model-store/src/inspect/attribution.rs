@@ -471,22 +471,22 @@ fn stem_gradients(model: &LoadedModel, x: &Tensor, class: usize, stem: &str) -> 
         layer: stem.into(),
         reason: "the stem convolution did not run".into(),
     })?;
-    let grads = logits.narrow(1, class, 1)?.sum_all()?.backward()?;
-    Ok(match grads.get(var.as_tensor()) {
-        Some(g) => g.to_dtype(DType::F32)?,
-        None => var.as_tensor().zeros_like()?,
-    })
+    class_gradient(&logits, class, &var)
 }
 
 /// `∂ Σ_rows logit[class] / ∂x` for a batch whose rows all explain `class`.
 fn gradients(model: &LoadedModel, x: &Tensor, class: usize, rule: ReluRule) -> Result<Tensor> {
     let var = Var::from_tensor(&x.detach())?;
     let logits = logits_with(model, var.as_tensor(), rule)?;
-    let score = logits.narrow(1, class, 1)?.sum_all()?;
-    let grads = score.backward()?;
-    Ok(match grads.get(var.as_tensor()) {
+    class_gradient(&logits, class, &var)
+}
+
+/// `∂ Σ_rows logits[class] / ∂wrt`; zeros where the score does not reach it.
+fn class_gradient(logits: &Tensor, class: usize, wrt: &Var) -> Result<Tensor> {
+    let grads = logits.narrow(1, class, 1)?.sum_all()?.backward()?;
+    Ok(match grads.get(wrt.as_tensor()) {
         Some(g) => g.to_dtype(DType::F32)?,
-        None => x.zeros_like()?,
+        None => wrt.as_tensor().zeros_like()?,
     })
 }
 
