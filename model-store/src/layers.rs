@@ -374,6 +374,17 @@ impl Conv2d {
             && weight.dtype() == DType::F32
     }
 
+    /// Whether zero padding can apply ([`conv::packs`]: a padded 1×1
+    /// stride-1 convolution takes the padded path). TF "SAME" pads a
+    /// stride-1 1×1 window by nothing.
+    fn padded(&self) -> bool {
+        let (_, _, kh, kw) = self.kernel();
+        match self.padding {
+            Padding::Explicit(t, b, l, r) => t + b + l + r > 0,
+            Padding::TfSame => !(self.stride == 1 && kh * kw == 1),
+        }
+    }
+
     /// Makes the weights the predict path runs with, folding in `bn` when
     /// it follows this convolution.
     pub fn prepare(&self, bn: Option<&BatchNorm2d>) -> candle_core::Result<Prepared> {
@@ -392,7 +403,7 @@ impl Conv2d {
                 Ok::<_, candle_core::Error>(Arc::from(winograd::transform_weights(&w, o, i)))
             })
             .transpose()?;
-        let packed = (conv::packs(o, self.groups)
+        let packed = (conv::packs(o, self.groups, self.stride, (i, kh, kw), self.padded())
             && winograd.is_none()
             && weight.device().is_cpu()
             && weight.dtype() == DType::F32)
@@ -429,9 +440,10 @@ impl Conv2d {
         } else {
             Vec::new()
         };
-        let packed = (cpu_f32 && conv::packs(o, self.groups))
-            .then(|| conv::pack_weights(&w, o, i * kh * kw))
-            .flatten();
+        let packed = (cpu_f32
+            && conv::packs(o, self.groups, self.stride, (i, kh, kw), self.padded()))
+        .then(|| conv::pack_weights(&w, o, i * kh * kw))
+        .flatten();
         // Only the packed op carries the transform to its backward.
         let transposed = (packed.is_some() && self.winograd_pays(&self.weight))
             .then(|| Arc::from(winograd::transform_transposed(&w, o, i)));

@@ -7,8 +7,10 @@
 //! (`[C, Hp, Wp]`) and row `(c, ky, kx)` is the window at
 //! `c·Hp·Wp + ky·dh·Wp + kx·dw`: the output at `(oy, ox)` reads it at
 //! `oy·Wp + ox`, so the im2col matrix is never written. Otherwise
-//! (strided, dilated 1×1…) the source is an im2col matrix built by
-//! `conv.rs`, read row by row where gemm would pack it again. On
+//! (strided, 1×1…) the source is an im2col matrix built by
+//! `conv.rs`, read row by row where gemm would pack it again (at the AVX2
+//! tier only below 64 rows: more rows are more streams, and gemm's packed
+//! panels beat it there, `conv/forward.rs`). On
 //! ResNet-20's layers (16–64 channels, 8×8–32×32) building and packing
 //! that matrix cost about a third of the forward pass.
 //!

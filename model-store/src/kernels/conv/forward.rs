@@ -158,6 +158,24 @@ impl ConvOp {
             && !self.depthwise(d)
     }
 
+    /// Whether the general path (not [`Self::padded_path`]) runs the
+    /// direct kernel at `tier` rather than gemm: whole vectors of
+    /// positions, groups it takes, and rows [`direct_takes_rows`].
+    pub(super) fn general_direct(&self, d: &Dims, tier: Tier) -> bool {
+        direct_takes_rows(tier, d.k())
+            && self.direct_groups(d)
+            && d.p().is_multiple_of(direct::LANES)
+    }
+
+    /// Whether [`Self::forward_by`] at `tier` runs the direct kernel, which
+    /// reads the weights [`super::packs`] says to pack at load.
+    #[cfg(test)]
+    pub(super) fn runs_direct(&self, d: &Dims, tier: Tier) -> bool {
+        direct::kernel_at(tier.min(Tier::detected()))
+            .filter(|_| d.k() > 0)
+            .is_some_and(|t| self.padded_path(d, true) || self.general_direct(d, t))
+    }
+
     /// Whether the direct kernel takes these groups: one group, or whole
     /// blocks of [`direct::MR`] output channels per group (ResNeXt's and
     /// RegNet's grouped 3×3 convolutions from 8 channels a group), so that
@@ -332,8 +350,15 @@ impl ConvOp {
         let plan = if self.padded_path(d, direct.is_some()) {
             Plan::Padded(Padded::new(self, d, w, direct, packed))
         } else {
-            let gemmless =
-                direct.filter(|_| self.direct_groups(d) && p.is_multiple_of(direct::LANES));
+            // At the AVX2 tier gemm (packed panels) beats the direct kernel
+            // on im2col rows and on 1×1 inputs once they are many: rows `P`
+            // apart are as many streams as the product has rows, re-read
+            // for every block of channels. Single thread, batch 8
+            // (BENCHMARKS.md, 2026-12-03 third session): conv1 7×7/2 (147
+            // rows) 15 against 38 GFLOP/s, 256→128 1×1 at 56² 27 against
+            // 72, 64→128 36 against 63; but EfficientNet's expansions from
+            // 16–40 channels ran 1.3–1.5× faster direct.
+            let gemmless = direct.filter(|&tier| self.general_direct(d, tier));
             Plan::General(gemmless.map(|tier| Direct::general(tier, d, w, packed)))
         };
         if self.depthwise(d) {
@@ -496,4 +521,11 @@ unsafe fn depthwise_avx512(
     } else {
         depthwise_plane::<DW_LANES>(op, d, x, w, bias, out, scratch)
     }
+}
+
+/// Whether the direct kernel, at `tier`, reads an im2col matrix (or a 1×1
+/// convolution's input) of `rows` rows rather than leave it to gemm: at
+/// AVX-512 always, at AVX2 below 64 rows (see [`ConvOp::forward_by`]).
+pub(super) fn direct_takes_rows(tier: Tier, rows: usize) -> bool {
+    tier >= Tier::Avx512 || rows < 64
 }

@@ -11,13 +11,16 @@
 //!   for the padding), multiplies with [`gemm`] straight into the NCHW
 //!   output, then adds the bias and applies ReLU/ReLU6 in one pass;
 //!   1×1 stride-1 unpadded convolutions skip the im2col entirely;
-//! - on a CPU with AVX-512, one-group convolutions take the direct kernel
-//!   of `direct.rs` instead of gemm: at stride 1 it reads the windows of a
-//!   zero-padded copy of the input in place (no im2col at all); otherwise,
-//!   when the positions per image are whole vectors of 16, it reads the
-//!   im2col rows where gemm would pack them again. The bias and activation
-//!   are applied in its registers; the predict path packs the weights once
-//!   at load ([`pack_weights`], [`PackedConvOp`]);
+//! - at the AVX2 and AVX-512 tiers, stride-1 convolutions other than
+//!   unpadded 1×1 ones take the direct kernel of `direct.rs` instead of
+//!   gemm (depthwise never, grouped ones with whole blocks of 8 output
+//!   channels a group): it reads the windows of a zero-padded copy of the
+//!   input in place (no im2col at all). The others, when the positions per
+//!   image are whole vectors of 16, take it too, reading the im2col rows
+//!   (a 1×1's input) where gemm would pack them again: at AVX-512 always,
+//!   at AVX2 below 64 rows, gemm being faster on more. The bias and
+//!   activation are applied in its registers; the predict path packs the
+//!   weights once at load ([`pack_weights`], [`PackedConvOp`]);
 //! - depthwise convolutions (one input and one output channel per group)
 //!   have their own direct kernel;
 //! - the backward masks the gradient by the fused activation, then computes

@@ -16,10 +16,25 @@ pub(super) fn packed_or_pack(d: &Dims, w: &[f32], packed: Option<&Arc<[f32]>>) -
 }
 
 /// Whether the direct kernel takes a convolution of `o` output channels in
-/// `groups` groups (one group, or whole blocks of channels per group), so
-/// that its weights are worth packing.
-pub fn packs(o: usize, groups: usize) -> bool {
-    groups == 1 || (groups > 0 && (o / groups).is_multiple_of(direct::MR))
+/// `groups` groups (one group, or whole blocks of channels per group) with
+/// `i` input channels a group, a `kh × kw` window at `stride` and
+/// (`padded`) any zero padding, at the active tier, so that its weights are
+/// worth packing. Stride-1 windows wider than 1×1, or padded, always take
+/// it (the padded path); at the AVX2 tier strided and 1×1 convolutions of
+/// 64+ im2col rows run as gemm (`forward::direct_takes_rows`), and packing
+/// theirs would only hold memory, most of ResNeXt-50's weights.
+pub fn packs(
+    o: usize,
+    groups: usize,
+    stride: usize,
+    (i, kh, kw): (usize, usize, usize),
+    padded: bool,
+) -> bool {
+    let grouping = groups == 1 || (groups > 0 && (o / groups).is_multiple_of(direct::MR));
+    let geometry = (stride == 1 && (kh * kw > 1 || padded))
+        || direct::kernel()
+            .is_some_and(|tier| super::forward::direct_takes_rows(tier, i * kh * kw));
+    grouping && geometry
 }
 
 /// A convolution's weights `[O, I/groups, kh, kw]` (where [`packs`]) packed

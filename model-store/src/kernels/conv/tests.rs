@@ -134,8 +134,9 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
     // (two rows per vector, straight out when the rows pair up) and
     // others (cropped); other strides and 1×1 kernels take the
     // general path, which runs the kernel when the positions per image
-    // are whole vectors. A quarter of the cases are grouped with 8 or 16
-    // output channels a group (blocks that each read one group's rows).
+    // are whole vectors (at AVX2, on fewer than 64 rows). A quarter of the
+    // cases are grouped with 8 or 16 output channels a group (blocks that
+    // each read one group's rows).
     let ways = tier::tested_tiers("direct convolution vs im2col + gemm");
     let mut rng = Rng::new(17);
     let (mut straight, mut split, mut cropped, mut general) = (0, 0, 0, 0);
@@ -206,7 +207,11 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
             } else {
                 cropped += 1;
             }
-        } else if d.p().is_multiple_of(direct::LANES) {
+        } else if d.p().is_multiple_of(direct::LANES)
+            && forward::direct_takes_rows(tier::Tier::Avx2, d.k())
+        {
+            // The kernel runs here at both tiers (at AVX2 on fewer than
+            // 64 rows; gemm takes more).
             general += 1;
         }
         let (xs, ws, bs) = (
@@ -224,6 +229,58 @@ fn the_direct_kernel_and_im2col_gemm_both_match_candle() {
         straight >= 30 && split >= 10 && cropped >= 40 && general >= 20 && grouped >= 60,
         "too few cases of a path: {straight} straight, {split} split, {cropped} cropped, \
          {general} general, {grouped} grouped"
+    );
+}
+
+#[test]
+fn weights_are_packed_at_load_wherever_the_direct_kernel_reads_them() {
+    // `packs` decides at load from the layer alone; the plan decides per
+    // call. A layer the kernel runs on must have packed weights, or every
+    // call would pack them again.
+    let mut rng = Rng::new(29);
+    let mut direct = 0;
+    for _ in 0..2000 {
+        let groups = [1, 1, 2, 4][rng.below(4)];
+        let (cg, og) = (1 + rng.below(80), [1, 3, 8, 16][rng.below(4)]);
+        let (kh, kw) = [(1, 1), (1, 1), (3, 3), (7, 7), (1, 3)][rng.below(5)];
+        let s = 1 + rng.below(2);
+        let pad = [(0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 0, 1)][rng.below(4)];
+        let op = ConvOp {
+            stride: (s, s),
+            dilation: (1, 1),
+            padding: pad,
+            groups,
+            activation: Activation::Identity,
+        };
+        let (h, w) = (
+            kh + rng.below(40),
+            kw + [0, 16, 32][rng.below(3)] + rng.below(2),
+        );
+        let x = Tensor::zeros(
+            (1, cg * groups, h, w),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        );
+        let wt = Tensor::zeros(
+            (og * groups, cg, kh, kw),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        );
+        let d = op.dims(x.unwrap().layout(), wt.unwrap().layout()).unwrap();
+        let padded = pad != (0, 0, 0, 0);
+        let packed = packs(og * groups, groups, s, (cg, kh, kw), padded);
+        if op.runs_direct(&d, tier::active()) {
+            direct += 1;
+            assert!(
+                packed,
+                "{op:?} {d:?}: the kernel runs, its weights are not packed"
+            );
+        }
+    }
+    // On a CPU without the kernel (or capped to portable) nothing runs it.
+    assert!(
+        direct > 100 || crate::kernels::direct::kernel().is_none(),
+        "{direct}"
     );
 }
 
