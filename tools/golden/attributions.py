@@ -96,7 +96,8 @@ def tensor(path, mode, mean, std):
     ])(img).unsqueeze(0)
 
 
-def case(key, model_name, net, image, x, layer, window, stride, mean, std, ig_tolerance=1e-4):
+def case(key, model_name, net, image, x, layer, window, stride, mean, std, ig_tolerance=1e-4, ig_tolerance_at=None,
+         black_delta_tolerance=None):
     net.eval()
     for m in net.modules():
         if isinstance(m, nn.ReLU):
@@ -125,7 +126,9 @@ def case(key, model_name, net, image, x, layer, window, stride, mean, std, ig_to
         save(f"integrated_gradients_{baseline}", attr.float(), {"method": "integrated_gradients", "steps": 50,
                                                                 "baseline": baseline},
              convergence_delta=float(delta[0]), dtype=str(dtype).removeprefix("torch."),
-             tolerance=ig_tolerance if baseline == "zero" else 1e-2)
+             tolerance=ig_tolerance if baseline == "zero" else 1e-2,
+             **({"tolerance_at": ig_tolerance_at} if ig_tolerance_at and baseline == "zero" else {}),
+             **({"delta_tolerance": black_delta_tolerance} if black_delta_tolerance and baseline == "black" else {}))
     save("input_x_gradient", InputXGradient(net).attribute(x, target=cls), {"method": "input_x_gradient"})
     save("guided_backprop", GuidedBackprop(net).attribute(x, target=cls), {"method": "guided_backprop"})
     save("deconvolution", Deconvolution(net).attribute(x, target=cls), {"method": "deconvolution"})
@@ -161,8 +164,15 @@ def main():
     # Hash weights are untrained: pre-activations crowd every ReLU's kink, and along integrated
     # gradients' 50 paths convscope's float32 (its portable kernels most) lands on the other side of a
     # few of them: 2e-3 against Captum's float32, where PyTorch's own float32 and float64 differ by 5e-5.
+    # At the avx2 tier with gemm's AVX2 micro-kernels (an AVX2 CPU), where conv1 runs as gemm and rounds
+    # as PyTorch's does, the zero baseline is at 4e-7, so it is held to 1e-4 there (`tolerance_at`, keyed
+    # by the kernel tier and gemm's ISA, which the test reads).
+    # On the black path PyTorch's float32 convergence delta is 0.16259 against float64's 0.16284, and
+    # convscope's (0.16532 at avx2) moves by ~2.5e-3 with which side of a kink float32 picks, so its bound
+    # is 5e-3 (`delta_tolerance`; 1e-3 elsewhere).
     cases.append(case("resnet18", "resnet18-hash-64", net, img, tensor(img, "RGB", *IMAGENET), "layer4", 16, 8,
-                      *IMAGENET, ig_tolerance=3e-3))
+                      *IMAGENET, ig_tolerance=3e-3, ig_tolerance_at={"avx2/avx2": 1e-4},
+                      black_delta_tolerance=5e-3))
 
     (OUT / "index.json").write_text(json.dumps({"cases": cases, "versions": versions()}, indent=1) + "\n")
 

@@ -89,15 +89,27 @@ async fn every_attribution_method_matches_captum() {
                 assert_eq!(shape_of(&got["attributions"]), shape, "{what}: shape");
                 let ours = flat(&got["attributions"]);
                 // 1e-4 (relative, RMS floor) but where the fixture says
-                // why not (a path along a ReLU's kink).
-                let tol = m["tolerance"].as_f64().unwrap() as f32;
+                // why not (a path along a ReLU's kink), or tighter where it
+                // says so for this kernel tier and gemm's micro-kernels
+                // (`avx2/avx2`: an AVX2 CPU; an AVX-512 one capped to the
+                // avx2 tier still runs gemm's AVX-512 kernels).
+                use model_store::kernels::tier;
+                let at = format!("{}/{}", tier::active(), tier::gemm_isa());
+                let tol = m["tolerance_at"][&at]
+                    .as_f64()
+                    .or(m["tolerance"].as_f64())
+                    .unwrap() as f32;
+                let what = format!("{what}, {at} tier");
                 assert_close_layer(&ours, &want, tol, &what);
                 if let Some(delta) = m["convergence_delta"].as_f64() {
                     // Captum's delta is a float32 difference of sums of
-                    // magnitude ~|logit|; ours is summed in f64.
+                    // magnitude ~|logit|; ours is summed in f64. 1e-3 but
+                    // where the fixture says why not (`delta_tolerance`:
+                    // a float64 path along ReLU kinks).
                     let d = got["convergence_delta"].as_f64().unwrap();
+                    let bound = m["delta_tolerance"].as_f64().unwrap_or(1e-3);
                     assert!(
-                        (d - delta).abs() <= 1e-3 * delta.abs().max(1.0),
+                        (d - delta).abs() <= bound * delta.abs().max(1.0),
                         "{what}: convergence delta {d} vs Captum's {delta}"
                     );
                 } else {
