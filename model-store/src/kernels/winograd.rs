@@ -511,19 +511,30 @@ mod tests {
         }
     }
 
+    /// A 3×3 stride-1 convolution padded by less than `pad` on each side.
+    fn random_op(rng: &mut Rng, pad: usize, activation: Activation) -> ConvOp {
+        ConvOp {
+            stride: (1, 1),
+            dilation: (1, 1),
+            padding: (
+                rng.below(pad),
+                rng.below(pad),
+                rng.below(pad),
+                rng.below(pad),
+            ),
+            groups: 1,
+            activation,
+        }
+    }
+
     /// Random 3×3 stride-1 cases: odd and even sizes, asymmetric padding,
     /// batches, bias or none, ReLU, ReLU6 or none.
     #[test]
     fn matches_the_direct_convolution_on_random_shapes() {
         let mut rng = Rng::new(21);
         for case in 0..300 {
-            let op = ConvOp {
-                stride: (1, 1),
-                dilation: (1, 1),
-                padding: (rng.below(3), rng.below(3), rng.below(3), rng.below(3)),
-                groups: 1,
-                activation: [Activation::Identity, Activation::Relu, Activation::Relu6][case % 3],
-            };
+            let act = [Activation::Identity, Activation::Relu, Activation::Relu6][case % 3];
+            let op = random_op(&mut rng, 3, act);
             let (n, c, o) = (1 + rng.below(3), 1 + rng.below(20), 1 + rng.below(20));
             // Rows of up to 20 tiles: whole blocks of `TILES` and the rest.
             let (h, w) = (3 + rng.below(12), 3 + rng.below(38));
@@ -550,22 +561,16 @@ mod tests {
         }
     }
 
-    /// The output transform compiled for each tier gives the portable
-    /// one's values bit for bit (the same sums in the same order), on odd
+    /// The input and output transforms compiled for each tier give the
+    /// portable ones' values bit for bit (the same sums in the same order), on odd
     /// and even sizes, rows narrower and wider than a vector, every
     /// activation.
     #[test]
-    fn every_tiers_output_transform_is_the_portable_one() {
-        let tiers = crate::kernels::tier::tested_tiers("winograd output transform");
+    fn every_tiers_tile_transforms_are_the_portable_ones() {
+        let tiers = crate::kernels::tier::tested_tiers("winograd tile transforms");
         let mut rng = Rng::new(33);
         for case in 0..120 {
-            let op = ConvOp {
-                stride: (1, 1),
-                dilation: (1, 1),
-                padding: (rng.below(2), rng.below(2), rng.below(2), rng.below(2)),
-                groups: 1,
-                activation: Activation::ALL[case % Activation::ALL.len()],
-            };
+            let op = random_op(&mut rng, 2, Activation::ALL[case % Activation::ALL.len()]);
             let (n, c, o) = (1 + rng.below(2), 1 + rng.below(6), 1 + rng.below(6));
             let (h, w) = (3 + rng.below(40), 3 + rng.below(40));
             let x = rng.tensor(&[n, c, h, w]);
