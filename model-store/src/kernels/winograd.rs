@@ -536,7 +536,7 @@ mod tests {
             let act = [Activation::Identity, Activation::Relu, Activation::Relu6][case % 3];
             let op = random_op(&mut rng, 3, act);
             let (n, c, o) = (1 + rng.below(3), 1 + rng.below(20), 1 + rng.below(20));
-            // Rows of up to 20 tiles: whole blocks of `TILES` and the rest.
+            // Rows of up to 21 tiles: whole blocks of `TILES` and the rest.
             let (h, w) = (3 + rng.below(12), 3 + rng.below(38));
             let x = rng.tensor(&[n, c, h, w]);
             let wt = rng.tensor(&[o, c, 3, 3]);
