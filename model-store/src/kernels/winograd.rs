@@ -122,22 +122,26 @@ impl WinogradOp {
             let nt = imgs * tiles;
             v.resize(d.c * 16 * nt, 0.0);
             let (top, left) = (self.base.padding.0, self.base.padding.2);
-            v.par_chunks_mut(16 * nt).enumerate().for_each(|(c, vc)| {
-                let planes =
-                    (first..first + imgs).map(|img| &x[(img * d.c + c) * d.h * d.w..][..d.h * d.w]);
-                for (img, plane) in planes.enumerate() {
-                    let source = Source {
-                        plane,
-                        h: d.h,
-                        w: d.w,
-                        top,
-                        left,
-                        th,
-                        tw,
-                    };
-                    input_plane_at(tier, &source, &mut vc[img * tiles..], nt);
-                }
-            });
+            // Each task's scratch (padded lines, the output's four
+            // values per tile) is made once per thread, not once per plane.
+            v.par_chunks_mut(16 * nt)
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (c, vc)| {
+                    let planes = (first..first + imgs)
+                        .map(|img| &x[(img * d.c + c) * d.h * d.w..][..d.h * d.w]);
+                    for (img, plane) in planes.enumerate() {
+                        let source = Source {
+                            plane,
+                            h: d.h,
+                            w: d.w,
+                            top,
+                            left,
+                            th,
+                            tw,
+                        };
+                        input_plane_at(tier, &source, &mut vc[img * tiles..], nt, scratch);
+                    }
+                });
             m.resize(16 * d.o * nt, 0.0);
             m.par_chunks_mut(d.o * nt).enumerate().for_each(|(xi, mx)| {
                 matmul(
@@ -164,7 +168,7 @@ impl WinogradOp {
             out[first * d.o * d.oh * d.ow..(first + imgs) * d.o * d.oh * d.ow]
                 .par_chunks_mut(d.oh * d.ow)
                 .enumerate()
-                .for_each(|(p, y)| {
+                .for_each_init(Vec::new, |scratch, (p, y)| {
                     let (img, o) = (p / d.o, p % d.o);
                     let b = bias.get(o).copied().unwrap_or(0.0);
                     let plane = Plane {
@@ -174,7 +178,7 @@ impl WinogradOp {
                         oh: d.oh,
                         ow: d.ow,
                     };
-                    output_plane_at(tier, &plane, b, act, y);
+                    output_plane_at(tier, &plane, b, act, y, scratch);
                 });
         }
         out
@@ -195,7 +199,7 @@ struct Source<'a> {
 
 /// [`input_plane`] compiled for `tier` (a tier the CPU lacks runs the
 /// best it has).
-fn input_plane_at(tier: Tier, src: &Source, v: &mut [f32], nt: usize) {
+fn input_plane_at(tier: Tier, src: &Source, v: &mut [f32], nt: usize, scratch: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each variant runs only where the CPU has its
@@ -203,15 +207,15 @@ fn input_plane_at(tier: Tier, src: &Source, v: &mut [f32], nt: usize) {
         #[allow(unsafe_code)]
         unsafe {
             if tier >= Tier::Avx512 && Tier::Avx512.supported() {
-                return input_plane_avx512(src, v, nt);
+                return input_plane_avx512(src, v, nt, scratch);
             }
             if tier >= Tier::Avx2 && Tier::Avx2.supported() {
-                return input_plane_avx2(src, v, nt);
+                return input_plane_avx2(src, v, nt, scratch);
             }
         }
     }
     let _ = tier;
-    input_plane(src, v, nt);
+    input_plane(src, v, nt, scratch);
 }
 
 /// `V = Bᵀ d B` of every tile of one input plane: value ξ of tile `t` to
@@ -223,12 +227,13 @@ fn input_plane_at(tier: Tier, src: &Source, v: &mut [f32], nt: usize) {
 /// on AVX2, and its 16 scattered writes another 2%. The sums are the same,
 /// in the same order, at every tier.
 #[inline(always)]
-fn input_plane(src: &Source, v: &mut [f32], nt: usize) {
+fn input_plane(src: &Source, v: &mut [f32], nt: usize, scratch: &mut Vec<f32>) {
     let (th, tw) = (src.th, src.tw);
     let wide = 2 * tw + 2;
-    let mut line = vec![0f32; wide];
-    // Row i: even columns at `[2i]`, odd at `[2i + 1]`, `tw + 1` each.
-    let mut split = vec![0f32; 8 * (tw + 1)];
+    scratch.resize(wide + 8 * (tw + 1), 0.0);
+    // `split`'s row i: even columns at `[2i]`, odd at `[2i + 1]`, `tw + 1`
+    // each (every value is written before it is read).
+    let (line, split) = scratch.split_at_mut(wide);
     for ty in 0..th {
         for (i, halves) in split.chunks_exact_mut(2 * (tw + 1)).enumerate() {
             line.fill(0.0);
@@ -312,15 +317,15 @@ fn input_tiles(cols: &[&[f32]; 8], tx: usize) -> [[f32; TILES]; 16] {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn input_plane_avx2(src: &Source, v: &mut [f32], nt: usize) {
-    input_plane(src, v, nt)
+unsafe fn input_plane_avx2(src: &Source, v: &mut [f32], nt: usize, scratch: &mut Vec<f32>) {
+    input_plane(src, v, nt, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f")]
-unsafe fn input_plane_avx512(src: &Source, v: &mut [f32], nt: usize) {
-    input_plane(src, v, nt)
+unsafe fn input_plane_avx512(src: &Source, v: &mut [f32], nt: usize, scratch: &mut Vec<f32>) {
+    input_plane(src, v, nt, scratch)
 }
 
 /// Where one output plane's tiles lie in `M` (`[16][O][tiles]`): tile `t`
@@ -335,7 +340,14 @@ struct Plane<'a> {
 
 /// [`output_plane`] compiled for `tier` (a tier the CPU lacks runs the
 /// best it has).
-fn output_plane_at(tier: Tier, plane: &Plane, b: f32, act: Activation, y: &mut [f32]) {
+fn output_plane_at(
+    tier: Tier,
+    plane: &Plane,
+    b: f32,
+    act: Activation,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: each variant runs only where the CPU has its
@@ -343,15 +355,15 @@ fn output_plane_at(tier: Tier, plane: &Plane, b: f32, act: Activation, y: &mut [
         #[allow(unsafe_code)]
         unsafe {
             if tier >= Tier::Avx512 && Tier::Avx512.supported() {
-                return output_plane_avx512(plane, b, act, y);
+                return output_plane_avx512(plane, b, act, y, scratch);
             }
             if tier >= Tier::Avx2 && Tier::Avx2.supported() {
-                return output_plane_avx2(plane, b, act, y);
+                return output_plane_avx2(plane, b, act, y, scratch);
             }
         }
     }
     let _ = tier;
-    output_plane(plane, b, act, y);
+    output_plane(plane, b, act, y, scratch);
 }
 
 /// `Y = Aᵀ M A + b`, then the activation, for one output plane `y`
@@ -361,15 +373,16 @@ fn output_plane_at(tier: Tier, plane: &Plane, b: f32, act: Activation, y: &mut [
 /// written out row by row, the row and column past an odd edge dropped.
 /// The sums are the same, in the same order, at every tier.
 #[inline(always)]
-fn output_plane(plane: &Plane, b: f32, act: Activation, y: &mut [f32]) {
+fn output_plane(plane: &Plane, b: f32, act: Activation, y: &mut [f32], scratch: &mut Vec<f32>) {
     let (oh, ow) = (plane.oh, plane.ow);
     let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
     let tiles = th * tw;
     let ms: [&[f32]; 16] =
         std::array::from_fn(|xi| &plane.m[xi * plane.xi_stride + plane.first..][..tiles]);
-    // Output (i, j) of every tile: `s[(2i + j)·tiles + t]`.
-    let mut s = vec![0f32; 4 * tiles];
-    let (s00, rest) = s.split_at_mut(tiles);
+    // Output (i, j) of every tile: `scratch[(2i + j)·tiles + t]`, every
+    // value written before it is read.
+    scratch.resize(4 * tiles, 0.0);
+    let (s00, rest) = scratch.split_at_mut(tiles);
     let (s01, rest) = rest.split_at_mut(tiles);
     let (s10, s11) = rest.split_at_mut(tiles);
     let blocked = tiles - tiles % TILES;
@@ -445,15 +458,27 @@ fn output_tile(ms: &[&[f32]; 16], t: usize) -> [[f32; 2]; 2] {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn output_plane_avx2(plane: &Plane, b: f32, act: Activation, y: &mut [f32]) {
-    output_plane(plane, b, act, y)
+unsafe fn output_plane_avx2(
+    plane: &Plane,
+    b: f32,
+    act: Activation,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    output_plane(plane, b, act, y, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 #[target_feature(enable = "avx512f")]
-unsafe fn output_plane_avx512(plane: &Plane, b: f32, act: Activation, y: &mut [f32]) {
-    output_plane(plane, b, act, y)
+unsafe fn output_plane_avx512(
+    plane: &Plane,
+    b: f32,
+    act: Activation,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    output_plane(plane, b, act, y, scratch)
 }
 
 impl CustomOp3 for WinogradOp {
